@@ -1,0 +1,127 @@
+"""The `nextchar` command. Client subcommands live here; others load their package lazily so
+the thin client install (no torch, no onnxruntime) still runs `predict`, `info` and `health`.
+
+    nextchar predict --server 127.0.0.1:50051 --top-k 3 "To be, or not to b"
+    nextchar predict --json --per-position hello
+    nextchar info | nextchar health
+    nextchar serve ...   (needs nextchar[serve])      nextchar train/export ... (nextchar[train])
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from .client import NextCharClient, NextCharError, prediction_to_dict
+
+DEFAULT_SERVER = os.environ.get("NEXTCHAR_SERVER", "127.0.0.1:50051")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", action="append", default=None, metavar="HOST:PORT",
+                   help=f"server address; repeat to balance over several "
+                        f"[env NEXTCHAR_SERVER, default {DEFAULT_SERVER}]")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-call deadline in seconds")
+
+
+def _client(args: argparse.Namespace) -> NextCharClient:
+    return NextCharClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout_s)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        preds = c.predict(args.texts, top_k=args.top_k, per_position=args.per_position)
+    for text, pred in zip(args.texts, preds, strict=True):
+        if args.json:
+            print(json.dumps(prediction_to_dict(text, pred), ensure_ascii=False))
+            continue
+        tops = "  ".join(f"{c.char!r} {c.prob:.3f}" for c in pred.top)
+        print(f"{text!r} -> {tops}")
+        if pred.argmax_text:
+            print(f"  per position: {pred.argmax_text!r}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as c:
+        info = c.model_info()
+    print(json.dumps(MessageToDict(info), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        status = c.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextchar", description="nextchar: next-character prediction over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sp = sub.add_parser("predict", help="top-k next characters for each TEXT")
+    _add_common(sp)
+    sp.add_argument("--top-k", type=int, default=0, help="characters per text (0: server default)")
+    sp.add_argument("--per-position", action="store_true", help="also the argmax at every position")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line (stable shape)")
+    sp.add_argument("texts", nargs="+", metavar="TEXT")
+    sp.set_defaults(func=cmd_predict)
+    si = sub.add_parser("info", help="model, backend, device and limits of a server (JSON)")
+    _add_common(si)
+    si.set_defaults(func=cmd_info)
+    sh = sub.add_parser("health", help="gRPC health status; exit 0 only when SERVING")
+    _add_common(sh)
+    sh.add_argument("--service", default="", help="service name ('' = whole server)")
+    sh.set_defaults(func=cmd_health)
+    for name, text in LAZY_HELP.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def _lazy(module: str, extra: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            print(f"nextchar: this command needs 'pip install nextchar[{extra}]' ({e})", file=sys.stderr)
+            return 2
+        return int(mod.main(argv))
+
+    return run
+
+
+# Subcommands whose code lives in other packages: name -> (module, extra, help).
+LAZY = {
+    "serve": ("nextchar.server.cli", "serve", "serve an artifact over gRPC"),
+    "train": ("nextchar.training.cli", "train", "train a model (--preset hello, --corpus ...)"),
+    "export": ("nextchar.training.cli", "train", "export a run to ONNX + TorchScript + manifest"),
+}
+LAZY_HELP = {name: text for name, (_, _, text) in LAZY.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LAZY:
+        module, extra, _ = LAZY[argv[0]]
+        # training's CLI takes its own subcommand name; serve's parser does not.
+        rest = argv if module.endswith("training.cli") else argv[1:]
+        return _lazy(module, extra)(rest)
+    args = _client_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NextCharError as e:
+        print(f"nextchar {args.command}: {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

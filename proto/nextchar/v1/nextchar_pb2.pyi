@@ -1,0 +1,103 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PredictRequest(_message.Message):
+    __slots__ = ("texts", "top_k", "per_position")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    per_position: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., per_position: _Optional[bool] = ...) -> None: ...
+
+class CharProb(_message.Message):
+    __slots__ = ("char", "prob", "id")
+    CHAR_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    char: str
+    prob: float
+    id: int
+    def __init__(self, char: _Optional[str] = ..., prob: _Optional[float] = ..., id: _Optional[int] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("top", "argmax_text", "positions")
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_TEXT_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[CharProb]
+    argmax_text: str
+    positions: _containers.RepeatedCompositeFieldContainer[CharProb]
+    def __init__(self, top: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ..., argmax_text: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "model_version")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    model_version: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelConfig(_message.Message):
+    __slots__ = ("cell", "vocab_size", "embed_dim", "hidden_size", "num_layers")
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    cell: str
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int
+    def __init__(self, cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embed_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_message_bytes", "max_top_k", "default_top_k", "max_queue_texts")
+    MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_PER_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    max_texts_per_request: int
+    max_chars_per_text: int
+    max_message_bytes: int
+    max_top_k: int
+    default_top_k: int
+    max_queue_texts: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_chars_per_text: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_queue_texts: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("name", "version", "artifact_sha256", "vocab", "config", "backend", "device", "limits", "has_unknown_token", "server_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    HAS_UNKNOWN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    artifact_sha256: str
+    vocab: _containers.RepeatedScalarFieldContainer[str]
+    config: ModelConfig
+    backend: str
+    device: str
+    limits: ServerLimits
+    has_unknown_token: bool
+    server_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., has_unknown_token: _Optional[bool] = ..., server_version: _Optional[str] = ...) -> None: ...

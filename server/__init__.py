@@ -1,0 +1,1 @@
+"""Server: artifact loading, backends, batcher, gRPC servicers. Needs `nextchar[serve]`."""

@@ -1,0 +1,301 @@
+"""Dynamic batcher: merges the texts of concurrent requests into few backend calls.
+
+    items -> bounded pending queue -> dispatcher (event loop) -> backend executor threads
+          <- futures resolved with per-text results <- softmax / top-k on the worker thread
+
+- Greedy by default: when a worker frees up it takes everything queued (up to
+  `max_batch_size` texts and `max_batch_chars` padded characters), so low load pays no wait;
+  `max_batch_delay_ms` > 0 waits that long to fill a batch.
+- Bounded: more than `max_queue_texts` waiting -> Overloaded (RESOURCE_EXHAUSTED) at once.
+- Deadline-aware: an item whose deadline passed while queued is answered DEADLINE_EXCEEDED
+  without compute; an item whose caller went away (future cancelled) is dropped.
+- Length-grouped: a taken batch is sorted by length and split where lengths differ by more than
+  2x, bounding padding waste to < 50% of any backend call.
+- With batching off, each request's texts form their own backend call(s): the naive server the
+  benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends.base import Backend
+from .errors import DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextResult:
+    top_ids: np.ndarray  # (k,) int64, most likely first
+    top_probs: np.ndarray  # (k,) float32
+    position_ids: np.ndarray | None = None  # (T,) argmax id after each prefix
+    position_probs: np.ndarray | None = None  # (T,)
+    state: np.ndarray | None = None  # (S, H) float32 after the last character
+
+
+@dataclass
+class Item:
+    ids: np.ndarray  # (T,) int64
+    top_k: int
+    future: asyncio.Future[TextResult]
+    deadline: float | None = None  # loop.time() seconds
+    positions: bool = False
+    state: np.ndarray | None = None  # (S, H) start state; None = zeros
+    want_state: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Counters the benchmarks and metrics read."""
+
+    batches: int = 0
+    texts: int = 0
+    chars: int = 0
+    padded_chars: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+
+
+def group_by_length(items: list[Item]) -> list[list[Item]]:
+    """Sorts by length and splits so each group's longest text is <= 2x its shortest."""
+    items = sorted(items, key=lambda it: len(it.ids))
+    groups: list[list[Item]] = []
+    for it in items:
+        if groups and len(it.ids) <= 2 * len(groups[-1][0].ids):
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+    return groups
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        batching: bool = True,
+        max_batch_size: int = 256,
+        max_batch_chars: int = 65536,
+        max_batch_delay_ms: float = 0.0,
+        max_queue_texts: int = 8192,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.batching = batching
+        self.max_batch_size = max_batch_size
+        self.max_batch_chars = max_batch_chars
+        self.max_batch_delay_s = max_batch_delay_ms / 1000.0
+        self.max_queue_texts = max_queue_texts
+        self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
+        self.stats = BatchStats()
+        self.executor = backend.make_executor()
+        self._pending: deque[Item] = deque()
+        self._in_flight_texts = 0  # batching off: texts handed to workers but not done
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(backend.workers)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, warmup: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is not None:  # backends that must load on their executor thread
+            await loop.run_in_executor(self.executor, prepare)
+        if warmup:
+            await loop.run_in_executor(self.executor, self.backend.warmup)
+        if self.batching:
+            self._task = asyncio.create_task(self._dispatch_loop(), name="nextchar-batcher")
+
+    async def close(self) -> None:
+        """Stops taking work; fails what is still queued; waits for running batches."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._pending:
+            it = self._pending.popleft()
+            if not it.future.done():
+                it.future.set_exception(NotReady("server is shutting down"))
+        self.executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending) + self._in_flight_texts
+
+    # -- submission --------------------------------------------------------------------------
+    async def submit(self, items: list[Item]) -> list[TextResult]:
+        """Queues the items of one request and waits for all their results."""
+        if self._closed:
+            raise NotReady("server is shutting down")
+        if self.queue_depth + len(items) > self.max_queue_texts:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"server overloaded: {self.queue_depth} texts queued, limit "
+                f"{self.max_queue_texts}; retry with backoff"
+            )
+        if not self.batching:
+            return await self._run_unbatched(items)
+        self._pending.extend(items)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(it.future for it in items)))
+        except BaseException:
+            # The caller is gone or one text failed: the siblings need no compute either.
+            for it in items:
+                it.future.cancel()
+            raise
+
+    async def _run_unbatched(self, items: list[Item]) -> list[TextResult]:
+        loop = asyncio.get_running_loop()
+        self._in_flight_texts += len(items)
+        try:
+            async with self._slots:
+                live = self._drop_dead(items, loop.time())
+                for group in group_by_length(live):
+                    for chunk in self._chunks(group):
+                        await loop.run_in_executor(self.executor, self._run_batch, chunk, loop)
+        finally:
+            self._in_flight_texts -= len(items)
+        return list(await asyncio.gather(*(it.future for it in items)))
+
+    # -- dispatching -------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()
+            if self.max_batch_delay_s > 0 and len(self._pending) < self.max_batch_size:
+                await asyncio.sleep(self.max_batch_delay_s)
+            batch = self._take(loop.time())
+            if not batch:
+                self._slots.release()
+                continue
+            fut = loop.run_in_executor(self.executor, self._run_groups, batch, loop)
+            fut.add_done_callback(self._batch_done)
+
+    def _batch_done(self, fut: asyncio.Future[None]) -> None:
+        self._slots.release()
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("batch failed", exc_info=fut.exception())
+
+    def _drop_dead(self, items: list[Item], now: float) -> list[Item]:
+        live = []
+        for it in items:
+            if it.future.done():  # cancelled by a caller that went away
+                self.stats.cancelled += 1
+            elif it.deadline is not None and now >= it.deadline:
+                self.stats.expired += 1
+                it.future.set_exception(DeadlineExceeded("deadline expired while queued"))
+            else:
+                live.append(it)
+        return live
+
+    def _take(self, now: float) -> list[Item]:
+        """Pops up to max_batch_size live items, FIFO, within the padded-chars budget."""
+        taken: list[Item] = []
+        longest = 0
+        while self._pending and len(taken) < self.max_batch_size:
+            it = self._pending[0]
+            if not self._drop_dead([it], now):
+                self._pending.popleft()
+                continue
+            t = max(longest, len(it.ids))
+            if taken and t * (len(taken) + 1) > self.max_batch_chars:
+                break
+            longest = t
+            taken.append(self._pending.popleft())
+        return taken
+
+    def _chunks(self, group: list[Item]) -> list[list[Item]]:
+        """Splits one length group so each chunk stays within the batch limits."""
+        longest = max(len(it.ids) for it in group)
+        per_call = max(1, min(self.max_batch_size, self.max_batch_chars // longest))
+        return [group[i : i + per_call] for i in range(0, len(group), per_call)]
+
+    # -- on the executor thread --------------------------------------------------------------
+    def _run_groups(self, batch: list[Item], loop: asyncio.AbstractEventLoop) -> None:
+        for group in group_by_length(batch):
+            self._run_batch(group, loop)
+
+    def _run_batch(self, items: list[Item], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            results = self._compute(items)
+        except Exception as e:  # a backend failure fails these items, never the server
+            log.exception("backend call failed for %d texts", len(items))
+            for it in items:
+                loop.call_soon_threadsafe(_set_exception, it.future, e)
+            return
+        for it, res in zip(items, results, strict=True):
+            loop.call_soon_threadsafe(_set_result, it.future, res)
+
+    def _compute(self, items: list[Item]) -> list[TextResult]:
+        b = len(items)
+        lengths = np.fromiter((len(it.ids) for it in items), dtype=np.int64, count=b)
+        t = int(lengths.max())
+        ids = np.zeros((b, t), dtype=np.int64)
+        for row, it in enumerate(items):
+            ids[row, : len(it.ids)] = it.ids
+        state = self.backend.zero_state(b)
+        for row, it in enumerate(items):
+            if it.state is not None:
+                state[:, row, :] = it.state
+        positions = any(it.positions for it in items)
+        started = time.perf_counter()
+        out = self.backend.run(ids, lengths, state, positions=positions)
+        compute_s = time.perf_counter() - started
+        probs = _softmax(out.logits.astype(np.float32, copy=True))  # (B, V)
+        k_max = max(it.top_k for it in items)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k_max]  # (B, k)
+        results = []
+        for row, it in enumerate(items):
+            ids_k = top[row, : it.top_k]
+            res = TextResult(top_ids=ids_k, top_probs=probs[row, ids_k])
+            if it.positions and out.position_logits is not None:
+                n = len(it.ids)
+                p = _softmax(out.position_logits[row, :n].astype(np.float32, copy=True))  # (T, V)
+                res.position_ids = p.argmax(axis=1)
+                res.position_probs = p[np.arange(n), res.position_ids]
+            if it.want_state:
+                res.state = out.state[:, row, :].copy()
+            results.append(res)
+        st = self.stats
+        st.batches += 1
+        st.texts += b
+        st.chars += int(lengths.sum())
+        st.padded_chars += b * t
+        if self.on_batch is not None:
+            self.on_batch(b, b * t, compute_s)
+        return results
+
+
+def _set_result(fut: asyncio.Future[TextResult], res: TextResult) -> None:
+    if not fut.done():
+        fut.set_result(res)
+
+
+def _set_exception(fut: asyncio.Future[TextResult], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

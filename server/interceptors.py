@@ -1,0 +1,102 @@
+"""Server interceptors: domain errors -> gRPC status codes, in one place.
+
+- ServingError subclasses carry their code and a message meant for the caller.
+- Anything else is a bug: logged with its traceback, answered INTERNAL with a generic message,
+  so no internal text reaches clients and the server stays up.
+- A request that does not decode (e.g. a string field with invalid UTF-8) is answered
+  INVALID_ARGUMENT instead of gRPC's default INTERNAL "Exception deserializing request!".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def wrapped(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as e:
+            return _Undecodable(e)
+
+    return wrapped
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, ServingError):
+        await context.abort(exc.code, exc.message)
+    log.error("unhandled error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
+
+
+async def _reject_undecodable(context: grpc.aio.ServicerContext, request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request message does not decode: {request.error} (strings must be valid UTF-8)",
+        )
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _reject_undecodable(context, request)
+                try:
+                    return await unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await _abort_for(context, e, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await _reject_undecodable(context, request)
+                try:
+                    async for response in stream(request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await _abort_for(context, e, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,92 @@
+"""nextchar.v1.NextChar servicer: proto in, domain call, proto out. A few lines per RPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from nextchar import __version__
+from nextchar.v1 import nextchar_pb2 as pb
+from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
+
+from .batcher import TextResult
+from .errors import NotReady
+from .predictor import Predictor
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+class NextCharServicer(pb_grpc.NextCharServicer):
+    def __init__(self, predictor: Predictor, backend_name: str, device: str) -> None:
+        self.predictor = predictor
+        self.backend_name = backend_name
+        self.device = device
+        self.ready = False  # set by the app once warm; False again while draining
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("server is not ready (starting up or shutting down); retry shortly")
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        self._check_ready()
+        results = await self.predictor.predict(
+            list(request.texts), request.top_k, request.per_position, deadline_of(context)
+        )
+        vocab = self.predictor.artifact.vocab
+        return pb.PredictResponse(
+            predictions=[_prediction(r, vocab) for r in results],
+            model_version=self.predictor.artifact.version,
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        a = self.predictor.artifact
+        lim = self.predictor.limits
+        cfg = a.model_config
+        return pb.GetModelInfoResponse(
+            name=a.name,
+            version=a.version,
+            artifact_sha256=a.sha256,
+            vocab=a.vocab,
+            config=pb.ModelConfig(
+                cell=str(cfg.get("cell", "")),
+                vocab_size=a.vocab_size,
+                embed_dim=int(cfg.get("embed_dim", 0)),
+                hidden_size=a.hidden_size,
+                num_layers=int(cfg.get("num_layers", 0)),
+            ),
+            backend=self.backend_name,
+            device=self.device,
+            limits=pb.ServerLimits(
+                max_texts_per_request=lim.max_texts_per_request,
+                max_chars_per_text=lim.max_chars_per_text,
+                max_message_bytes=lim.max_message_bytes,
+                max_top_k=min(lim.max_top_k, a.vocab_size),
+                default_top_k=lim.default_top_k,
+                max_queue_texts=lim.max_queue_texts,
+            ),
+            has_unknown_token=a.unk_id is not None,
+            server_version=__version__,
+        )
+
+
+def _prediction(r: TextResult, vocab: list[str]) -> pb.Prediction:
+    top = [pb.CharProb(char=vocab[i], prob=float(p), id=int(i))
+           for i, p in zip(r.top_ids.tolist(), r.top_probs.tolist(), strict=True)]
+    if r.position_ids is None or r.position_probs is None:
+        return pb.Prediction(top=top)
+    ids = r.position_ids.tolist()
+    return pb.Prediction(
+        top=top,
+        argmax_text="".join(vocab[i] for i in ids),
+        positions=[pb.CharProb(char=vocab[i], prob=float(p), id=int(i))
+                   for i, p in zip(ids, r.position_probs.tolist(), strict=True)],
+    )

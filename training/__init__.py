@@ -1,0 +1,1 @@
+"""Training and export of the character-level models. Needs `nextchar[train]`."""

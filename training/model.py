@@ -1,0 +1,152 @@
+"""The models: the seed tutorial's three programs, grown up. Pure: no I/O, no CLI.
+
+`CharRNN` (Embedding -> RNN/GRU/LSTM -> Linear) is the served model. Its `forward` is the export
+signature every backend runs:
+
+    forward(ids (B, T) int64, lengths (B,) int64, state (S, B, H) float32)
+        -> logits (B, V)               next-char logits at each sequence's own last position
+           state_out (S, B, H)         state after each sequence's last real character
+           position_logits (B, T, V)   logits at every position (zeros past a sequence's end)
+
+S is `num_layers` for rnn/gru and `2 * num_layers` for lstm (h stacked over c). Right padding
+never leaks into an answer: packing feeds each sequence only its own `lengths[b]` steps, so a
+padded row equals the same sequence run alone (tested to 1e-5 in eager, TorchScript and ONNX).
+
+`OneHotRNNCell` and `OneHotRNN` are working counterparts of the seed's first two programs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+CELLS = ("rnn", "gru", "lstm")
+
+
+@dataclass
+class CharRNNConfig:
+    vocab_size: int
+    embed_dim: int = 64
+    hidden_size: int = 256
+    num_layers: int = 2
+    cell: str = "rnn"  # rnn (tanh, the seed's) | gru | lstm
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if min(self.vocab_size, self.embed_dim, self.hidden_size, self.num_layers) < 1:
+            raise ValueError(f"sizes must be >= 1: {self}")
+
+    @property
+    def state_layers(self) -> int:
+        """S, the first dimension of the state tensor."""
+        return 2 * self.num_layers if self.cell == "lstm" else self.num_layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharRNN(nn.Module):
+    def __init__(self, config: CharRNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        rnn_cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[config.cell]
+        self.is_lstm = config.cell == "lstm"
+        self.num_layers = config.num_layers
+        self.hidden_size = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.rnn = rnn_cls(
+            config.embed_dim,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        p = self.head.weight
+        return torch.zeros(self.config.state_layers, batch_size, self.hidden_size,
+                           dtype=p.dtype, device=p.device)
+
+    def _run(self, x: torch.Tensor, state: torch.Tensor, packed_lengths: torch.Tensor | None):
+        """Runs the core on embedded input; returns (outputs, state_out) with state as (S, B, H)."""
+        inp = x
+        if packed_lengths is not None:
+            # enforce_sorted=False: the batch keeps its order; packing sorts internally.
+            inp = pack_padded_sequence(x, packed_lengths.cpu(), batch_first=True,
+                                       enforce_sorted=False)
+        if self.is_lstm:
+            h0, c0 = state[: self.num_layers].contiguous(), state[self.num_layers :].contiguous()
+            out, (h, c) = self.rnn(inp, (h0, c0))
+            state_out = torch.cat([h, c], 0)
+        else:
+            out, state_out = self.rnn(inp, state.contiguous())
+        if packed_lengths is not None:
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out, state_out
+
+    def forward(
+        self, ids: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.embed(ids)  # (B, T, E)
+        out, state_out = self._run(x, state, lengths)  # (B, T, H), (S, B, H)
+        # The top layer's h after each sequence's own last step is its last real output.
+        last_h = state_out[self.num_layers - 1]  # (B, H)
+        logits = self.head(last_h)  # (B, V)
+        position_logits = self.head(out)  # (B, T, V)
+        return logits, state_out, position_logits
+
+    def forward_train(
+        self, ids: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-length (unpadded) sequences: logits at every position and the final state.
+
+        Training uses this path: no packing overhead, and the state carries across truncated
+        BPTT windows (detach it between windows).
+        """
+        if state is None:
+            state = self.initial_state(ids.shape[0])
+        out, state_out = self._run(self.embed(ids), state, None)  # (B, T, H)
+        return self.head(self.drop(out)), state_out  # (B, T, V), (S, B, H)
+
+
+class OneHotRNNCell(nn.Module):
+    """The seed's first program: an RNNCell stepped by hand; its hidden state is the logits."""
+
+    def __init__(self, vocab_size: int, hidden_size: int | None = None) -> None:
+        super().__init__()
+        # As in the seed, hidden_size == vocab_size so the hidden vector scores each character.
+        self.hidden_size = hidden_size or vocab_size
+        self.vocab_size = vocab_size
+        self.cell = nn.RNNCell(vocab_size, self.hidden_size)
+
+    def forward(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """one_hot (T, B, V) float -> logits (T, B, V), one RNNCell call per step."""
+        hidden = torch.zeros(one_hot.shape[1], self.hidden_size, device=one_hot.device)
+        steps = []
+        for x_t in one_hot:
+            hidden = self.cell(x_t, hidden)
+            steps.append(hidden)
+        return torch.stack(steps)
+
+
+class OneHotRNN(nn.Module):
+    """The seed's second program: nn.RNN over one-hot input, hidden state as the logits."""
+
+    def __init__(self, vocab_size: int, hidden_size: int | None = None, num_layers: int = 1) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size or vocab_size
+        self.num_layers = num_layers
+        self.rnn = nn.RNN(vocab_size, self.hidden_size, num_layers=num_layers)
+
+    def forward(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """one_hot (T, B, V) float -> logits (T, B, V)."""
+        h0 = torch.zeros(self.num_layers, one_hot.shape[1], self.hidden_size, device=one_hot.device)
+        out, _ = self.rnn(one_hot, h0)
+        return out
