@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint typecheck test test-fast demo bench clean
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,32 @@ lint: setup
 	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts
 	$(BIN)/mypy
 
-test: setup
-	$(BIN)/python -m pytest -q -ra
+# Thin installs prove the packaging: the plain client has no torch/onnxruntime/numpy, the
+# [serve] server has no torch. Reinstalled when the package's sources change.
+PKG_SOURCES := pyproject.toml $(shell find proto server client training -name '*.py' -o -name '*.proto' 2>/dev/null)
+
+.venv-client/.installed: $(PKG_SOURCES)
+	test -x .venv-client/bin/python || $(PY) -m venv .venv-client
+	.venv-client/bin/python -m pip install -q --upgrade pip
+	.venv-client/bin/python -m pip install -q .
+	touch $@
+
+.venv-serve/.installed: $(PKG_SOURCES)
+	test -x .venv-serve/bin/python || $(PY) -m venv .venv-serve
+	.venv-serve/bin/python -m pip install -q --upgrade pip
+	.venv-serve/bin/python -m pip install -q '.[serve]'
+	touch $@
+
+thin-venvs: .venv-client/.installed .venv-serve/.installed
+
+test: setup thin-venvs
+	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts
+	NEXTCHAR_CLIENT_VENV=$(CURDIR)/.venv-client NEXTCHAR_SERVE_VENV=$(CURDIR)/.venv-serve \
+	  $(BIN)/python -m pytest -q -ra
+
+# Without the thin-install checks (quicker while developing).
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -x
 
 demo: setup
 	$(BIN)/python scripts/demo.py --workdir $(DEMO_DIR) --max-minutes $(DEMO_MINUTES)

@@ -39,6 +39,7 @@ class TextResult:
     position_ids: np.ndarray | None = None  # (T,) argmax id after each prefix
     position_probs: np.ndarray | None = None  # (T,)
     state: np.ndarray | None = None  # (S, H) float32 after the last character
+    logits: np.ndarray | None = None  # (V,) float32 next-char logits, with want_logits
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Item:
     positions: bool = False
     state: np.ndarray | None = None  # (S, H) start state; None = zeros
     want_state: bool = False
+    want_logits: bool = False  # Generate samples from the raw logits
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -280,6 +282,8 @@ class Batcher:
                 res.position_probs = p[np.arange(n), res.position_ids]
             if it.want_state:
                 res.state = out.state[:, row, :].copy()
+            if it.want_logits:
+                res.logits = out.logits[row].astype(np.float32, copy=True)
             results.append(res)
         st = self.stats
         st.batches += 1

@@ -23,6 +23,12 @@ class InvalidInput(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class NotFound(ServingError):
+    """A named thing (e.g. a KServe V2 model name or version) that this server does not serve."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class NotReady(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -15,6 +15,7 @@ from .backends.base import Backend
 from .batcher import Batcher, Item, TextResult
 from .errors import InvalidInput
 from .settings import ServerSettings
+from .state import StateCodec
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Limits:
     max_top_k: int
     default_top_k: int
     max_queue_texts: int
+    max_streams: int = 256
 
     @classmethod
     def from_settings(cls, s: ServerSettings) -> Limits:
@@ -35,6 +37,7 @@ class Limits:
             max_top_k=s.max_top_k,
             default_top_k=s.default_top_k,
             max_queue_texts=s.max_queue_texts,
+            max_streams=s.max_streams,
         )
 
 
@@ -44,6 +47,7 @@ class Predictor:
         self.backend = backend
         self.batcher = batcher
         self.limits = limits
+        self.state_codec = StateCodec.for_artifact(artifact)
 
     def resolve_top_k(self, top_k: int) -> int:
         lim = self.limits
@@ -72,20 +76,93 @@ class Predictor:
             encoded.append(self.artifact.encode(text, i))
         return encoded
 
+    def check_ids(self, ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        """Right-padded ids (N, T) + lengths (N,) -> one int64 row per text, under the same
+        limits as texts (KServe V2 `ids` input). Padding past a row's length is never read."""
+        lim = self.limits
+        if ids.ndim != 2:
+            raise InvalidInput(f"ids must be 2-D [N, T], got shape {list(ids.shape)}")
+        n, t = ids.shape
+        if n == 0:
+            raise InvalidInput("no texts: send at least one row of ids")
+        if n > lim.max_texts_per_request:
+            raise InvalidInput(f"too many texts: {n} > max_texts_per_request "
+                               f"{lim.max_texts_per_request}; split the request")
+        if lengths.shape != (n,):
+            raise InvalidInput(f"lengths must have shape [{n}] (one per ids row), got "
+                               f"{list(lengths.shape)}")
+        bad = np.flatnonzero((lengths < 1) | (lengths > t))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidInput(f"lengths[{i}] = {int(lengths[i])} is outside 1..{t} (T, the "
+                               f"ids row width)")
+        over = np.flatnonzero(lengths > lim.max_chars_per_text)
+        if over.size:
+            i = int(over[0])
+            raise InvalidInput(f"texts[{i}] has {int(lengths[i])} characters > "
+                               f"max_chars_per_text {lim.max_chars_per_text}")
+        v = self.artifact.vocab_size
+        rows = []
+        for i in range(n):
+            row = ids[i, : int(lengths[i])].astype(np.int64, copy=True)
+            out_of_range = np.flatnonzero((row < 0) | (row >= v))
+            if out_of_range.size:
+                pos = int(out_of_range[0])
+                raise InvalidInput(f"ids[{i}][{pos}] = {int(row[pos])} is not a vocabulary id "
+                                   f"(0..{v - 1}; see GetModelInfo)")
+            rows.append(row)
+        return rows
+
     async def predict(
         self,
         texts: list[str],
         top_k: int = 0,
         per_position: bool = False,
         deadline: float | None = None,
+        states: list[bytes] | None = None,
+        return_state: bool = False,
     ) -> list[TextResult]:
-        """deadline: absolute, on the running loop's clock (loop.time())."""
+        """deadline: absolute, on the running loop's clock (loop.time()).
+
+        states: empty, or one encoded state per text (b"" = fresh) that the text continues.
+        """
         k = self.resolve_top_k(top_k)
         encoded = self.encode_texts(texts)
+        start_states = self.decode_states(states or [], len(texts))
         loop = asyncio.get_running_loop()
         items = [
             Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline,
-                 positions=per_position)
-            for ids in encoded
+                 positions=per_position, state=start, want_state=return_state)
+            for ids, start in zip(encoded, start_states, strict=True)
         ]
+        return await self.batcher.submit(items)
+
+    def decode_states(self, states: list[bytes], n_texts: int) -> list[np.ndarray | None]:
+        if not states:
+            return [None] * n_texts
+        if len(states) != n_texts:
+            raise InvalidInput(f"states has {len(states)} entries for {n_texts} texts: send none "
+                               f"or one per text (empty bytes for a fresh text)")
+        return [self.state_codec.decode(b, f"states[{i}]") if b else None
+                for i, b in enumerate(states)]
+
+    async def predict_ids(
+        self,
+        rows: list[np.ndarray],
+        top_k: int = 0,
+        deadline: float | None = None,
+        rank_all: bool = False,
+    ) -> list[TextResult]:
+        """Rows from `encode_texts` or `check_ids` through the batcher, as `predict` does.
+
+        rank_all: every result ranks the whole vocabulary (k = V), so a caller can rebuild the
+        full next-char distribution; top_k is still validated and its answer is the first top_k
+        entries.
+        """
+        k = self.resolve_top_k(top_k)
+        if rank_all:
+            k = self.artifact.vocab_size
+        loop = asyncio.get_running_loop()
+        items = [Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline)
+                 for ids in rows]
         return await self.batcher.submit(items)

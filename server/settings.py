@@ -55,6 +55,48 @@ class ServerSettings(BaseSettings):
         0, ge=0, description="Threads inside one model call; 0 = the backend's own choice."
     )
 
+    # Streaming generation (docs/streaming.md).
+    max_streams: int = Field(
+        256, ge=1, description="Generate streams active at once; beyond it RESOURCE_EXHAUSTED."
+    )
+    step_batching: bool = Field(
+        True, description="Advance all Generate streams in one model call per step (off: one call per stream per step)."
+    )
+
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
     warmup: bool = Field(True, description="Run the model once before reporting SERVING.")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    # Operations (docs/reliability.md): metrics, logs, drain, hot reload.
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port on --host; 0 picks a free one; unset = off."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or one JSON object per line (with request_id)."
+    )
+    prestop_s: float = Field(
+        0.0, ge=0, description="On SIGTERM: keep serving this long after health turns NOT_SERVING."
+    )
+    poll_s: float = Field(
+        0.0, ge=0, description="Check a model repository for a newer version every poll_s; 0 = off."
+    )
+
+    # Security (README "Operations and security"): TLS, mTLS, bearer tokens.
+    tls_cert: Path | None = Field(None, description="PEM server certificate (chain); enables TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle that verifies client certificates (mTLS)."
+    )
+    tls_require_client_cert: bool = Field(
+        False, description="Refuse TLS clients without a certificate from --tls-client-ca."
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="File of accepted bearer tokens, one per line ('#' comments)."
+    )
+    auth_tokens: str = Field(
+        "", description="Comma-separated bearer tokens (env NEXTCHAR_AUTH_TOKENS only, no flag)."
+    )
+    auth_open_health: bool = Field(True, description="With auth on, health checks need no token.")
+    auth_open_reflection: bool = Field(
+        False, description="With auth on, server reflection needs no token."
+    )

@@ -24,29 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextchar/v1/nextchar.proto\x12\x0bnextchar.v1\"D\n\x0ePredictRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x14\n\x0cper_position\x18\x03 \x01(\x08\"2\n\x08\x43harProb\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\n\n\x02id\x18\x03 \x01(\r\"o\n\nPrediction\x12\"\n\x03top\x18\x01 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\x13\n\x0b\x61rgmax_text\x18\x02 \x01(\t\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.nextchar.v1.CharProb\"V\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.nextchar.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"k\n\x0bModelConfig\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\"\xa7\x01\n\x0cServerLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\x15\n\rdefault_top_k\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\"\x86\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12(\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x18.nextchar.v1.ModelConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.nextchar.v1.ServerLimits\x12\x19\n\x11has_unknown_token\x18\t \x01(\x08\x12\x16\n\x0eserver_version\x18\n \x01(\t2\xa5\x01\n\x08NextChar\x12\x44\n\x07Predict\x12\x1b.nextchar.v1.PredictRequest\x1a\x1c.nextchar.v1.PredictResponse\x12S\n\x0cGetModelInfo\x12 .nextchar.v1.GetModelInfoRequest\x1a!.nextchar.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextchar/v1/nextchar.proto\x12\x0bnextchar.v1\"j\n\x0ePredictRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x14\n\x0cper_position\x18\x03 \x01(\x08\x12\x14\n\x0creturn_state\x18\x04 \x01(\x08\x12\x0e\n\x06states\x18\x05 \x03(\x0c\"2\n\x08\x43harProb\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\n\n\x02id\x18\x03 \x01(\r\"~\n\nPrediction\x12\"\n\x03top\x18\x01 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\x13\n\x0b\x61rgmax_text\x18\x02 \x01(\t\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\r\n\x05state\x18\x04 \x01(\x0c\"\xcb\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x14\n\x0creturn_state\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"t\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x0bstop_reason\x18\x02 \x01(\x0e\x32\x17.nextchar.v1.StopReason\x12\r\n\x05state\x18\x03 \x01(\x0c\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"V\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.nextchar.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"k\n\x0bModelConfig\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\"\xbc\x01\n\x0cServerLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\x15\n\rdefault_top_k\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\x12\x13\n\x0bmax_streams\x18\x07 \x01(\r\"\x86\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12(\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x18.nextchar.v1.ModelConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.nextchar.v1.ServerLimits\x12\x19\n\x11has_unknown_token\x18\t \x01(\x08\x12\x16\n\x0eserver_version\x18\n \x01(\t*a\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_MAX_CHARS\x10\x01\x12\x1b\n\x17STOP_REASON_STOP_STRING\x10\x02\x32\xf0\x01\n\x08NextChar\x12\x44\n\x07Predict\x12\x1b.nextchar.v1.PredictRequest\x1a\x1c.nextchar.v1.PredictResponse\x12S\n\x0cGetModelInfo\x12 .nextchar.v1.GetModelInfoRequest\x1a!.nextchar.v1.GetModelInfoResponse\x12I\n\x08Generate\x12\x1c.nextchar.v1.GenerateRequest\x1a\x1d.nextchar.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextchar.v1.nextchar_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STOPREASON']._serialized_start=1331
+  _globals['_STOPREASON']._serialized_end=1428
   _globals['_PREDICTREQUEST']._serialized_start=43
-  _globals['_PREDICTREQUEST']._serialized_end=111
-  _globals['_CHARPROB']._serialized_start=113
-  _globals['_CHARPROB']._serialized_end=163
-  _globals['_PREDICTION']._serialized_start=165
-  _globals['_PREDICTION']._serialized_end=276
-  _globals['_PREDICTRESPONSE']._serialized_start=278
-  _globals['_PREDICTRESPONSE']._serialized_end=364
-  _globals['_GETMODELINFOREQUEST']._serialized_start=366
-  _globals['_GETMODELINFOREQUEST']._serialized_end=387
-  _globals['_MODELCONFIG']._serialized_start=389
-  _globals['_MODELCONFIG']._serialized_end=496
-  _globals['_SERVERLIMITS']._serialized_start=499
-  _globals['_SERVERLIMITS']._serialized_end=666
-  _globals['_GETMODELINFORESPONSE']._serialized_start=669
-  _globals['_GETMODELINFORESPONSE']._serialized_end=931
-  _globals['_NEXTCHAR']._serialized_start=934
-  _globals['_NEXTCHAR']._serialized_end=1099
+  _globals['_PREDICTREQUEST']._serialized_end=149
+  _globals['_CHARPROB']._serialized_start=151
+  _globals['_CHARPROB']._serialized_end=201
+  _globals['_PREDICTION']._serialized_start=203
+  _globals['_PREDICTION']._serialized_end=329
+  _globals['_GENERATEREQUEST']._serialized_start=332
+  _globals['_GENERATEREQUEST']._serialized_end=535
+  _globals['_GENERATERESPONSE']._serialized_start=537
+  _globals['_GENERATERESPONSE']._serialized_end=653
+  _globals['_PREDICTRESPONSE']._serialized_start=655
+  _globals['_PREDICTRESPONSE']._serialized_end=741
+  _globals['_GETMODELINFOREQUEST']._serialized_start=743
+  _globals['_GETMODELINFOREQUEST']._serialized_end=764
+  _globals['_MODELCONFIG']._serialized_start=766
+  _globals['_MODELCONFIG']._serialized_end=873
+  _globals['_SERVERLIMITS']._serialized_start=876
+  _globals['_SERVERLIMITS']._serialized_end=1064
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1067
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1329
+  _globals['_NEXTCHAR']._serialized_start=1431
+  _globals['_NEXTCHAR']._serialized_end=1671
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,15 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_MAX_CHARS: _ClassVar[StopReason]
+    STOP_REASON_STOP_STRING: _ClassVar[StopReason]
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_MAX_CHARS: StopReason
+STOP_REASON_STOP_STRING: StopReason
+
 class PredictRequest(_message.Message):
-    __slots__ = ("texts", "top_k", "per_position")
+    __slots__ = ("texts", "top_k", "per_position", "return_state", "states")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     per_position: bool
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., per_position: _Optional[bool] = ...) -> None: ...
+    return_state: bool
+    states: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., per_position: _Optional[bool] = ..., return_state: _Optional[bool] = ..., states: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CharProb(_message.Message):
     __slots__ = ("char", "prob", "id")
@@ -27,14 +41,50 @@ class CharProb(_message.Message):
     def __init__(self, char: _Optional[str] = ..., prob: _Optional[float] = ..., id: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("top", "argmax_text", "positions")
+    __slots__ = ("top", "argmax_text", "positions", "state")
     TOP_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_TEXT_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     top: _containers.RepeatedCompositeFieldContainer[CharProb]
     argmax_text: str
     positions: _containers.RepeatedCompositeFieldContainer[CharProb]
-    def __init__(self, top: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ..., argmax_text: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ...) -> None: ...
+    state: bytes
+    def __init__(self, top: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ..., argmax_text: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[CharProb, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_chars", "temperature", "top_k", "top_p", "seed", "stop", "state", "return_state")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_chars: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    state: bytes
+    return_state: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., state: _Optional[bytes] = ..., return_state: _Optional[bool] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "stop_reason", "state", "model_version")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    stop_reason: StopReason
+    state: bytes
+    model_version: str
+    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., state: _Optional[bytes] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "model_version")
@@ -63,20 +113,22 @@ class ModelConfig(_message.Message):
     def __init__(self, cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embed_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_message_bytes", "max_top_k", "default_top_k", "max_queue_texts")
+    __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_message_bytes", "max_top_k", "default_top_k", "max_queue_texts", "max_streams")
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     max_texts_per_request: int
     max_chars_per_text: int
     max_message_bytes: int
     max_top_k: int
     default_top_k: int
     max_queue_texts: int
-    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_chars_per_text: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_queue_texts: _Optional[int] = ...) -> None: ...
+    max_streams: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_chars_per_text: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_queue_texts: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "artifact_sha256", "vocab", "config", "backend", "device", "limits", "has_unknown_token", "server_version")

@@ -45,6 +45,11 @@ class NextCharStub:
                 request_serializer=nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/nextchar.v1.NextChar/Generate',
+                request_serializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class NextCharServicer:
@@ -68,6 +73,17 @@ class NextCharServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Samples up to max_chars characters after the prompt and streams them as they are produced
+        (docs/streaming.md). The same seed and settings give the same text. Cancelling the call
+        stops the work at once. Errors: INVALID_ARGUMENT (bad prompt, settings or state),
+        FAILED_PRECONDITION (state from another model), RESOURCE_EXHAUSTED (ServerLimits.max_streams
+        streams active, or the queue full), UNAVAILABLE, DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NextCharServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +96,11 @@ def add_NextCharServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoRequest.FromString,
                     response_serializer=nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.FromString,
+                    response_serializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +158,33 @@ class NextChar:
             '/nextchar.v1.NextChar/GetModelInfo',
             nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoRequest.SerializeToString,
             nextchar_dot_v1_dot_nextchar__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nextchar.v1.NextChar/Generate',
+            nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.SerializeToString,
+            nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

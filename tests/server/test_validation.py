@@ -1,0 +1,113 @@
+"""Every bad input gets its exact status code and a message naming what is wrong."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from nextchar.client import NextCharClient, NextCharError
+from nextchar.v1 import nextchar_pb2 as pb
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(NextCharError) as ei:
+        call()
+    return ei.value.code, ei.value.details
+
+
+def test_no_texts(client: NextCharClient) -> None:
+    code, msg = _code(lambda: client.predict([]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no texts" in msg
+
+
+def test_empty_text_is_named(client: NextCharClient) -> None:
+    code, msg = _code(lambda: client.predict(["abc", ""]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert msg.startswith("texts[1] is empty")
+
+
+def test_too_many_texts(client: NextCharClient, tiny_server) -> None:
+    limit = tiny_server.settings.max_texts_per_request
+    code, msg = _code(lambda: client.predict(["a"] * (limit + 1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{limit + 1} > max_texts_per_request {limit}" in msg
+
+
+def test_text_too_long(client: NextCharClient, tiny_server) -> None:
+    limit = tiny_server.settings.max_chars_per_text
+    code, msg = _code(lambda: client.predict(["ok", "a" * (limit + 1)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"texts[1] has {limit + 1} characters > max_chars_per_text {limit}" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "index", "shown", "pos"),
+    [("hello wörld", 0, "'ö' (U+00F6)", 7), ("tab\there", 0, "'\\t' (U+0009)", 3)],
+)
+def test_unknown_character_named_with_position(client, text, index, shown, pos) -> None:
+    code, msg = _code(lambda: client.predict([text]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert msg.startswith(f"texts[{index}]: character {shown} at position {pos} is not in the model's vocabulary")
+
+
+@pytest.mark.parametrize("top_k", [10_000, 2**32 - 1])
+def test_top_k_out_of_range(client: NextCharClient, top_k: int) -> None:
+    code, msg = _code(lambda: client.predict(["abc"], top_k=top_k))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k must be between 1 and" in msg
+
+
+def test_invalid_utf8_is_invalid_argument_not_internal(tiny_server) -> None:
+    # Python protobuf refuses to build such a message, so send the raw bytes: field 1 (texts),
+    # wire type 2, length 2, bytes ff fe.
+    raw = b"\x0a\x02\xff\xfe"
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        call = ch.unary_unary("/nextchar.v1.NextChar/Predict",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as ei:
+            call(raw, timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not decode" in ei.value.details()
+
+
+def test_server_stays_up_after_errors(client: NextCharClient) -> None:
+    for bad in ([], [""], ["\x00"]):
+        with pytest.raises(NextCharError):
+            client.predict(bad)
+    preds = client.predict(["abc"], top_k=3)
+    assert len(preds) == 1 and len(preds[0].top) == 3
+
+
+def test_top_k_default_and_order(client: NextCharClient, tiny_server) -> None:
+    (pred,) = client.predict(["the cat"])
+    assert len(pred.top) == tiny_server.settings.default_top_k
+    probs = [c.prob for c in pred.top]
+    assert probs == sorted(probs, reverse=True)
+    assert all(len(c.char) == 1 for c in pred.top)
+
+
+def test_model_info_advertises_limits(client: NextCharClient, tiny_server, tiny_artifact) -> None:
+    import json
+
+    info = client.model_info()
+    s = tiny_server.settings
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert list(info.vocab) == manifest["vocab"]
+    assert info.backend == "onnx" and info.device == "cpu"
+    assert info.version == manifest["version"]
+    assert len(info.artifact_sha256) == 64
+    assert info.limits.max_texts_per_request == s.max_texts_per_request
+    assert info.limits.max_chars_per_text == s.max_chars_per_text
+    assert info.limits.max_message_bytes == s.max_message_bytes
+    assert info.config.hidden_size == manifest["model"]["hidden_size"]
+
+
+def test_health_serving(client: NextCharClient) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("nextchar.v1.NextChar") == "SERVING"
+
+
+def test_response_carries_model_version(client: NextCharClient) -> None:
+    resp = client.predict_response(pb.PredictRequest(texts=["abc"]))
+    assert resp.model_version
