@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from nextchar.v1 import nextchar_pb2, nextchar_pb2_grpc
 
+from . import kserve
 from .artifact import MODEL_FILES, load_artifact
 from .backends import create_backend
 from .batcher import Batcher
@@ -65,10 +66,11 @@ class NextCharServer:
         ]
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)
         nextchar_pb2_grpc.add_NextCharServicer_to_server(self.servicer, server)
+        self.kserve = kserve.add_kserve_to_server(self.servicer, server)  # same port
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+             kserve.SERVICE_NAME, reflection.SERVICE_NAME],
             server,
         )
         address = f"{s.host}:{s.port}"

@@ -14,9 +14,14 @@ more than 1e-4.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -77,10 +82,25 @@ def _trace(model: CharRNN, example: tuple[torch.Tensor, ...]) -> torch.jit.Scrip
         return torch.jit.trace(model, example, check_trace=False)
 
 
-def _export_onnx(model: CharRNN, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    import warnings
+@contextlib.contextmanager
+def _native_stderr_hidden() -> Iterator[None]:
+    """The legacy exporter's C++ code warns on fd 2 that PackPadded lacks shape inference; the
+    parity gate is what proves the graph, so those lines stay out of the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
-    with torch.no_grad(), warnings.catch_warnings():
+
+def _export_onnx(model: CharRNN, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings(), _native_stderr_hidden():
         warnings.simplefilter("ignore")  # the legacy exporter warns about batch_first RNNs
         torch.onnx.export(
             model, example, str(path), dynamo=False, opset_version=OPSET,

@@ -1,0 +1,31 @@
+"""Shared fixtures for the training tests: a private cache folder, a tiny text corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = {
+    "a.txt": "To be, or not to be, that is the question:\n"
+             "Whether 'tis nobler in the mind to suffer\n" * 6,
+    "sub/b.txt": "Now is the winter of our discontent\nMade glorious summer by this sun.\n" * 6,
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No test reads or writes the user's ~/.cache/nextchar."""
+    monkeypatch.setenv("NEXTCHAR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    for name, text in TINY_TEXT.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / ".hidden").write_text("\x00 never read \x00", encoding="utf-8")
+    return root
