@@ -19,6 +19,9 @@ from .errors import ArtifactError, InvalidInput
 FORMAT = "nextchar-artifact"
 FORMAT_VERSION = 1
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# Optional: the CPU-fast ONNX graph (training/onnx_loop.py). The onnx backend verifies it too
+# when the manifest lists it.
+LOOP_ONNX = "model_loop.onnx"
 
 
 def sha256_file(path: Path) -> str:
@@ -71,6 +74,9 @@ class Artifact:
     def file(self, backend: str) -> Path:
         return self.path / MODEL_FILES[backend]
 
+    def has_file(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
     def encode(self, text: str, index: int = 0) -> np.ndarray:
         """Text -> int64 ids; INVALID_ARGUMENT names the first bad character and its position."""
         ids = np.empty(len(text), dtype=np.int64)
@@ -113,8 +119,10 @@ def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchs
     if any(len(c) != 1 for c in vocab) or len(set(vocab)) != len(vocab):
         raise ArtifactError(f"{manifest_path}: vocab must be distinct single characters")
     unk_id = manifest.get("unk_id")
-    for backend in backends:
-        name = MODEL_FILES[backend]
+    needed = [MODEL_FILES[b] for b in backends]
+    if "onnx" in backends and LOOP_ONNX in files:
+        needed.append(LOOP_ONNX)
+    for name in needed:
         entry = files.get(name)
         if entry is None:
             raise ArtifactError(f"{manifest_path}: lists no checksum for {name}")

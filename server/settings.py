@@ -28,6 +28,11 @@ class ServerSettings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="cuda fails at start when CUDA is absent; auto takes CUDA when present."
     )
+    onnx_graph: Literal["auto", "loop", "standard"] = Field(
+        "auto",
+        description="onnx backend graph: loop (CPU-fast, folded embedding), standard (ORT's "
+        "RNN kernels; cuDNN on CUDA); auto = loop on CPU when the artifact has it.",
+    )
     host: str = Field("127.0.0.1", description="Bind address; containers set 0.0.0.0.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
 

@@ -162,7 +162,11 @@ def build_loop_graph(model: CharRNN, opset: int = 17) -> onnx.ModelProto:
     bfc = g.const("bfc", _f32(model.head.bias))
     n("Add", [n("MatMul", [finals_h[-1], wfc], ["last_mm"]), bfc], ["logits"])  # (B, V)
     top_seq = n("Transpose", [f"hs{L - 1}"], ["hs_bt"], perm=[1, 0, 2])  # (B, T, H)
-    n("Add", [n("MatMul", [top_seq, wfc], ["pos_mm"]), bfc], ["position_logits"])  # (B, T, V)
+    pos = n("Add", [n("MatMul", [top_seq, wfc], ["pos_mm"]), bfc], ["pos_logits"])  # (B, T, V)
+    # Zero past each row's length, as the contract (and eager) promise.
+    valid = n("Cast", [n("Transpose", ["mask"], ["mask_bt"], perm=[1, 0, 2])], ["valid"],
+              to=TensorProto.FLOAT)  # (B, T, 1)
+    n("Mul", [pos, valid], ["position_logits"])
 
     f = TensorProto.FLOAT
     S = cfg.state_layers

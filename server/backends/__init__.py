@@ -12,12 +12,18 @@ __all__ = ["Backend", "BatchOutput", "DeviceUnavailable", "create_backend"]
 
 
 def create_backend(
-    artifact: Artifact, backend: str, device: str, workers: int = 0, intra_op_threads: int = 0
+    artifact: Artifact,
+    backend: str,
+    device: str,
+    workers: int = 0,
+    intra_op_threads: int = 0,
+    onnx_graph: str = "auto",
 ) -> Backend:
     if backend == "onnx":
         from .onnx import OnnxBackend
 
-        return OnnxBackend(artifact, device, workers=workers, intra_op_threads=intra_op_threads)
+        return OnnxBackend(artifact, device, workers=workers, intra_op_threads=intra_op_threads,
+                           graph=onnx_graph)
     if backend == "torchscript":
         try:
             from .torchscript import TorchScriptBackend

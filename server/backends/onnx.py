@@ -13,7 +13,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import Artifact
+from ..artifact import LOOP_ONNX, Artifact
 from .base import Backend, BatchOutput, DeviceUnavailable
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,12 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def __init__(
-        self, artifact: Artifact, device: str = "cpu", workers: int = 0, intra_op_threads: int = 0
+        self,
+        artifact: Artifact,
+        device: str = "cpu",
+        workers: int = 0,
+        intra_op_threads: int = 0,
+        graph: str = "auto",
     ) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads or 1
@@ -40,9 +45,9 @@ class OnnxBackend(Backend):
                 "onnxruntime-gpu on a CUDA machine or use --device cpu"
             )
         providers = [CUDA_EP, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(
-            str(artifact.file("onnx")), sess_options=opts, providers=providers
-        )
+        self.graph = self._choose_graph(artifact, graph, want_cuda)
+        path = artifact.path / LOOP_ONNX if self.graph == "loop" else artifact.file("onnx")
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         # ORT silently falls back to CPU when the CUDA provider cannot start; report the truth.
         on_cuda = self.session.get_providers()[0] == CUDA_EP
         if device == "cuda" and not on_cuda:
@@ -50,8 +55,18 @@ class OnnxBackend(Backend):
         super().__init__(artifact, "cuda" if on_cuda else "cpu")
         # One stream of work keeps a GPU busy; on CPU, one call per core.
         self._workers = workers or (1 if on_cuda else max(1, os.cpu_count() or 1))
-        log.info("onnx backend on %s, %d worker(s), intra-op %d", self.device, self._workers,
-                 opts.intra_op_num_threads)
+        log.info("onnx backend (%s graph) on %s, %d worker(s), intra-op %d", self.graph,
+                 self.device, self._workers, opts.intra_op_num_threads)
+
+    @staticmethod
+    def _choose_graph(artifact: Artifact, graph: str, cuda: bool) -> str:
+        """auto: the Loop graph on CPU (2-2.6x ORT's RNN kernel), the standard one on CUDA."""
+        if graph == "loop" and not artifact.has_file(LOOP_ONNX):
+            raise DeviceUnavailable(f"--onnx-graph loop: {artifact.path} has no {LOOP_ONNX} "
+                                    "(re-export it with this version of nextchar)")
+        if graph == "auto":
+            return "loop" if artifact.has_file(LOOP_ONNX) and not cuda else "standard"
+        return graph
 
     @property
     def workers(self) -> int:
