@@ -222,7 +222,7 @@ async def closed_loop(address: str, payload: bytes, concurrency: int, seconds: f
 def measure(server: Server, workload: str, texts: int, chars: int, concurrency: int, seconds: float) -> dict[str, Any]:
     rng_text = (VOCAB96[:-1] * (chars // 95 + 2))
     payload = pb.PredictRequest(texts=[rng_text[i % 50: i % 50 + chars] for i in range(texts)],
-                                top_k=5).SerializeToString()
+                                top_k=0).SerializeToString()  # server default (5)
     s0, c0 = server.batch_stats()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
