@@ -330,7 +330,7 @@ def main() -> int:
                 r = runs[i][-1]
                 print(f"  [{rep + 1}/{args.repeats}] {s.name:30s} {wl:6s} c={c:<3d} {r['rps']:8.1f} req/s "
                       f"p99 {r['p99']:7.1f} ms batch {r['mean_batch']:5.1f} cpu {r['cpu']:.2f}", flush=True)
-        for i, (s, wl, texts, chars, c) in enumerate(plan):
+        for i, (s, wl, texts, _chars, c) in enumerate(plan):
             results.append(summarise(s.name, wl, c, runs[i], texts))
     finally:
         for s in servers:

@@ -6,19 +6,26 @@
             print(pred.top[0].char, pred.top[0].prob)
 
 Errors are `NextCharError` with the gRPC status code kept (`.code`) and the RpcError chained.
+TLS: `tls_ca=` (the server's CA; `tls=True` for the system roots), mTLS: `tls_cert=`/`tls_key=`;
+a bearer token (`token=`) goes with every call as `authorization` metadata.
 Several addresses (or a DNS name resolving to several replicas) are load-balanced by gRPC's
 own `round_robin` policy.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Sequence
+import socket
+from collections import namedtuple
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nextchar.v1 import admin_pb2, admin_pb2_grpc
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 
@@ -41,12 +48,106 @@ class NextCharError(Exception):
 
 
 def target_for(servers: Sequence[str] | str) -> str:
-    """One address stays as is; several become an ipv4/ipv6 list gRPC balances over."""
+    """One address stays as is (a `dns:///name:port` resolving to several replicas is balanced
+    too); several become one ipv4: or ipv6: list gRPC balances over, hostnames resolved here."""
     if isinstance(servers, str):
         return servers
     if len(servers) == 1:
         return servers[0]
-    return "ipv4:" + ",".join(s.removeprefix("ipv4:") for s in servers)
+    families: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
+    for server in servers:
+        family, addresses = _resolve(server)
+        families[family].extend(a for a in addresses if a not in families[family])
+    if families["ipv4"] and families["ipv6"]:
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"servers {', '.join(servers)}: gRPC balances over IPv4 or IPv6 "
+                            f"addresses, not both; give addresses of one family")
+    family = "ipv4" if families["ipv4"] else "ipv6"
+    return f"{family}:" + ",".join(families[family])
+
+
+def _resolve(server: str) -> tuple[str, list[str]]:
+    """'host:port' -> ('ipv4' | 'ipv6', ['ip:port', ...]); IP literals stay as written."""
+    address = server.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if address.startswith("["):  # [v6]:port
+        host, _, port = address[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or ":" in host:  # no port, or a bare IPv6 literal
+            host, port = address, ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.version == 4:
+            return "ipv4", [address]
+        return "ipv6", [f"[{host}]:{port}" if port else f"[{host}]"]
+    try:
+        infos = socket.getaddrinfo(host, int(port or 443), proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as e:
+        raise NextCharError(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {server}: {e}") from e
+    v4 = [f"{i[4][0]}:{i[4][1]}" for i in infos if i[0] == socket.AF_INET]
+    if v4:
+        return "ipv4", v4
+    return "ipv6", [f"[{i[4][0]}]:{i[4][1]}" for i in infos if i[0] == socket.AF_INET6]
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{what} {path}: cannot read ({e.strerror})") from e
+
+
+def channel_credentials(
+    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: tls_ca verifies the server (None: system roots); cert+key for mTLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            "--tls-cert and --tls-key go together (the client certificate and its key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_ca is None else _read(tls_ca, "--tls-ca"),
+        private_key=None if tls_key is None else _read(tls_key, "--tls-key"),
+        certificate_chain=None if tls_cert is None else _read(tls_cert, "--tls-cert"),
+    )
+
+
+class _CallDetails(
+    namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call on the channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = [*(d.metadata or ()), self._header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 class NextCharClient:
@@ -55,7 +156,16 @@ class NextCharClient:
         servers: Sequence[str] | str = "127.0.0.1:50051",
         timeout_s: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """tls_server_name: the name to verify in the server's certificate when it differs from
+        the address (e.g. an IP address, or several replicas behind one certificate)."""
         self.timeout_s = timeout_s
         service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
         options = [
@@ -63,9 +173,23 @@ class NextCharClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.service_config", json.dumps(service_config)),
             ("grpc.enable_retries", 0),  # retries are the caller's policy (see client.batch)
+            # gRPC's reconnect backoff grows to 120 s by default: a long job would then sit idle
+            # for minutes after a restarted server is back.
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
-        self.channel = grpc.insecure_channel(target_for(servers), options=options)
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        target = target_for(servers)
+        if tls or tls_ca is not None or tls_cert is not None:
+            self._channel = grpc.secure_channel(
+                target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self.channel = self._channel
+        if token:
+            self.channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self.stub = pb_grpc.NextCharStub(self.channel)
+        self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> NextCharClient:
@@ -75,7 +199,7 @@ class NextCharClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        self._channel.close()
 
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         try:
@@ -89,12 +213,55 @@ class NextCharClient:
         top_k: int = 0,
         per_position: bool = False,
         timeout_s: float | None = None,
+        states: Sequence[bytes] = (),
+        return_state: bool = False,
     ) -> list[pb.Prediction]:
-        request = pb.PredictRequest(texts=list(texts), top_k=top_k, per_position=per_position)
+        """states: none, or per text the `Prediction.state` of the text it continues (b"": fresh);
+        return_state: each Prediction carries its `.state` to continue from later."""
+        request = pb.PredictRequest(texts=list(texts), top_k=top_k, per_position=per_position,
+                                    states=list(states), return_state=return_state)
         return list(self._call(self.stub.Predict, request, timeout_s).predictions)
+
+    def generate(
+        self,
+        prompt: str,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        state: bytes = b"",
+        timeout_s: float | None = None,
+    ) -> Iterator[str]:
+        """Yields the generated text, chunk by chunk, as the server produces it.
+
+        Leaving the loop early (break, close(), an exception) cancels the call on the server.
+        For the stop reason and the final state, use `generate_responses`.
+        """
+        request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state)
+        for response in self.generate_responses(request, timeout_s):
+            if response.text:
+                yield response.text
+
+    def generate_responses(
+        self, request: pb.GenerateRequest, timeout_s: float | None = None
+    ) -> Iterator[pb.GenerateResponse]:
+        """The raw Generate stream; the last response has stop_reason (and state) set."""
+        call = self.stub.Generate(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise NextCharError.from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once the stream ended; frees the server's slot otherwise
 
     def predict_response(self, request: pb.PredictRequest, timeout_s: float | None = None) -> pb.PredictResponse:
         return self._call(self.stub.Predict, request, timeout_s)
+
+    def reload_model(self, timeout_s: float | None = None) -> admin_pb2.ReloadModelResponse:
+        """Admin: load and swap in the newest model version now (needs the admin token)."""
+        return self._call(self.admin_stub.ReloadModel, admin_pb2.ReloadModelRequest(), timeout_s)
 
     def model_info(self, timeout_s: float | None = None) -> pb.GetModelInfoResponse:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s)
@@ -120,6 +287,22 @@ class NextCharClient:
             time.sleep(0.1)
         raise NextCharError(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"server not SERVING after {timeout_s:.0f}s (last: {last})")
+
+
+def generate_request(
+    prompt: str,
+    max_chars: int = 200,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    state: bytes = b"",
+    return_state: bool = False,
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, max_chars=max_chars, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), state=state,
+                              return_state=return_state)
 
 
 def prediction_to_dict(text: str, pred: pb.Prediction) -> dict[str, Any]:

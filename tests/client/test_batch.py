@@ -1,0 +1,502 @@
+"""Batch jobs against real servers: order, resume after kill -9, server restart, bad lines,
+several replicas, shards, --local.
+
+Exact line-for-line comparisons use `det_server` (batching off) with one text per request: every
+text is then computed alone, so results are bitwise repeatable. With batching, a row's float32
+result depends on its batch neighbours in the last bit (about 1 line in 150 differs in the 6th
+decimal), which would make "equal to an uninterrupted run" a matter of luck.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nextchar.client import NextCharClient, NextCharError, prediction_to_dict
+from nextchar.client.batch import (
+    JobAborted,
+    JobOptions,
+    LocalTarget,
+    ModelSpec,
+    RemoteTarget,
+    run_job,
+)
+from nextchar.client.batch_io import JobError, count_lines
+from nextchar.client.cli import main as cli_main
+from nextchar.v1 import nextchar_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[2]
+# The tiny artifact's vocabulary (tests/conftest.py TINY_VOCAB) without the newline: the
+# characters a text-per-line input can hold.
+TEXT_CHARS = " !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def write_texts(path: Path, n: int, seed: int = 0, max_len: int = 40) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["".join(rng.choice(TEXT_CHARS) for _ in range(rng.randint(1, max_len)))
+             for _ in range(n)]
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return texts
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def exact_opts(**kw: Any) -> JobOptions:
+    """One text per request: with batching off, each text is computed alone (bitwise repeatable)."""
+    base: dict[str, Any] = dict(texts_per_request=1, concurrency=2, top_k=3, progress=False)
+    base.update(kw)
+    return JobOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def server_thread(tiny_server: Any) -> Any:
+    """tests/conftest.py's Any class. It cannot be imported: tests/ is no package, so
+    `conftest` names whichever conftest module pytest loaded last (tests/training has one)."""
+    return type(tiny_server)
+
+
+@pytest.fixture(scope="module")
+def det_server(tiny_artifact: Path, server_thread: Any) -> Iterator[Any]:
+    with server_thread(model=tiny_artifact, backend="onnx", batching=False) as st:
+        yield st
+
+
+def test_text_chars_are_the_tiny_vocabulary(tiny_artifact: Path) -> None:
+    vocab = json.loads((tiny_artifact / "manifest.json").read_text())["vocab"]
+    assert sorted(TEXT_CHARS + "\n") == sorted(vocab)
+
+
+def remote(address: str | list[str]) -> RemoteTarget:
+    return RemoteTarget(NextCharClient(address, timeout_s=10))
+
+
+def run_remote(address: str | list[str], inp: Path, out: Path, opts: JobOptions) -> Any:
+    target = remote(address)
+    try:
+        return run_job(inp, out, target, opts)
+    finally:
+        target.close()
+
+
+class Wrapped:
+    """A real RemoteTarget with a hook before each Predict: delay, fail, or fake a spec."""
+
+    def __init__(self, inner: RemoteTarget, spec_vocab_off: bool = False) -> None:
+        self.inner = inner
+        self.spec_vocab_off = spec_vocab_off
+        self.calls = 0
+        self.completed: list[str] = []  # first text of each completed call, in completion order
+        self.lock = threading.Lock()
+
+    def model_spec(self) -> ModelSpec:
+        spec = self.inner.model_spec()
+        if self.spec_vocab_off:  # the client skips its own vocabulary check: the server's counts
+            spec = ModelSpec(**{**spec.__dict__, "vocab": None})
+        return spec
+
+    def before(self, call: int, texts: list[str]) -> None:
+        pass
+
+    def predict(self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
+                ) -> tuple[list[pb.Prediction], str]:
+        with self.lock:
+            call = self.calls
+            self.calls += 1
+        self.before(call, texts)
+        result: tuple[list[pb.Prediction], str] = self.inner.predict(texts, top_k, per_position,
+                                                                     timeout_s)
+        with self.lock:
+            self.completed.append(texts[0])
+        return result
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# -- order -------------------------------------------------------------------------------------
+def test_order_kept_with_concurrency(tmp_path: Path, tiny_server: Any,
+                                     client: NextCharClient) -> None:
+    texts = write_texts(tmp_path / "in.txt", 300, seed=1)
+
+    class SlowFirst(Wrapped):
+        def before(self, call: int, chunk: list[str]) -> None:
+            if chunk[0] == texts[0]:  # the first chunk answers last: the writer holds the rest
+                time.sleep(0.5)
+
+    target = SlowFirst(remote(tiny_server.address))
+    summary = run_job(tmp_path / "in.txt", tmp_path / "out.jsonl", target,
+                      JobOptions(concurrency=4, texts_per_request=7, top_k=3, progress=False))
+    target.close()
+    # Later chunks completed before the first one: the writer had to restore the order.
+    assert target.completed.index(texts[0]) >= 10
+    assert (summary.written, summary.errors, summary.resumed) == (300, 0, 0)
+    records = read_records(tmp_path / "out.jsonl")
+    assert [r["index"] for r in records] == list(range(300))
+    assert [r["text"] for r in records] == texts
+    for text, rec in zip(texts, records, strict=True):
+        want = prediction_to_dict(text, client.predict([text], top_k=3)[0])
+        assert [c["char"] for c in rec["top"]] == [c["char"] for c in want["top"]]
+        assert [c["prob"] for c in rec["top"]] == pytest.approx(
+            [c["prob"] for c in want["top"]], abs=2e-6)
+        assert rec["id"] is None
+
+
+# -- resume ------------------------------------------------------------------------------------
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nextchar.client.cli", "batch", *args]
+
+
+def test_kill_9_mid_job_then_rerun_equals_uninterrupted_run(tmp_path: Path,
+                                                            det_server: Any) -> None:
+    inp = tmp_path / "in.txt"
+    texts = write_texts(inp, 1500, seed=2)
+    ref = tmp_path / "ref.jsonl"
+    run_remote(det_server.address, inp, ref, exact_opts())
+
+    out = tmp_path / "out.jsonl"
+    args = _cli(str(inp), "-o", str(out), "--server", det_server.address, "--top-k", "3",
+                "--texts-per-request", "1", "--concurrency", "2", "--no-progress")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 200:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it was killed"
+    partial = out.read_bytes()
+    assert 200 <= partial.count(b"\n") < len(texts)
+
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert out.read_bytes().startswith(partial[: partial.rfind(b"\n") + 1])
+
+
+@pytest.mark.parametrize("cut", ["mid_line", "line_end"])
+def test_torn_last_line_is_dropped_and_redone(tmp_path: Path, det_server: Any,
+                                              cut: str) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 200, seed=3)
+    ref = tmp_path / "ref.jsonl"
+    run_remote(det_server.address, inp, ref, exact_opts())
+    out = tmp_path / "out.jsonl"
+    run_remote(det_server.address, inp, out, exact_opts())
+    data = out.read_bytes()
+    line_end = [i for i, b in enumerate(data) if b == ord("\n")][120]
+    out.write_bytes(data[: line_end - 10] if cut == "mid_line" else data[: line_end + 1])
+
+    summary = run_remote(det_server.address, inp, out, exact_opts())
+    assert summary.resumed == (120 if cut == "mid_line" else 121)
+    assert summary.written == 200 - summary.resumed
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_server_stopped_and_restarted_mid_job(tmp_path: Path, tiny_artifact: Path,
+                                              det_server: Any, server_thread: Any) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 1200, seed=4)
+    ref = tmp_path / "ref.jsonl"
+    run_remote(det_server.address, inp, ref, exact_opts())
+
+    out = tmp_path / "out.jsonl"
+    first = server_thread(model=tiny_artifact, backend="onnx", batching=False).__enter__()
+    port = first.port
+    result: dict[str, Any] = {}
+    opts = exact_opts(backoff_base_s=0.05, backoff_max_s=0.5, max_retries=50)
+
+    def job() -> None:
+        try:
+            result["summary"] = run_remote(first.address, inp, out, opts)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            result["error"] = e
+
+    t = threading.Thread(target=job)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 200):
+            assert time.monotonic() < deadline and t.is_alive(), result
+            time.sleep(0.005)
+    finally:
+        first.__exit__(None, None, None)  # stopped mid-job: calls fail UNAVAILABLE
+    time.sleep(0.5)
+    assert t.is_alive(), "the job ended while the server was down"
+    with server_thread(model=tiny_artifact, backend="onnx", batching=False, port=port) as second:
+        assert second.port == port
+        t.join(120)
+        assert not t.is_alive()
+    assert "error" not in result, result
+    summary = result["summary"]
+    assert summary.retries >= 1 and summary.errors == 0
+    assert not any("error" in r for r in read_records(out))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_retries_exhausted_stop_the_job_and_a_rerun_resumes(tmp_path: Path,
+                                                            det_server: Any) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 100, seed=5)
+    ref = tmp_path / "ref.jsonl"
+    run_remote(det_server.address, inp, ref, exact_opts())
+
+    class DownAfter40(Wrapped):
+        def before(self, call: int, texts: list[str]) -> None:
+            if call >= 40:
+                raise NextCharError(grpc.StatusCode.UNAVAILABLE, "replica gone")
+
+    out = tmp_path / "out.jsonl"
+    target = DownAfter40(remote(det_server.address))
+    with pytest.raises(JobAborted, match=r"UNAVAILABLE after 2 retries: replica gone; stopped "
+                                         r"after \d+/100 items: rerun the same command"):
+        run_job(inp, out, target, exact_opts(concurrency=1, max_retries=2, backoff_base_s=0.01))
+    target.close()
+    assert count_lines(out) == 40
+    assert out.read_bytes() == ref.read_bytes()[: len(out.read_bytes())]
+    summary = run_remote(det_server.address, inp, out, exact_opts())
+    assert (summary.resumed, summary.written) == (40, 60)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+BAD_JSONL = (
+    b'{"id": "a", "text": "hello"}\n'
+    b'{"id": "b", "text": \n'
+    b'{"id": "c", "text": ""}\n'
+    b'{"id": "d", "text": "bad \xc3\xa9 char"}\n'
+    b'{"id": "e"}\n'
+    b'\xff\xfe not utf-8\n'
+    b'{"id": 7, "text": "world"}\n'
+    b'{"id": "\\ud801", "text": "a\\ud800b"}\n'
+)
+BAD_ERRORS = {
+    1: (None, None, "line is not valid JSON: Expecting value (column 21)"),
+    2: ("c", "", "empty text: every text needs at least one character"),
+    3: ("d", "bad é char", "character 'é' (U+00E9) at position 4 is not in the model's "
+                           "vocabulary (59 characters; see GetModelInfo)"),
+    4: ("e", None, 'expected a JSON object with a string "text" field'),
+    5: (None, None, "line is not valid UTF-8 (byte 0)"),
+    7: ("\ud801", "a\ud800b", "text is not valid Unicode: lone surrogate U+D800 at position 1"),
+}
+
+
+@pytest.mark.parametrize("checked_by", ["client", "server"])
+def test_bad_lines_become_error_records_and_the_job_goes_on(
+    tmp_path: Path, tiny_server: Any, checked_by: str
+) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(BAD_JSONL)
+    target = Wrapped(remote(tiny_server.address), spec_vocab_off=checked_by == "server")
+    summary = run_job(inp, tmp_path / "out.jsonl", target,
+                      JobOptions(texts_per_request=8, top_k=2, progress=False))
+    target.close()
+    assert (summary.written, summary.errors) == (8, 6)
+    records = read_records(tmp_path / "out.jsonl")
+    assert [r["index"] for r in records] == list(range(8))
+    for i, rec in enumerate(records):
+        if i in (0, 6):
+            assert (rec["id"], rec["text"], len(rec["top"])) == (("a", "hello", 2) if i == 0
+                                                                  else (7, "world", 2))
+            continue
+        rid, text, message = BAD_ERRORS[i]
+        assert rec == {"index": i, "id": rid, "text": text,
+                       "error": {"code": "INVALID_ARGUMENT", "message": message}}
+    if checked_by == "server":
+        # 'hello', 'bad é char' and 'world' went in one request; the server refused it, the job
+        # split it and only the bad text became an error record.
+        assert target.calls == 4
+
+
+def test_other_errors_become_error_records_at_once(tmp_path: Path,
+                                                   det_server: Any) -> None:
+    inp = tmp_path / "in.txt"
+    texts = write_texts(inp, 10, seed=6)
+
+    class InternalOnSecond(Wrapped):
+        def before(self, call: int, texts: list[str]) -> None:
+            if call == 1:
+                raise NextCharError(grpc.StatusCode.INTERNAL, "internal server error")
+
+    target = InternalOnSecond(remote(det_server.address))
+    summary = run_job(inp, tmp_path / "out.jsonl", target,
+                      exact_opts(concurrency=1, texts_per_request=4))
+    target.close()
+    assert (summary.errors, summary.retries, target.calls) == (4, 0, 3)
+    records = read_records(tmp_path / "out.jsonl")
+    assert [("error" in r) for r in records] == [False] * 4 + [True] * 4 + [False] * 2
+    assert records[5] == {"index": 5, "id": None, "text": texts[5],
+                          "error": {"code": "INTERNAL", "message": "internal server error"}}
+
+
+def test_a_replica_with_another_model_version_stops_the_job(tmp_path: Path,
+                                                            det_server: Any) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 10, seed=7)
+
+    class Upgraded(Wrapped):
+        def predict(self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
+                    ) -> tuple[list[pb.Prediction], str]:
+            preds, _ = super().predict(texts, top_k, per_position, timeout_s)
+            return preds, "v-next"
+
+    target = Upgraded(remote(det_server.address))
+    with pytest.raises(JobAborted, match="a server answered with model version 'v-next'"):
+        run_job(inp, tmp_path / "out.jsonl", target, exact_opts())
+    target.close()
+
+
+# -- several servers, shards, local --------------------------------------------------------------
+def test_two_servers_both_receive_requests(tmp_path: Path, tiny_artifact: Path,
+                                           start_server: Any) -> None:
+    a = start_server(model=tiny_artifact, backend="onnx")
+    b = start_server(model=tiny_artifact, backend="onnx")
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 400, seed=8)
+    summary = run_remote([a.address, b.address], inp, tmp_path / "out.jsonl",
+                         JobOptions(texts_per_request=4, concurrency=2, progress=False))
+    assert (summary.written, summary.errors) == (400, 0)
+    texts_a, texts_b = a.server.batcher.stats.texts, b.server.batcher.stats.texts
+    assert texts_a > 0 and texts_b > 0
+    assert texts_a + texts_b == 400
+
+
+def test_shards_partition_the_input(tmp_path: Path, det_server: Any) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 100, seed=9)
+    run_remote(det_server.address, inp, tmp_path / "all.jsonl", exact_opts())
+    shards = []
+    for i in range(3):
+        out = tmp_path / f"out.{i}.jsonl"
+        summary = run_remote(det_server.address, inp, out, exact_opts(shard=(i, 3)))
+        assert summary.total == len(range(i, 100, 3))
+        recs = read_records(out)
+        assert [r["index"] for r in recs] == list(range(i, 100, 3))
+        shards.extend(recs)
+    assert sorted(shards, key=lambda r: r["index"]) == read_records(tmp_path / "all.jsonl")
+
+
+def test_local_runs_the_same_job_in_process(tmp_path: Path, tiny_artifact: Path,
+                                            det_server: Any) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"".join(json.dumps({"id": i, "text": t}).encode() + b"\n"
+                             for i, t in enumerate(write_texts(tmp_path / "t.txt", 50, seed=10)))
+                    + b'{"id": 50, "text": "bad \xc3\xa9 char"}\n')
+    run_remote(det_server.address, inp, tmp_path / "remote.jsonl",
+               exact_opts(per_position=True))
+    local = LocalTarget(tiny_artifact)
+    try:
+        # concurrency 1: the local batcher then computes each text alone, like det_server.
+        summary = run_job(inp, tmp_path / "local.jsonl", local,
+                          exact_opts(per_position=True, concurrency=1))
+    finally:
+        local.close()
+    assert (summary.written, summary.errors) == (51, 1)
+    assert (tmp_path / "local.jsonl").read_bytes() == (tmp_path / "remote.jsonl").read_bytes()
+    # Same artifact, so a job started remotely may be resumed locally and vice versa.
+    meta_local = json.loads((tmp_path / "local.jsonl.meta.json").read_text())
+    meta_remote = json.loads((tmp_path / "remote.jsonl.meta.json").read_text())
+    assert meta_local["model"] == meta_remote["model"]
+
+
+# -- refusing another job's output ---------------------------------------------------------------
+def test_rerun_with_other_options_or_input_refuses_unless_restart(
+    tmp_path: Path, det_server: Any
+) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 20, seed=11)
+    out = tmp_path / "out.jsonl"
+    run_remote(det_server.address, inp, out, exact_opts())
+    with pytest.raises(JobError, match=r"holds another job's results \(top_k 3 -> 2\); rerun "
+                                       r"the original command to resume it, or pass --restart"):
+        run_remote(det_server.address, inp, out, exact_opts(top_k=2))
+    with pytest.raises(JobError, match=r"shard 0/1 -> 1/2"):
+        run_remote(det_server.address, inp, out, exact_opts(shard=(1, 2)))
+
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(inp.read_bytes())  # same content, new path and mtime: still this job
+    summary = run_remote(det_server.address, moved, out, exact_opts())
+    assert (summary.resumed, summary.written) == (20, 0)
+
+    write_texts(inp, 20, seed=12)
+    with pytest.raises(JobError, match=r"other content"):
+        run_remote(det_server.address, inp, out, exact_opts())
+    summary = run_remote(det_server.address, inp, out, exact_opts(restart=True, top_k=2))
+    assert (summary.resumed, summary.written) == (0, 20)
+    assert len(read_records(out)[0]["top"]) == 2
+
+
+def test_cli_refuses_a_foreign_output_with_one_line(tmp_path: Path, det_server: Any,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 5, seed=13)
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    rc = cli_main(["batch", str(inp), "-o", str(out), "--server", det_server.address,
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == (f"nextchar batch: {out} exists and has no out.jsonl.meta.json, so 'nextchar "
+                   f"batch' did not write it; pass --restart to overwrite it\n")
+    assert out.read_text() == "precious\n"
+
+    rc = cli_main(["batch", str(inp), "-o", str(out), "--server", det_server.address,
+                   "--no-progress", "--restart", "--top-k", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert err.startswith("nextchar batch: 5 items (0 errors, 0 retries) in ")
+    assert count_lines(out) == 5
+
+
+def test_cli_bad_top_k_and_shard_are_refused(tmp_path: Path, det_server: Any,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 5, seed=14)
+    rc = cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--server",
+                   det_server.address, "--top-k", "500"])
+    assert rc == 2
+    assert capsys.readouterr().err == "nextchar batch: --top-k 500: the server allows 1..59\n"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--shard", "3/3"])
+    assert exit_info.value.code == 2
+    assert "--shard: --shard 3/3: need 0 <= I < N" in capsys.readouterr().err
+
+
+def test_cli_local_refusals_are_one_line(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 5, seed=15)
+    nope = tmp_path / "nope"
+    rc = cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--local", str(nope)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"nextchar batch: --local {nope}: ") and err.count("\n") == 1
+    rc = cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--local", str(nope),
+                   "--server", "127.0.0.1:1"])
+    assert rc == 2
+    assert capsys.readouterr().err == ("nextchar batch: --local runs in this process: it takes "
+                                       "no --server\n")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_thin_client_imports_no_numpy() -> None:
+    code = ("import sys, nextchar.client.cli, nextchar.client.batch; "
+            "bad = {'numpy', 'onnxruntime', 'torch'} & set(sys.modules); "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
