@@ -219,8 +219,9 @@ async def closed_loop(address: str, payload: bytes, concurrency: int, seconds: f
     return ok, errors, lat
 
 
-def measure(server: Server, workload: str, texts: int, chars: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    rng_text = (VOCAB96[:-1] * (chars // 95 + 2))
+def measure(server: Server, workload: str, texts: int, chars: int, concurrency: int, seconds: float,
+            alphabet: str = VOCAB96[:-1]) -> dict[str, Any]:
+    rng_text = alphabet * (chars // len(alphabet) + 52)
     payload = pb.PredictRequest(texts=[rng_text[i % 50: i % 50 + chars] for i in range(texts)],
                                 top_k=0).SerializeToString()  # server default (5)
     s0, c0 = server.batch_stats()
@@ -326,7 +327,8 @@ def main() -> int:
         runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plan))}
         for rep in range(args.repeats):  # interleaved: noise hits every variant alike
             for i, (s, wl, texts, chars, c) in enumerate(plan):
-                runs[i].append(measure(s, wl, texts, chars, c, args.seconds))
+                alphabet = "ab" if s is servers[0] else VOCAB96[:-1]
+                runs[i].append(measure(s, wl, texts, chars, c, args.seconds, alphabet))
                 r = runs[i][-1]
                 print(f"  [{rep + 1}/{args.repeats}] {s.name:30s} {wl:6s} c={c:<3d} {r['rps']:8.1f} req/s "
                       f"p99 {r['p99']:7.1f} ms batch {r['mean_batch']:5.1f} cpu {r['cpu']:.2f}", flush=True)
