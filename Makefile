@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test bench-peer bench-batch bench-generate compose-smoke fuzz reliability
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ proto-check: proto
 	git diff --exit-code -- proto || (echo "generated protobuf code is stale: run 'make proto' and commit" >&2; exit 1)
 
 lint: setup
-	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts
+	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench
 	$(BIN)/mypy
 
 # Thin installs prove the packaging: the plain client has no torch/onnxruntime/numpy, the
@@ -50,10 +50,38 @@ PKG_SOURCES := pyproject.toml $(shell find proto server client training -name '*
 
 thin-venvs: .venv-client/.installed .venv-serve/.installed
 
-test: setup thin-venvs
-	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts
+test: setup thin-venvs triton-venv
+	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench
 	NEXTCHAR_CLIENT_VENV=$(CURDIR)/.venv-client NEXTCHAR_SERVE_VENV=$(CURDIR)/.venv-serve \
 	  $(BIN)/python -m pytest -q -ra
+
+# KServe V2 compatibility is proven with the real Triton client. tritonclient pins protobuf<7
+# (nextchar needs 7), so it lives in its own venv; tests/server/test_kserve.py runs
+# tests/compat/triton_client_check.py in it against a live server (and builds it if missing).
+TRITON_VENV ?= .venv-triton
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q 'tritonclient[grpc]==2.73.0' 'numpy>=1.26'
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed
+
+tritonclient-test: setup triton-venv
+	NEXTCHAR_TRITON_VENV=$(CURDIR)/$(TRITON_VENV) $(BIN)/python -m pytest -q -ra \
+	  tests/server/test_kserve.py -k tritonclient
+
+# The peer benchmark (docs/benchmarks.md "Peer benchmark: MLServer"): MLServer 1.7.1 in its own
+# venv (uvloop<0.21: with 0.23 its worker pool dies at start), then one load generator against
+# both servers, alone on the CPUs.
+MLSERVER_VENV ?= .venv-mlserver
+$(MLSERVER_VENV)/.installed:
+	test -x $(MLSERVER_VENV)/bin/python || $(PY) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q 'mlserver==1.7.1' 'uvloop<0.21' 'onnxruntime>=1.20' 'numpy>=1.26'
+	touch $@
+
+bench-peer: setup $(MLSERVER_VENV)/.installed
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/peer_bench.py \
+	  --mlserver-venv $(MLSERVER_VENV) --tune --out docs/peer_bench.json
 
 # Without the thin-install checks (quicker while developing).
 test-fast: setup
@@ -64,6 +92,29 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m nextchar.server.bench --out docs
+
+# `nextchar batch` over 100k lines: one server, two server processes, --local (docs/benchmarks.md).
+bench-batch: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/batch_bench.py
+
+# 64 Generate streams x 200 chars: step batching vs batching off vs re-sending the prefix
+# (docs/benchmarks.md "Streaming generation"); about 3 minutes.
+bench-generate: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/generate_bench.py --out runs/bench-generate
+
+# docker-compose.yml for real (docs/deploy.md): engine, base image, wheels, build, train, serve,
+# Predict from host and network, 2 replicas, batch job, teardown. Needs root; not in `make test`.
+compose-smoke: setup
+	flock -s /tmp/nextchar-cpu.lock scripts/compose_smoke.sh
+
+# Reliability figures (docs/reliability.md): >= 10k fuzzed requests against a live server, then
+# overload at 2x capacity, SIGTERM under load, hot reload under load. Alone on the CPUs.
+fuzz: setup
+	flock -x /tmp/nextchar-cpu.lock env NEXTCHAR_FUZZ_EXAMPLES=3000 \
+	  NEXTCHAR_FUZZ_REPORT=docs/fuzz.json $(BIN)/python -m pytest -q tests/server/test_fuzz.py
+
+reliability: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/reliability.py all --out docs/reliability.json
 
 clean:
 	rm -rf runs artifacts .pytest_cache

@@ -43,7 +43,8 @@ PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}  # T
 OUTPUTS = ("probs", "top_ids", "top_chars", "top_probs")
 STREAM_WINDOW = 256  # requests of one ModelStreamInfer stream in flight at once
 
-_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}  # V2 wire order: little-endian
+# V2 raw contents are little-endian.
+_DTYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Tensor:
 
 def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
     """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes."""
-    out, pos, end = [], 0, len(raw)
+    out: list[bytes] = []
+    pos, end = 0, len(raw)
     while pos < end:
         if pos + 4 > end:
             raise InvalidInput(f"input '{name}': raw BYTES content is truncated at byte {pos} "
@@ -209,7 +211,7 @@ def _output_tensors(
     for name in wanted:
         if name == "probs":
             probs = np.empty((n, v), dtype=np.float32)  # ranked_ids covers all V (rank_all)
-            np.put_along_axis(probs, ranked_ids, ranked_probs, axis=1)
+            probs[np.arange(n)[:, None], ranked_ids] = ranked_probs
             tensors.append(Tensor(name, "FP32", [n, v], probs))
         elif name == "top_ids":
             tensors.append(Tensor(name, "INT64", [n, k], ranked_ids[:, :k]))
@@ -258,11 +260,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, v1: NextCharServicer) -> None:
         self.v1 = v1
 
-    def _artifact(self, name: str, version: str) -> Artifact:
-        a = self.v1.predictor.artifact
-        _check_model(a, name, version)
-        return a
-
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
@@ -270,7 +267,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.v1.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        self._artifact(request.name, request.version)
+        _check_model(self.v1.predictor.artifact, request.name, request.version)
         return pb.ModelReadyResponse(ready=self.v1.ready)
 
     async def ServerMetadata(
@@ -281,12 +278,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        a = self._artifact(request.name, request.version)
+        predictor = self.v1.predictor
+        a = predictor.artifact
+        _check_model(a, request.name, request.version)
+        backend = predictor.backend.name
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=a.name,
             versions=[a.version],
-            platform=PLATFORMS.get(self.v1.backend_name, self.v1.backend_name),
+            platform=PLATFORMS.get(backend, backend),
             inputs=[meta(name="text", datatype="BYTES", shape=[-1]),
                     meta(name="ids", datatype="INT64", shape=[-1, -1]),
                     meta(name="lengths", datatype="INT64", shape=[-1])],

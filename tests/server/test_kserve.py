@@ -1,0 +1,455 @@
+"""KServe V2 (`inference.GRPCInferenceService`) on the nextchar port, over real gRPC.
+
+Answers are checked against nextchar.v1's Predict on the same server: the same batcher and
+validation must give the same numbers. The last test drives the server with the real Triton
+client (`tritonclient[grpc]`) from its own venv (.venv-triton; `make tritonclient-test`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from nextchar import __version__
+from nextchar.client import NextCharClient
+from nextchar.kserve import grpc_predict_v2_pb2 as pb
+from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+TEXTS = ["hello world", "To be, or not to b", "Q"]
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_server) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def info(tiny_server) -> Any:
+    with NextCharClient(tiny_server.address) as c:
+        return c.model_info()
+
+
+def _expected(address: str, texts: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, probs) of nextchar.v1 Predict: the reference for every V2 answer."""
+    with NextCharClient(address) as c:
+        preds = c.predict(texts, top_k=top_k)
+    ids = np.array([[cp.id for cp in p.top] for p in preds], dtype=np.int64)
+    probs = np.array([[cp.prob for cp in p.top] for p in preds], dtype=np.float32)
+    return ids, probs
+
+
+def _text_input(texts: list[str], shape: list[int] | None = None) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=shape or [len(texts)],
+        contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]))
+
+
+def _request(info: Any, inputs: list[Any], top_k: int | None = None, **kw: Any) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=info.name, inputs=inputs, **kw)
+    if top_k is not None:
+        req.parameters["top_k"].int64_param = top_k
+    return req
+
+
+def _pack_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _unpack_bytes(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(raw):
+        (n,) = struct.unpack_from("<I", raw, pos)
+        out.append(raw[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def _outputs(resp: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Every output as an array of its shape, from typed contents or raw_output_contents."""
+    out = {}
+    for i, t in enumerate(resp.outputs):
+        shape = list(t.shape)
+        if resp.raw_output_contents:
+            raw = resp.raw_output_contents[i]
+            if t.datatype == "BYTES":
+                arr = np.array([b.decode() for b in _unpack_bytes(raw)], dtype=object)
+            else:
+                arr = np.frombuffer(raw, dtype={"FP32": "<f4", "INT64": "<i8"}[t.datatype])
+        elif t.datatype == "BYTES":
+            arr = np.array([b.decode() for b in t.contents.bytes_contents], dtype=object)
+        elif t.datatype == "FP32":
+            arr = np.array(t.contents.fp32_contents, dtype=np.float32)
+        else:
+            arr = np.array(t.contents.int64_contents, dtype=np.int64)
+        out[t.name] = arr.reshape(shape)
+    return out
+
+
+def _assert_matches_v1(out: dict[str, np.ndarray], info: Any, ids: np.ndarray, probs: np.ndarray) -> None:
+    n, k = ids.shape
+    assert np.array_equal(out["top_ids"], ids)
+    assert out["top_probs"].dtype == np.float32
+    assert np.array_equal(out["top_probs"], probs)
+    assert out["top_chars"].tolist() == [[info.vocab[i] for i in row] for row in ids.tolist()]
+    full = out["probs"]
+    assert full.shape == (n, len(info.vocab))
+    assert np.array_equal(np.take_along_axis(full, ids, axis=1), probs)
+    assert np.array_equal(full.argmax(axis=1), ids[:, 0])
+    np.testing.assert_allclose(full.sum(axis=1), 1.0, atol=1e-5)
+
+
+def _code(call: Any, request: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call(request, timeout=30)
+    return e.value.code(), e.value.details()
+
+
+# -- health, readiness, metadata --------------------------------------------------------------
+
+
+def test_live_ready_and_server_metadata(stub) -> None:
+    assert stub.ServerLive(pb.ServerLiveRequest()).live is True
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
+    meta = stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert (meta.name, meta.version, list(meta.extensions)) == ("nextchar", __version__, [])
+
+
+def test_model_ready_by_name_and_version(stub, info) -> None:
+    assert stub.ModelReady(pb.ModelReadyRequest(name=info.name)).ready is True
+    assert stub.ModelReady(pb.ModelReadyRequest(name=info.name, version=info.version)).ready is True
+
+
+def test_model_metadata(stub, info) -> None:
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=info.name))
+    assert (meta.name, list(meta.versions), meta.platform) == (
+        info.name, [info.version], "onnxruntime_onnx")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("text", "BYTES", [-1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("probs", "FP32", [-1, len(info.vocab)]), ("top_ids", "INT64", [-1, -1]),
+        ("top_chars", "BYTES", [-1, -1]), ("top_probs", "FP32", [-1, -1])]
+
+
+@pytest.mark.parametrize("rpc, request_", [
+    ("ModelReady", pb.ModelReadyRequest(name="nope")),
+    ("ModelMetadata", pb.ModelMetadataRequest(name="nope")),
+])
+def test_unknown_model_is_not_found(stub, info, rpc: str, request_: Any) -> None:
+    code, details = _code(getattr(stub, rpc), request_)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details == f"model 'nope' is not served here; this server serves '{info.name}'"
+
+
+def test_unknown_version_is_not_found(stub, info) -> None:
+    code, details = _code(stub.ModelReady, pb.ModelReadyRequest(name=info.name, version="0"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert f"has no version '0'; this server serves version '{info.version}'" in details
+
+
+def test_readiness_follows_the_servers_own_state(stub, info, tiny_server) -> None:
+    """The flag the app sets when warm and clears when draining drives both protocols."""
+    servicer = tiny_server.server.servicer
+    servicer.ready = False
+    try:
+        assert stub.ServerLive(pb.ServerLiveRequest()).live is True
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready is False
+        assert stub.ModelReady(pb.ModelReadyRequest(name=info.name)).ready is False
+        code, details = _code(stub.ModelInfer, _request(info, [_text_input(["hello"])]))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "not ready" in details
+    finally:
+        servicer.ready = True
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
+
+
+def test_unready_once_stopped(start_server, tiny_artifact) -> None:
+    st = start_server(model=tiny_artifact, backend="onnx")
+    with grpc.insecure_channel(st.address) as channel:
+        s = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert s.ServerReady(pb.ServerReadyRequest(), timeout=10).ready is True
+        st.call(st.server.stop(grace_s=0.5))
+        with pytest.raises(grpc.RpcError) as e:
+            s.ServerReady(pb.ServerReadyRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # port closed: nothing answers
+    assert st.server.servicer.ready is False
+
+
+def test_reflection_lists_the_service(tiny_server) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "inference.GRPCInferenceService" in services
+    assert "nextchar.v1.NextChar" in services
+
+
+# -- inference ------------------------------------------------------------------------------
+
+
+def test_text_typed_contents_match_v1_predict(stub, info, tiny_server) -> None:
+    ids, probs = _expected(tiny_server.address, TEXTS, top_k=3)
+    resp = stub.ModelInfer(_request(info, [_text_input(TEXTS)], top_k=3, id="req-7"))
+    assert (resp.model_name, resp.model_version, resp.id) == (info.name, info.version, "req-7")
+    assert not resp.raw_output_contents  # typed in, typed out
+    assert [(t.name, t.datatype, list(t.shape)) for t in resp.outputs] == [
+        ("probs", "FP32", [3, len(info.vocab)]), ("top_ids", "INT64", [3, 3]),
+        ("top_chars", "BYTES", [3, 3]), ("top_probs", "FP32", [3, 3])]
+    _assert_matches_v1(_outputs(resp), info, ids, probs)
+
+
+def test_raw_inputs_get_raw_outputs(stub, info, tiny_server) -> None:
+    ids, probs = _expected(tiny_server.address, TEXTS, top_k=4)
+    req = _request(info, [pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[3, 1])], top_k=4)
+    req.raw_input_contents.append(_pack_bytes([t.encode() for t in TEXTS]))
+    resp = stub.ModelInfer(req)
+    assert len(resp.raw_output_contents) == 4
+    assert all(not t.HasField("contents") for t in resp.outputs)
+    _assert_matches_v1(_outputs(resp), info, ids, probs)
+
+
+def _ids_inputs(info: Any, texts: list[str], raw: bool, lengths: bool = True) -> tuple[list[Any], list[bytes]]:
+    index = {c: i for i, c in enumerate(info.vocab)}
+    lens = np.array([len(t) for t in texts], dtype=np.int64)
+    ids = np.full((len(texts), int(lens.max())), 7, dtype=np.int64)  # padding is never read
+    for row, t in enumerate(texts):
+        ids[row, : len(t)] = [index[c] for c in t]
+    tensors = [("ids", ids)] + ([("lengths", lens)] if lengths else [])
+    inputs, raws = [], []
+    for name, arr in tensors:
+        t = pb.ModelInferRequest.InferInputTensor(name=name, datatype="INT64", shape=list(arr.shape))
+        if raw:
+            raws.append(arr.astype("<i8").tobytes())
+        else:
+            t.contents.int64_contents.extend(arr.ravel().tolist())
+        inputs.append(t)
+    return inputs, raws
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_int64_ids_with_lengths_match_text(stub, info, tiny_server, raw: bool) -> None:
+    ids, probs = _expected(tiny_server.address, TEXTS, top_k=5)
+    inputs, raws = _ids_inputs(info, TEXTS, raw)
+    req = _request(info, inputs, top_k=5, raw_input_contents=raws)
+    out = _outputs(stub.ModelInfer(req))
+    _assert_matches_v1(out, info, ids, probs)
+
+
+def test_ids_without_lengths_use_full_rows(stub, info, tiny_server) -> None:
+    texts = ["abcd", "dcba"]
+    ids, probs = _expected(tiny_server.address, texts, top_k=2)
+    inputs, _ = _ids_inputs(info, texts, raw=False, lengths=False)
+    _assert_matches_v1(_outputs(stub.ModelInfer(_request(info, inputs, top_k=2))), info, ids, probs)
+
+
+def test_default_top_k_and_output_selection(stub, info, tiny_server) -> None:
+    ids, probs = _expected(tiny_server.address, ["hello"], top_k=0)
+    req = _request(info, [_text_input(["hello"])], outputs=[
+        pb.ModelInferRequest.InferRequestedOutputTensor(name="top_probs"),
+        pb.ModelInferRequest.InferRequestedOutputTensor(name="top_chars")])
+    resp = stub.ModelInfer(req)
+    assert [t.name for t in resp.outputs] == ["top_probs", "top_chars"]  # asked for, in order
+    out = _outputs(resp)
+    assert out["top_probs"].shape == (1, info.limits.default_top_k)
+    assert np.array_equal(out["top_probs"], probs)
+    assert out["top_chars"].tolist() == [[info.vocab[i] for i in ids[0]]]
+
+
+def test_requests_go_through_the_shared_batcher(stub, info, tiny_server) -> None:
+    stats = tiny_server.server.batcher.stats
+    before = stats.texts
+    stub.ModelInfer(_request(info, [_text_input(TEXTS)]))
+    assert stats.texts == before + len(TEXTS)
+
+
+def test_stream_infer_answers_in_order_with_errors_in_band(stub, info, tiny_server) -> None:
+    ids, probs = _expected(tiny_server.address, TEXTS, top_k=3)
+    requests = [
+        _request(info, [_text_input(TEXTS)], top_k=3, id="a"),
+        _request(info, [_text_input(["x\u00e9"])], id="b"),
+        pb.ModelInferRequest(model_name="nope", id="c", inputs=[_text_input(["hi"])]),
+        _request(info, [_text_input(TEXTS)], top_k=3, id="d"),
+    ]
+    answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
+    assert [a.infer_response.id for a in answers] == ["a", "b", "c", "d"]
+    assert [a.error_message.split(":")[0] for a in answers] == [
+        "", "INVALID_ARGUMENT", "NOT_FOUND", ""]
+    assert "'\u00e9' (U+00E9) at position 1" in answers[1].error_message
+    for a in (answers[0], answers[3]):
+        _assert_matches_v1(_outputs(a.infer_response), info, ids, probs)
+
+
+# -- errors: exact codes, actionable messages -----------------------------------------------
+
+
+def _t(name: str, datatype: str, shape: list[int], **contents: Any) -> Any:
+    return pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=shape, contents=pb.InferTensorContents(**contents))
+
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
+    ("no model name", {"model_name": ""}, "model name is required"),
+    ("no inputs", {"inputs": []}, "no inputs: send 'text' (BYTES [N])"),
+    ("unknown input", {"inputs": [_t("prompt", "BYTES", [1], bytes_contents=[b"a"])]},
+     "unknown input 'prompt'"),
+    ("twice", {"inputs": [_t("text", "BYTES", [1], bytes_contents=[b"a"])] * 2},
+     "input 'text' is given twice"),
+    ("text as INT64", {"inputs": [_t("text", "INT64", [1], int64_contents=[1])]},
+     "input 'text' must have datatype BYTES, got 'INT64'"),
+    ("count mismatch", {"inputs": [_t("text", "BYTES", [2], bytes_contents=[b"a"])]},
+     "input 'text': shape [2] needs 2 BYTES elements, contents.bytes_contents holds 1"),
+    ("text 2-D", {"inputs": [_t("text", "BYTES", [1, 2], bytes_contents=[b"a", b"b"])]},
+     "input 'text' must have shape [N] or [N, 1] (one text per row), got [1, 2]"),
+    ("negative dim", {"inputs": [_t("text", "BYTES", [-1], bytes_contents=[b"a"])]},
+     "shape [-1] has a negative dimension"),
+    ("bad utf-8", {"inputs": [_t("text", "BYTES", [1], bytes_contents=[b"ab\xff"])]},
+     "text[0] is not valid UTF-8: invalid start byte at byte 2"),
+    ("empty text", {"inputs": [_t("text", "BYTES", [2], bytes_contents=[b"a", b""])]},
+     "texts[1] is empty"),
+    ("out of vocab", {"inputs": [_t("text", "BYTES", [1], bytes_contents=[b"ab~"])]},
+     "character '~' (U+007E) at position 2 is not in the model's vocabulary"),
+    ("text and ids", {"inputs": [_t("text", "BYTES", [1], bytes_contents=[b"a"]),
+                                 _t("ids", "INT64", [1, 1], int64_contents=[1])]},
+     "send either 'text' or 'ids' (+ 'lengths'), not both"),
+    ("lengths alone", {"inputs": [_t("lengths", "INT64", [1], int64_contents=[1])]},
+     "'lengths' needs an 'ids' input"),
+    ("ids 1-D", {"inputs": [_t("ids", "INT64", [2], int64_contents=[1, 2])]},
+     "input 'ids' must have shape [N, T] with T >= 1, got [2]"),
+    ("ids as INT32", {"inputs": [_t("ids", "INT32", [1, 1], int_contents=[1])]},
+     "input 'ids' must have datatype INT64, got 'INT32'"),
+    ("id out of range", {"inputs": [_t("ids", "INT64", [1, 3], int64_contents=[1, 2, 999])]},
+     "ids[0][2] = 999 is not a vocabulary id"),
+    ("negative id", {"inputs": [_t("ids", "INT64", [1, 2], int64_contents=[-1, 2])]},
+     "ids[0][0] = -1 is not a vocabulary id"),
+    ("length 0", {"inputs": [_t("ids", "INT64", [2, 2], int64_contents=[1, 2, 3, 4]),
+                             _t("lengths", "INT64", [2], int64_contents=[2, 0])]},
+     "lengths[1] = 0 is outside 1..2"),
+    ("length > T", {"inputs": [_t("ids", "INT64", [1, 2], int64_contents=[1, 2]),
+                               _t("lengths", "INT64", [1], int64_contents=[3])]},
+     "lengths[0] = 3 is outside 1..2"),
+    ("lengths shape", {"inputs": [_t("ids", "INT64", [2, 1], int64_contents=[1, 2]),
+                                  _t("lengths", "INT64", [1], int64_contents=[1])]},
+     "lengths must have shape [2] (one per ids row), got [1]"),
+    ("unknown output", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]},
+     "unknown output 'logits': this model has probs, top_ids, top_chars, top_probs"),
+    ("output twice", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")] * 2},
+     "output 'probs' is requested twice"),
+    ("raw count", {"raw_input_contents": [b"", b""]},
+     "raw_input_contents has 2 entries for 1 inputs"),
+    ("raw and typed", {"raw_input_contents": [_pack_bytes([b"a"])]},
+     "an input has 'contents' while raw_input_contents is used"),
+]
+
+
+@pytest.mark.parametrize("case, fields, message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_are_invalid_argument(stub, info, case: str, fields: dict[str, Any], message: str) -> None:
+    req = _request(info, [_text_input(["hello"])])
+    for name, value in fields.items():
+        req.ClearField(name)
+        if isinstance(value, list):
+            getattr(req, name).extend(value)
+        else:
+            setattr(req, name, value)
+    code, details = _code(stub.ModelInfer, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert message in details
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\x05\x00\x00\x00ab", "raw BYTES element 0 claims 5 bytes but only 2 remain"),
+    (b"\x01\x00", "raw BYTES content is truncated at byte 0"),
+])
+def test_malformed_raw_bytes(stub, info, raw: bytes, message: str) -> None:
+    req = _request(info, [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])])
+    req.raw_input_contents.append(raw)
+    code, details = _code(stub.ModelInfer, req)
+    assert (code, message in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
+
+
+def test_raw_int64_must_be_whole_elements(stub, info) -> None:
+    req = _request(info, [pb.ModelInferRequest.InferInputTensor(name="ids", datatype="INT64", shape=[1, 1])],
+                   raw_input_contents=[b"\x01\x00\x00"])
+    code, details = _code(stub.ModelInfer, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw content of 3 bytes is not a whole number of INT64 elements" in details
+
+
+@pytest.mark.parametrize("set_param, message", [
+    (lambda p: setattr(p, "int64_param", 10_000), "top_k must be between 1 and"),
+    (lambda p: setattr(p, "int64_param", -1), "top_k must be between 1 and"),
+    (lambda p: setattr(p, "string_param", "3"), "parameter top_k must be an integer (int64_param), got string_param"),
+])
+def test_bad_top_k(stub, info, set_param: Any, message: str) -> None:
+    req = _request(info, [_text_input(["hello"])])
+    set_param(req.parameters["top_k"])
+    code, details = _code(stub.ModelInfer, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+
+
+def test_unknown_model_or_version_on_infer_is_not_found(stub, info) -> None:
+    req = _request(info, [_text_input(["hello"])])
+    req.model_name = "other"
+    assert _code(stub.ModelInfer, req)[0] == grpc.StatusCode.NOT_FOUND
+    req.model_name, req.model_version = info.name, "v-does-not-exist"
+    assert _code(stub.ModelInfer, req)[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_too_many_texts_uses_the_shared_limit(start_server, tiny_artifact) -> None:
+    st = start_server(model=tiny_artifact, backend="onnx", max_texts_per_request=2)
+    with grpc.insecure_channel(st.address) as channel, NextCharClient(st.address) as c:
+        name = c.model_info().name
+        req = pb.ModelInferRequest(model_name=name, inputs=[_text_input(["a", "b", "c"])])
+        code, details = _code(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "too many texts: 3 > max_texts_per_request 2; split the request"
+
+
+# -- the real Triton client -------------------------------------------------------------------
+
+
+def _triton_python() -> Path:
+    """.venv-triton's python, built on demand by the Makefile target if it is missing."""
+    venv = Path(os.environ.get("NEXTCHAR_TRITON_VENV", REPO / ".venv-triton"))
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").is_file():
+        proc = subprocess.run(["make", "-C", str(REPO), "triton-venv", f"TRITON_VENV={venv}"],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"could not build {venv} (needs PyPI): {proc.stderr[-2000:]}")
+    return python
+
+
+def test_tritonclient_against_nextchar(tiny_server, info, tmp_path: Path) -> None:
+    python = _triton_python()
+    top_k = 3
+    with NextCharClient(tiny_server.address) as c:
+        preds = c.predict(TEXTS, top_k=top_k)
+    expected = {
+        "model": info.name, "version": info.version, "server_version": __version__,
+        "vocab": list(info.vocab), "top_k": top_k, "texts": TEXTS,
+        "predictions": [[{"id": cp.id, "char": cp.char, "prob": cp.prob} for cp in p.top]
+                        for p in preds],
+    }
+    expect = tmp_path / "expected.json"
+    expect.write_text(json.dumps(expected), encoding="utf-8")
+    script = REPO / "tests" / "compat" / "triton_client_check.py"
+    proc = subprocess.run([str(python), str(script), "--url", tiny_server.address,
+                           "--expect", str(expect)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "14 checks passed" in proc.stdout, proc.stdout
+    print(proc.stdout.strip(), file=sys.stderr)
