@@ -98,6 +98,7 @@ class Batcher:
         max_batch_delay_ms: float = 0.0,
         max_queue_texts: int = 8192,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch_start: Callable[[list[float]], None] | None = None,
     ) -> None:
         self.backend = backend
         self.batching = batching
@@ -106,6 +107,7 @@ class Batcher:
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_texts = max_queue_texts
         self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
+        self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
         self.executor = backend.make_executor()
         self._pending: deque[Item] = deque()
@@ -265,6 +267,8 @@ class Batcher:
             if it.state is not None:
                 state[:, row, :] = it.state
         positions = any(it.positions for it in items)
+        if self.on_batch_start is not None:
+            self.on_batch_start([it.enqueued_at for it in items])
         started = time.perf_counter()
         out = self.backend.run(ids, lengths, state, positions=positions)
         compute_s = time.perf_counter() - started

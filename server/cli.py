@@ -10,15 +10,20 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
 from .artifact import ArtifactError
 from .backends import DeviceUnavailable
+from .logging_setup import configure_logging
+from .security import SecurityConfigError
 from .settings import ServerSettings
 
 log = logging.getLogger("nextchar.server")
+
+# Secrets are read from the environment only: a flag would show them in `ps` and shell history.
+ENV_ONLY = {"auth_tokens"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # unset flags leave env/default values alone
     )
     for name, field in ServerSettings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} [env NEXTCHAR_{name.upper()}, default {field.default}]"
-        choices = get_args(field.annotation) or None
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -49,19 +56,31 @@ async def _serve(settings: ServerSettings) -> None:
 
     server = NextCharServer(settings)
     loop = asyncio.get_running_loop()
+    starting = loop.create_task(server.start())
     stopping: list[asyncio.Task[None]] = []
 
+    async def drain(grace_s: float | None, prestop_s: float | None) -> None:
+        await asyncio.wait([starting])  # a signal during start-up drains what started
+        await server.stop(grace_s, prestop_s)
+
     def on_signal(sig: signal.Signals) -> None:
-        if stopping:
+        if stopping:  # a second signal: stop now, cancelling what still runs
+            log.warning("%s again: stopping now", sig.name)
+            stopping.append(loop.create_task(server.stop_now()))
             return
-        log.info("%s: draining (grace %.1fs)", sig.name, settings.grace_s)
-        stopping.append(loop.create_task(server.stop()))
+        log.info("%s: draining (pre-stop %.1fs, grace %.1fs)", sig.name, settings.prestop_s,
+                 settings.grace_s)
+        stopping.append(loop.create_task(drain(None, None)))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    port = await server.start()
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload, "SIGHUP")
+    port = await starting
     print(f"nextchar serving on {settings.host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"nextchar metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
     await server.wait()
+    await asyncio.gather(*stopping)
 
 
 def main(argv: list[str]) -> int:
@@ -71,13 +90,10 @@ def main(argv: list[str]) -> int:
         err = e.errors()[0]
         print(f"nextchar serve: invalid {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(_serve(settings))
-    except (ArtifactError, DeviceUnavailable, OSError) as e:
+    except (ArtifactError, DeviceUnavailable, SecurityConfigError, OSError) as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

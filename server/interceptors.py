@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .errors import ServingError
+from .security import bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -99,4 +100,58 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        return handler
+
+
+def _reject_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers every call with `code`."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kind = (bool(handler.request_streaming), bool(handler.response_streaming))
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return factory(
+        streaming if handler.response_streaming else unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer tokens (security.py): a call without an accepted token is answered UNAUTHENTICATED.
+
+    `is_open(method)` names the methods answered without a token (health, reflection: settings).
+    """
+
+    def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool]) -> None:
+        self.accepts = accepts
+        self.is_open = is_open
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or self.is_open(details.method):
+            return handler
+        token = bearer_token(details.invocation_metadata)
+        if token is None:
+            return _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing bearer token: send metadata 'authorization: Bearer "
+                                   "<token>' (nextchar --token or NEXTCHAR_TOKEN)")
+        if not self.accepts(token):
+            log.info("rejected a call to %s: token not accepted", details.method)
+            return _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                   "bearer token not accepted")
         return handler

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import MODEL_FILES, Artifact, load_artifact, sha256_file
+from .artifact import Artifact, load_artifact, sha256_file
 from .backends import Backend, create_backend
 from .errors import ArtifactError, FailedPrecondition
 from .generator import Generator
@@ -149,11 +149,12 @@ async def run_probe(model: LoadedModel) -> np.ndarray:
     return np.asarray(out.logits, dtype=np.float32)
 
 
-def same_weights(a: Artifact, b: Artifact, backend: str) -> bool:
-    """Same model config, vocabulary and model file: the answers must be equal."""
-    name = MODEL_FILES[backend]
-    return (a.model_config == b.model_config and a.vocab == b.vocab
-            and a.manifest["files"][name].get("sha256") == b.manifest["files"][name].get("sha256"))
+def same_weights(a: Artifact, b: Artifact) -> bool:
+    """Same model config, vocabulary and model files (by sha256): the answers must be equal."""
+    def sums(x: Artifact) -> dict[str, object]:
+        return {name: entry.get("sha256") for name, entry in x.manifest["files"].items()}
+
+    return a.model_config == b.model_config and a.vocab == b.vocab and sums(a) == sums(b)
 
 
 class Reloader:
@@ -259,7 +260,7 @@ class Reloader:
         model.probe_logits = await run_probe(model)
         if served is None or served.probe_logits is None:
             return
-        if same_weights(model.artifact, served.artifact, self.settings.backend):
+        if same_weights(model.artifact, served.artifact):
             diff = float(np.max(np.abs(model.probe_logits - served.probe_logits)))
             if diff > PARITY_ATOL:
                 raise ReloadFailed(f"parity: same weights as the served version but probe logits "

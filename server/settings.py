@@ -67,6 +67,9 @@ class ServerSettings(BaseSettings):
     step_batching: bool = Field(
         True, description="Advance all Generate streams in one model call per step (off: one call per stream per step)."
     )
+    generate_flush_ms: float = Field(
+        20.0, ge=0, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
+    )
 
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
     warmup: bool = Field(True, description="Run the model once before reporting SERVING.")

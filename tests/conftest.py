@@ -132,3 +132,65 @@ def client(tiny_server: ServerThread) -> Iterator[Any]:
 def serving(**settings: Any) -> Iterator[ServerThread]:
     with ServerThread(**settings) as st:
         yield st
+
+
+class ServerProcess:
+    """`nextchar serve` as a subprocess in its own session, started with `--port 0`.
+
+    stderr goes to a file (`log()`), so a chatty server never blocks on a full pipe; `address`
+    is read from the "nextchar serving on HOST:PORT" line printed once SERVING.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nextchar", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("nextchar serving on "):
+            self.close()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
+        self.address = line.rsplit(" ", 1)[1].strip()
+        self.metrics_url: str | None = None
+        if any(a.startswith("--metrics-port") for a in args):
+            self.metrics_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def rss_kib(self) -> int:
+        """The server's resident set size (VmRSS), KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """server_process(args, env=None) -> a started ServerProcess, killed after the test if alive."""
+    started: list[ServerProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        sp = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env)
+        started.append(sp)
+        return sp
+
+    yield start
+    for sp in started:
+        sp.close()

@@ -1,0 +1,148 @@
+"""TLS, mutual TLS and bearer-token auth, configured from ServerSettings.
+
+    # TLS; clients verify the server with the CA that signed server.pem
+    nextchar serve --tls-cert server.pem --tls-key server.key
+    # mTLS: clients must present a certificate signed by clients-ca.pem
+    nextchar serve --tls-cert server.pem --tls-key server.key \
+        --tls-client-ca clients-ca.pem --tls-require-client-cert
+    # tokens: every call (health excepted by default) needs `authorization: Bearer <token>`
+    NEXTCHAR_AUTH_TOKENS=tok1,tok2 nextchar serve      # or --auth-tokens-file tokens.txt
+
+A misconfiguration (missing file, key without certificate, no tokens in the file) stops the
+server at start with one line naming the setting; it never falls back to plaintext or to open.
+Tokens are compared in constant time through their sha256 and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/",
+                       "/grpc.reflection.v1.ServerReflection/")
+
+
+class SecurityConfigError(Exception):
+    """TLS or auth settings that cannot work; raised at start-up, shown as one line."""
+
+
+def _read_pem(path: Path, setting: str, marker: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SecurityConfigError(f"{setting} {path}: cannot read ({e.strerror})") from e
+    if f"-----BEGIN {marker}".encode() not in data:
+        raise SecurityConfigError(f"{setting} {path}: no PEM '{marker}' block in the file")
+    return data
+
+
+def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings; None when TLS is off (no --tls-cert)."""
+    if s.tls_cert is None:
+        if s.tls_key or s.tls_client_ca or s.tls_require_client_cert:
+            raise SecurityConfigError(
+                "--tls-key/--tls-client-ca/--tls-require-client-cert need --tls-cert as well")
+        return None
+    if s.tls_key is None:
+        raise SecurityConfigError("--tls-cert needs --tls-key (the certificate's private key)")
+    if s.tls_require_client_cert and s.tls_client_ca is None:
+        raise SecurityConfigError(
+            "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)")
+    cert = _read_pem(s.tls_cert, "--tls-cert", "CERTIFICATE")
+    key = _read_pem(s.tls_key, "--tls-key", "")  # RSA, EC or PKCS#8: any BEGIN block
+    client_ca = None
+    if s.tls_client_ca is not None:
+        client_ca = _read_pem(s.tls_client_ca, "--tls-client-ca", "CERTIFICATE")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=s.tls_require_client_cert
+    )
+
+
+class TokenSet:
+    """Accepted bearer tokens, kept as sha256 digests and compared in constant time."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def accepts(self, token: str) -> bool:
+        digest = hashlib.sha256(token.encode()).digest()
+        found = False
+        for d in self._digests:  # no early exit: time does not depend on which token matched
+            found |= hmac.compare_digest(d, digest)
+        return found
+
+
+def load_tokens(s: ServerSettings) -> TokenSet | None:
+    """Tokens from --auth-tokens-file and NEXTCHAR_AUTH_TOKENS; None when auth is off."""
+    tokens = [t.strip() for t in s.auth_tokens.split(",") if t.strip()]
+    if s.auth_tokens_file is not None:
+        try:
+            lines = s.auth_tokens_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: cannot read "
+                                      f"({e})") from e
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not from_file:
+            raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: no tokens in it "
+                                      f"(one per line; '#' starts a comment)")
+        tokens += from_file
+    if not tokens:
+        return None
+    if any(len(t) < 16 or not t.isascii() or not t.isprintable() or " " in t for t in tokens):
+        raise SecurityConfigError("auth tokens must be printable ASCII without spaces, at least "
+                                  "16 characters (e.g. `openssl rand -hex 32`)")
+    return TokenSet(tokens)
+
+
+def open_method(method: str, s: ServerSettings) -> bool:
+    """Whether a method is answered without a token while auth is on."""
+    if method.startswith(HEALTH_PREFIX):
+        return s.auth_open_health
+    if method.startswith(REFLECTION_PREFIXES):
+        return s.auth_open_reflection
+    return False
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == AUTH_HEADER and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(s: ServerSettings, tls: bool, tokens: TokenSet | None) -> None:
+    """Start-up warnings for settings that are legal but probably not meant."""
+    if _is_loopback(s.host):
+        return
+    if tokens is None:
+        log.warning("listening on %s without auth: anyone who reaches the port may call every "
+                    "RPC, Admin.ReloadModel included (set --auth-tokens-file)", s.host)
+    elif not tls:
+        log.warning("bearer tokens over plaintext on %s: anyone on the path can read them "
+                    "(set --tls-cert/--tls-key)", s.host)

@@ -1,0 +1,219 @@
+"""Per-call bookkeeping in one outer interceptor: request id, drain gate, in-flight calls, metrics.
+
+For every RPC except health and reflection:
+- the request id (the caller's `x-request-id` or a fresh one) is set for the call's logs and
+  echoed in its trailing metadata, on success and on error alike;
+- once the server drains, the call is refused with UNAVAILABLE before any work is done;
+- an accepted call is tracked until it finishes: `stop()` waits for accepted calls, and a hot
+  reload retires the old model only after every call that started before the swap finished;
+- its status code and duration go to the metrics and to the access log (DEBUG; errors that are
+  the server's fault are logged at ERROR by the error-mapping interceptor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .logging_setup import REQUEST_ID_HEADER, request_id_from, request_id_var
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("nextchar.server.access")
+
+# Always answered, never counted or refused: probes must see NOT_SERVING while draining.
+UNTRACKED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+DRAINING_MESSAGE = "server is shutting down and takes no new work; retry on another replica"
+
+
+class CallTracker:
+    """Accepted calls by sequence number, so a waiter can ask for 'all calls begun before N'."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._active: set[int] = set()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._active)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next accepted call gets."""
+        return self._next
+
+    def begin(self) -> int:
+        seq = self._next
+        self._next += 1
+        self._active.add(seq)
+        return seq
+
+    def end(self, seq: int) -> None:
+        self._active.discard(seq)
+        if self._waiters:
+            keep = []
+            for done, fut in self._waiters:
+                if fut.done():
+                    continue
+                if done():
+                    fut.set_result(None)
+                else:
+                    keep.append((done, fut))
+            self._waiters = keep
+
+    async def _wait(self, done: Callable[[], bool], timeout_s: float | None) -> bool:
+        if done():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((done, fut))
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return done()
+
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """True once no accepted call is running; False if timeout_s passed first."""
+        return await self._wait(lambda: not self._active, timeout_s)
+
+    async def wait_begun_before(self, seq: int, timeout_s: float | None = None) -> bool:
+        """True once every call with a sequence number < seq finished."""
+        return await self._wait(lambda: not any(s < seq for s in self._active), timeout_s)
+
+
+class DrainGate:
+    """closed: new calls are refused. streams_must_end: open streams end at their next message."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.streams_must_end = False
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)  # cygrpc may report a bare int on some versions
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    """The outermost interceptor, so auth failures and mapped errors are counted too."""
+
+    def __init__(self, tracker: CallTracker, gate: DrainGate, metrics: Metrics | None) -> None:
+        self.tracker = tracker
+        self.gate = gate
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(UNTRACKED_PREFIXES):
+            return handler
+        supplied = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER)
+        request_id = request_id_from(supplied)
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream or handler.stream_stream
+            behavior: Any = self._wrap_stream(inner_stream, method, request_id)
+        else:
+            inner_unary = handler.unary_unary or handler.stream_unary
+            behavior = self._wrap_unary(inner_unary, method, request_id)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        return factory(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, context: grpc.aio.ServicerContext, method: str, request_id: str) -> int:
+        """Sets the call's request id; refuses it while draining; else tracks it."""
+        request_id_var.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        if self.gate.closed:
+            self._finish(method, "UNAVAILABLE", 0.0)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
+        return self.tracker.begin()
+
+    def _exit(self, seq: int, method: str, code: str, started: float) -> None:
+        # Counted before the in-flight gauge drops: a scrape seeing 0 in flight sees every count.
+        self._finish(method, code, time.perf_counter() - started)
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+        self.tracker.end(seq)
+
+    def _finish(self, method: str, code: str, duration_s: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(method.lstrip("/"), code, duration_s)
+        if access_log.isEnabledFor(logging.DEBUG):
+            access_log.debug("%s %s %.1f ms", method.rsplit("/", 1)[-1], code, duration_s * 1e3,
+                             extra={"method": method, "code": code,
+                                    "duration_ms": round(duration_s * 1e3, 3)})
+
+    def _wrap_unary(self, inner: Any, method: str, request_id: str) -> Any:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            seq = await self._enter(context, method, request_id)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                code = _code_of(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                self._exit(seq, method, code, started)
+
+        return behavior
+
+    def _wrap_stream(self, inner: Any, method: str, request_id: str) -> Any:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            seq = await self._enter(context, method, request_id)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                async for response in inner(request, context):
+                    yield response
+                    if self.gate.streams_must_end:
+                        code = "UNAVAILABLE"
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "server is shutting down: stream ended early; resume from the last "
+                            "state on another replica",
+                        )
+            except grpc.aio.AbortError:
+                code = _code_of(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                self._exit(seq, method, code, started)
+
+        return behavior

@@ -1,0 +1,180 @@
+"""Graceful drain: SIGTERM/SIGINT on a real `nextchar serve` under load, and stop() in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nextchar.client import NextCharClient, NextCharError
+from nextchar.server.telemetry import DRAINING_MESSAGE
+from nextchar.v1 import nextchar_pb2 as pb
+from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
+
+# Slow enough that several are in the model when the signal arrives.
+HEAVY = [("To be, or not to be, that is the question. " * 4)[:160]] * 48
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    code: str
+    details: str = ""
+
+
+@dataclass
+class Load:
+    """Threads sending Predict back to back until stopped; each outcome has its send time."""
+
+    address: str
+    threads: int = 4
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._threads = [threading.Thread(target=self._run) for _ in range(self.threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        with NextCharClient(self.address, timeout_s=60) as c:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    c.predict(HEAVY, top_k=3)
+                    self.outcomes.append(Outcome(sent, "OK"))
+                except NextCharError as e:
+                    self.outcomes.append(Outcome(sent, e.code.name, e.details))
+                    time.sleep(0.01)  # the server is going away: do not spin
+
+    def ok(self) -> int:
+        return sum(o.code == "OK" for o in self.outcomes)
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def _eventually(check, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def _health(c: NextCharClient) -> str:
+    try:
+        return c.health(timeout_s=2)
+    except NextCharError as e:
+        return e.code.name
+
+
+def test_sigterm_under_load_fails_no_accepted_request(server_process, tiny_artifact: Path) -> None:
+    prestop_s, grace_s = 2.0, 20.0
+    sp = server_process(["--model", str(tiny_artifact), "--prestop-s", str(prestop_s),
+                         "--grace-s", str(grace_s), "--max-chars-per-text", "100000"])
+    # A stream in flight across the signal, read slowly so it is still running at the drain.
+    stream_channel = grpc.insecure_channel(sp.address, options=SMALL_WINDOW)
+    stream = pb_grpc.NextCharStub(stream_channel).Generate(
+        pb.GenerateRequest(prompt="hello", max_chars=5_000, seed=1), timeout=120)
+    first = next(stream)
+    load = Load(sp.address)
+    try:
+        _eventually(lambda: load.ok() >= 20, "20 answers before the signal")
+        with NextCharClient(sp.address, timeout_s=10) as probe:
+            signalled_at = time.monotonic()
+            sp.proc.send_signal(signal.SIGTERM)
+            _eventually(lambda: _health(probe) == "NOT_SERVING", "health NOT_SERVING", prestop_s)
+            # Still inside the pre-stop wait: work is still accepted.
+            assert len(probe.predict(["abc"])) == 1
+        *_, last = stream  # the stream finishes within grace, cleanly
+        assert sp.proc.wait(prestop_s + grace_s + 15) == 0
+    finally:
+        load.join()
+        stream_channel.close()
+    assert len(first.text) + len(last.text) > 0
+    assert last.stop_reason == pb.STOP_REASON_MAX_CHARS
+    before = [o for o in load.outcomes if o.sent_at < signalled_at]
+    after = [o for o in load.outcomes if o.sent_at >= signalled_at]
+    assert len(before) >= 20 and {o.code for o in before} == {"OK"}
+    assert {o.code for o in after} <= {"OK", "UNAVAILABLE"}, [o for o in after if o.code != "OK"]
+    assert any(o.code == "OK" for o in after)  # the pre-stop wait kept serving
+    log = sp.log()
+    assert "SIGTERM: draining" in log and "all finished" in log
+
+
+def test_sigint_drains_and_exits_zero_with_json_logs(server_process, tiny_artifact: Path) -> None:
+    sp = server_process(["--model", str(tiny_artifact), "--log-format", "json"])
+    with NextCharClient(sp.address) as c:
+        c.predict(["abc"])
+    sp.proc.send_signal(signal.SIGINT)
+    assert sp.proc.wait(30) == 0
+    lines = [json.loads(line) for line in sp.log().splitlines()]  # every line is one object
+    messages = [line["msg"] for line in lines]
+    assert any(m.startswith("SIGINT: draining") for m in messages)
+    assert any(m.startswith("stopped: ") for m in messages)
+    assert {"ts", "level", "logger", "msg"} <= set(lines[0])
+
+
+def test_a_stream_longer_than_grace_ends_with_unavailable(server_process, tiny_artifact) -> None:
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "1",
+                         "--max-chars-per-text", "100000000"])
+    with NextCharClient(sp.address, timeout_s=120) as c:
+        chunks = c.generate("hello", max_chars=100_000_000, seed=1)
+        next(chunks)
+        sp.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(NextCharError) as e:
+            for _ in chunks:
+                pass
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "stream ended early" in e.value.details
+    assert sp.proc.wait(30) == 0
+    assert "grace exceeded" in sp.log()
+
+
+def test_a_second_signal_stops_at_once(server_process, tiny_artifact: Path) -> None:
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "600",
+                         "--max-chars-per-text", "100000000"])
+    with NextCharClient(sp.address, timeout_s=120) as c:
+        chunks = c.generate("hello", max_chars=100_000_000, seed=1)
+        next(chunks)
+        sp.proc.send_signal(signal.SIGTERM)
+        _eventually(lambda: "SIGTERM: draining" in sp.log(), "the first signal handled")
+        sp.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(NextCharError) as e:
+            for _ in chunks:
+                pass
+        assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert sp.proc.wait(30) == 0  # far less than the 600 s grace
+    assert "SIGTERM again: stopping now" in sp.log()
+
+
+def test_stop_refuses_new_work_while_accepted_work_finishes(start_server, tiny_artifact) -> None:
+    st = start_server(model=tiny_artifact, max_chars_per_text=100_000)
+    with grpc.insecure_channel(st.address, options=SMALL_WINDOW) as ch, \
+            NextCharClient(st.address) as c:
+        stream = pb_grpc.NextCharStub(ch).Generate(
+            pb.GenerateRequest(prompt="hello", max_chars=5_000, seed=2), timeout=120)
+        next(stream)
+        stopping = asyncio.run_coroutine_threadsafe(st.server.stop(grace_s=60), st.loop)
+        _eventually(lambda: st.server.gate.closed, "the gate closed")
+        assert _health(c) == "NOT_SERVING"
+        with pytest.raises(NextCharError) as e:
+            c.predict(["abc"])
+        assert (e.value.code, e.value.details) == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        with pytest.raises(NextCharError) as e:
+            c.reload_model()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert not stopping.done()  # waiting for the stream
+        *_, last = stream
+        assert last.stop_reason == pb.STOP_REASON_MAX_CHARS
+        stopping.result(60)

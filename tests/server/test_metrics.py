@@ -1,0 +1,168 @@
+"""Metrics (one registry per server), request ids in trailing metadata, JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nextchar.server.logging_setup import JsonFormatter, RequestIdFilter, request_id_var
+from nextchar.v1 import nextchar_pb2 as pb
+from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
+
+PREDICT = "nextchar.v1.NextChar/Predict"
+
+
+def scrape(port: int, settled: bool = True) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} from a live /metrics endpoint; settled: once no
+    call is in flight (a call's status reaches the client a moment before the server counts it)."""
+    deadline = time.monotonic() + 30 if settled else 0.0
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+        if samples[("nextchar_in_flight_requests", ())] == 0 or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
+def value(samples: dict, sample: str, **labels: str) -> float:
+    return samples.get((sample, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_batches_and_model(start_server, tiny_artifact: Path) -> None:
+    st = start_server(model=tiny_artifact, metrics_port=0)
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.NextCharStub(ch)
+        stub.Predict(pb.PredictRequest(texts=["hello", "wor"]))
+        stub.Predict(pb.PredictRequest(texts=["abc"]))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Predict(pb.PredictRequest(texts=["h\u00e9"]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.GetModelInfo(pb.GetModelInfoRequest())
+    m = scrape(st.server.metrics_port)
+    assert value(m, "nextchar_requests_total", method=PREDICT, code="OK") == 2
+    assert value(m, "nextchar_requests_total", method=PREDICT, code="INVALID_ARGUMENT") == 1
+    assert value(m, "nextchar_requests_total", method="nextchar.v1.NextChar/GetModelInfo",
+                 code="OK") == 1
+    assert value(m, "nextchar_request_duration_seconds_count", method=PREDICT) == 3
+    # 3 valid texts were computed: each waited in the queue once, in 1 or 2 model calls.
+    assert value(m, "nextchar_queue_wait_seconds_count") == 3
+    assert value(m, "nextchar_batch_size_texts_sum") == 3
+    batches = value(m, "nextchar_batch_size_texts_count")
+    assert batches in (2, 3)
+    assert value(m, "nextchar_compute_seconds_count") == batches
+    assert value(m, "nextchar_in_flight_requests") == 0
+    assert value(m, "nextchar_queue_depth_texts") == 0
+    assert value(m, "nextchar_active_streams") == 0
+    assert value(m, "nextchar_draining") == 0
+    assert value(m, "nextchar_model_reloads_total", result="failure") == 0
+    a = st.server.predictor.artifact
+    assert value(m, "nextchar_model_info", backend="onnx", device="cpu", name=a.name,
+                 sha256=a.sha256, version=a.version) == 1
+
+
+def test_each_server_has_its_own_registry(start_server, tiny_artifact: Path) -> None:
+    one = start_server(model=tiny_artifact, metrics_port=0)
+    two = start_server(model=tiny_artifact, metrics_port=0)
+    with grpc.insecure_channel(one.address) as ch:
+        pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["abc"]))
+    assert value(scrape(one.server.metrics_port), "nextchar_requests_total", method=PREDICT,
+                 code="OK") == 1
+    assert value(scrape(two.server.metrics_port), "nextchar_requests_total", method=PREDICT,
+                 code="OK") == 0
+
+
+def test_active_streams_gauge_follows_generate(start_server, tiny_artifact: Path) -> None:
+    # Longer than the HTTP/2 window: the server cannot finish while the client reads nothing.
+    st = start_server(model=tiny_artifact, metrics_port=0, max_chars_per_text=1_000_000)
+    with grpc.insecure_channel(st.address) as ch:
+        stream = pb_grpc.NextCharStub(ch).Generate(
+            pb.GenerateRequest(prompt="hello", max_chars=1_000_000, seed=1))
+        next(stream)  # the stream is open on the server now
+        m = scrape(st.server.metrics_port, settled=False)
+        assert value(m, "nextchar_active_streams") == 1
+        assert value(m, "nextchar_in_flight_requests") == 1
+        stream.cancel()
+    deadline = time.monotonic() + 30
+    while value(scrape(st.server.metrics_port, settled=False), "nextchar_active_streams") != 0:
+        assert time.monotonic() < deadline, "the cancelled stream was never released"
+        time.sleep(0.05)
+    m = scrape(st.server.metrics_port)
+    assert value(m, "nextchar_requests_total", method="nextchar.v1.NextChar/Generate",
+                 code="CANCELLED") == 1
+
+
+def test_request_id_is_echoed_on_success_and_error(tiny_server) -> None:
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        stub = pb_grpc.NextCharStub(ch)
+        _, call = stub.Predict.with_call(pb.PredictRequest(texts=["abc"]),
+                                         metadata=[("x-request-id", "job-7/line-12")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "job-7/line-12"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Predict(pb.PredictRequest(texts=[""]), metadata=[("x-request-id", "bad-1")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(e.value.trailing_metadata())["x-request-id"] == "bad-1"
+        # None given, or one that could forge log structure: the server makes one up.
+        _, call = stub.Predict.with_call(pb.PredictRequest(texts=["abc"]))
+        generated = dict(call.trailing_metadata())["x-request-id"]
+        assert len(generated) == 32 and int(generated, 16) >= 0
+        _, call = stub.Predict.with_call(pb.PredictRequest(texts=["abc"]),
+                                         metadata=[("x-request-id", "has space")])
+        assert dict(call.trailing_metadata())["x-request-id"] not in ("has space", generated)
+
+
+def test_access_log_is_json_with_the_request_id(tiny_server) -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("nextchar.server.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.DEBUG)
+    try:
+        with grpc.insecure_channel(tiny_server.address) as ch:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["\u00e9"]),
+                                                 metadata=[("x-request-id", "req-42")])
+        deadline = time.monotonic() + 30
+        while not out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the line is written just after the status went out
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert line["request_id"] == "req-42"
+    assert line["code"] == "INVALID_ARGUMENT"
+    assert line["method"] == "/" + PREDICT
+    assert line["level"] == "DEBUG" and line["logger"] == "nextchar.server.access"
+    assert isinstance(line["duration_ms"], float)
+
+
+def test_json_formatter_keeps_extras_and_tracebacks() -> None:
+    formatter = JsonFormatter()
+    token = request_id_var.set("r-1")
+    try:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), None)
+        RequestIdFilter().filter(record)
+        record.code = "INTERNAL"
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            import sys
+
+            record.exc_info = sys.exc_info()
+        line = json.loads(formatter.format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["msg"] == "failed here" and line["request_id"] == "r-1"
+    assert line["code"] == "INTERNAL" and "ValueError: boom" in line["exc"]
+    assert line["ts"].endswith("Z")
