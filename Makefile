@@ -52,6 +52,7 @@ thin-venvs: .venv-client/.installed .venv-serve/.installed
 
 test: setup thin-venvs triton-venv
 	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench
+	$(BIN)/mypy
 	NEXTCHAR_CLIENT_VENV=$(CURDIR)/.venv-client NEXTCHAR_SERVE_VENV=$(CURDIR)/.venv-serve \
 	  $(BIN)/python -m pytest -q -ra
 

@@ -88,10 +88,11 @@ def _resolve(server: str) -> tuple[str, list[str]]:
         infos = socket.getaddrinfo(host, int(port or 443), proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as e:
         raise NextCharError(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {server}: {e}") from e
-    v4 = [f"{i[4][0]}:{i[4][1]}" for i in infos if i[0] == socket.AF_INET]
+    # sockaddr[0] is the host as a str for AF_INET/AF_INET6 (typeshed allows bytes in general).
+    v4 = [f"{i[4][0]}:{i[4][1]}" for i in infos if i[0] == socket.AF_INET]  # type: ignore[str-bytes-safe]
     if v4:
         return "ipv4", v4
-    return "ipv6", [f"[{i[4][0]}]:{i[4][1]}" for i in infos if i[0] == socket.AF_INET6]
+    return "ipv6", [f"[{i[4][0]}]:{i[4][1]}" for i in infos if i[0] == socket.AF_INET6]  # type: ignore[str-bytes-safe]
 
 
 def _read(path: str | Path, what: str) -> bytes:
@@ -167,7 +168,7 @@ class NextCharClient:
         """tls_server_name: the name to verify in the server's certificate when it differs from
         the address (e.g. an IP address, or several replicas behind one certificate)."""
         self.timeout_s = timeout_s
-        service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
+        service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

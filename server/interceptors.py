@@ -65,8 +65,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        # grpc-stubs types handlers for the sync server; under grpc.aio they are coroutines.
         if handler.unary_unary is not None:
-            unary = handler.unary_unary
+            unary: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await _reject_undecodable(context, request)
@@ -83,7 +84,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            stream = handler.unary_stream
+            stream: Any = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 await _reject_undecodable(context, request)
