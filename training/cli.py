@@ -18,7 +18,6 @@ from dataclasses import fields
 from .errors import TrainingError
 
 
-
 def _train_defaults() -> dict:
     from .train import TrainConfig
 
@@ -91,6 +90,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train, train_hello
 
     if args.preset == "hello":
+        if args.corpus or args.resume:
+            raise TrainingError("--preset hello trains on 'hello' alone: drop --corpus/--resume")
         result = train_hello(args.out or "runs/hello", quiet=args.quiet)
         return 0 if result["all_ohlol"] else 1
     config = TrainConfig(

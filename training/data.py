@@ -302,8 +302,9 @@ def split_corpus(docs: Sequence[Document], val_fraction: float = 0.1) -> Split:
     train, val = [], []
     for d in docs:
         cut = len(d.text) if val_fraction == 0 else int(len(d.text) * (1.0 - val_fraction))
-        newline = d.text.find("\n", cut)
-        cut = len(d.text) if newline < 0 else newline + 1
+        if 0 < cut < len(d.text) and d.text[cut - 1] != "\n":
+            newline = d.text.find("\n", cut)
+            cut = len(d.text) if newline < 0 else newline + 1
         train.append(d.text[:cut])
         val.append(d.text[cut:])
     # A blank line separates documents, as within them between scenes.
@@ -399,25 +400,28 @@ class StreamBatches:
 
 
 class RandomWindows:
-    """Independent random windows, each started from a zero state (the plain baseline)."""
+    """Independent random windows, each started from a zero state (the plain baseline). The
+    draw for batch k depends only on (seed, rank, k), so resuming needs just k."""
 
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int, seed: int,
                  rank: int = 0, world: int = 1) -> None:
         if len(ids) < bptt + 2:
             raise CorpusError(f"training text too short ({len(ids)} chars) for windows of {bptt}")
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
-        self.generator = torch.Generator().manual_seed(seed * 1009 + rank)
-        self.epoch = 0
+        self.seed, self.rank, self.batch_index = seed, rank, 0
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.batch_index = state["batch_index"]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.rank * 7_919 + self.batch_index) % (2**63))
+        self.batch_index += 1
         starts = torch.randint(0, len(self.ids) - self.bptt - 1, (self.batch_size,),
-                               generator=self.generator)
+                               generator=generator)
         idx = starts[:, None] + torch.arange(self.bptt + 1)  # (B, T+1)
         chunk = self.ids[idx]
         return chunk[:, :-1], chunk[:, 1:], True

@@ -99,7 +99,11 @@ class CharRNN(nn.Module):
         # The top layer's h after each sequence's own last step is its last real output.
         last_h = state_out[self.num_layers - 1]  # (B, H)
         logits = self.head(last_h)  # (B, V)
-        position_logits = self.head(out)  # (B, T, V)
+        # Past a row's length `out` is zero, but head(0) is the bias: zero those rows, as the
+        # artifact contract promises. ids.size(1) stays dynamic under tracing and ONNX export.
+        steps = torch.arange(ids.size(1), device=ids.device)  # (T,)
+        valid = (steps.unsqueeze(0) < lengths.to(ids.device).unsqueeze(1)).to(out.dtype)  # (B, T)
+        position_logits = self.head(out) * valid.unsqueeze(-1)  # (B, T, V)
         return logits, state_out, position_logits
 
     def forward_train(

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from . import data, hello
 from .checkpoint import FILENAME, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .curves import save_hello_curve, save_run_curve
 from .errors import CheckpointError, TrainingError
 from .model import CharRNN, CharRNNConfig
 
@@ -62,7 +61,7 @@ class TrainConfig:
     batch_size: int = 128  # per process
     bptt: int = 64
     state: str = "carry"  # carry: contiguous streams, state kept | reset: random windows
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -170,6 +169,26 @@ def _corpus(cfg: TrainConfig, d: Dist) -> tuple[str, list[data.Document]]:
     return data.SHAKESPEARE.name, docs if docs is not None else data.load_default_corpus()
 
 
+# What a resumed run takes from the command line; everything else comes from its checkpoint.
+_RESUME_OVERRIDES = ("out", "corpus", "resume", "overwrite", "max_minutes", "max_steps",
+                     "threads", "eval_every", "eval_chars", "progress")
+
+
+def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> TrainConfig:
+    saved = ckpt.get("train_config")
+    if not isinstance(saved, dict) or "preset" in saved:
+        raise CheckpointError(f"{path} is not a language-model run; cannot resume it")
+    known = {f.name for f in fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in known}
+    merged.update({k: getattr(cfg, k) for k in _RESUME_OVERRIDES})
+    if cfg.name:
+        merged["name"] = cfg.name
+    try:
+        return TrainConfig(**merged)
+    except (TypeError, TrainingError) as e:
+        raise CheckpointError(f"{path} holds an unusable training config: {e}") from None
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     return (f"{metrics['steps']} steps, {metrics['train_time_s']:.0f} s: val "
             f"{metrics['val_nats_per_char']:.4f} nats/char "
@@ -202,9 +221,11 @@ def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict
             f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to replace it"
         )
 
+    resumed = load_checkpoint(out) if cfg.resume else None
+    if resumed:
+        cfg = _resumed_config(cfg, resumed, ckpt_path)
     corpus_name, docs = _corpus(cfg, d)
     split = data.split_corpus(docs, cfg.val_fraction)
-    resumed = load_checkpoint(out) if cfg.resume else None
     vocab = resumed["vocab"] if resumed else data.build_vocab(split.train)
     train_ids, train_dropped = data.encode(split.train, vocab)
     val_ids, val_dropped = data.encode(split.val, vocab)
@@ -285,6 +306,8 @@ def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict
             "versions": {"torch": torch.__version__},
         })
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        from .curves import save_run_curve  # matplotlib: only the process that writes needs it
+
         save_run_curve(history, out / "loss.png", f"{name}: {_summary(metrics)}")
 
     def validate(final: bool) -> dict[str, Any]:
@@ -402,11 +425,13 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False) -> dict
         "corpus": {"name": "hello", "text": hello.SOURCE},
         "versions": {"torch": torch.__version__},
     })
+    from .curves import save_hello_curve
+
     save_hello_curve(losses, out / "loss.png")
     all_ohlol = all(m["predicted"] == hello.TARGET for m in models.values())
     if log:
         log("")
-        for key, m in models.items():
+        for _key, m in models.items():
             log(f"{m['title']}: predicts {m['predicted']!r} after {m['epochs']} epochs "
                 f"(seed {m['seed']}), loss {m['loss']:.4f}")
         verdict = ("all three seed models predict 'ohlol' (fixed seeds: the same every run)"

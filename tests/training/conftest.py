@@ -18,7 +18,10 @@ TINY_TEXT = {
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """No test reads or writes the user's ~/.cache/nextchar."""
     monkeypatch.setenv("NEXTCHAR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster and shares the CPU better
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -29,3 +32,14 @@ def tiny_corpus(tmp_path: Path) -> Path:
         (root / name).write_text(text, encoding="utf-8")
     (root / ".hidden").write_text("\x00 never read \x00", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def hello_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The hello preset trained once per session: (run folder, train_hello's result). Tests
+    only read the folder."""
+    from nextchar.training.train import train_hello
+
+    run = tmp_path_factory.mktemp("hello") / "run"
+    return run, train_hello(run, quiet=True)
+

@@ -11,13 +11,6 @@ import pytest
 
 from nextchar.training import cli, hello
 from nextchar.training.checkpoint import load_checkpoint
-from nextchar.training.train import train_hello
-
-
-@pytest.fixture(scope="module")
-def hello_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    run = tmp_path_factory.mktemp("hello") / "run"
-    return run, train_hello(run, quiet=True)
 
 
 def test_all_three_seed_models_predict_ohlol(hello_run: tuple[Path, dict]) -> None:
