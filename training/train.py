@@ -61,7 +61,7 @@ class TrainConfig:
     batch_size: int = 128  # per process
     bptt: int = 64
     state: str = "carry"  # carry: contiguous streams, state kept | reset: random windows
-    lr: float = 5e-3
+    lr: float = 8e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.01
