@@ -91,8 +91,9 @@ test-fast: setup
 demo: setup
 	$(BIN)/python scripts/demo.py --workdir $(DEMO_DIR) --max-minutes $(DEMO_MINUTES)
 
+# The serving benchmark (issue 4), alone on the CPUs; ~8 min. Writes docs/serving_bench.{md,json,png}.
 bench: setup
-	$(BIN)/python -m nextchar.server.bench --out docs
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/serving_bench.py --out docs
 
 # `nextchar batch` over 100k lines: one server, two server processes, --local (docs/benchmarks.md).
 bench-batch: setup
