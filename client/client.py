@@ -31,6 +31,25 @@ from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+# gRPC's own retry policy, for one case only: a call that reaches a server in the instant it
+# shuts down is answered CANCELLED by gRPC core before any handler sees it (grpc/grpc#41785).
+# These calls are idempotent and this client never cancels a unary call itself, so CANCELLED
+# can only be that; gRPC retries it (on another replica when there are several, else it meets
+# the closed port: UNAVAILABLE). Retrying UNAVAILABLE, RESOURCE_EXHAUSTED or deadlines stays
+# the caller's policy (client.batch has one with backoff). A Generate stream is retried only
+# before its first response, which gRPC guarantees.
+_RETRY_CANCELLED = {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["CANCELLED"]}
+SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "nextchar.v1.NextChar", "method": m}
+                 for m in ("Predict", "GetModelInfo", "Generate")]
+        + [{"service": "grpc.health.v1.Health", "method": "Check"}],
+        "retryPolicy": _RETRY_CANCELLED,
+    }],
+}
+
 
 class NextCharError(Exception):
     """A failed call; `code` is the grpc.StatusCode, `details` the server's message."""
@@ -168,12 +187,10 @@ class NextCharClient:
         """tls_server_name: the name to verify in the server's certificate when it differs from
         the address (e.g. an IP address, or several replicas behind one certificate)."""
         self.timeout_s = timeout_s
-        service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.service_config", json.dumps(service_config)),
-            ("grpc.enable_retries", 0),  # retries are the caller's policy (see client.batch)
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             # gRPC's reconnect backoff grows to 120 s by default: a long job would then sit idle
             # for minutes after a restarted server is back.
             ("grpc.max_reconnect_backoff_ms", 5000),
