@@ -149,6 +149,11 @@ class Server:
     address: str = ""
     metrics_port: int = 0
 
+    @property
+    def empty(self) -> bool:
+        """The empty-Predict server: one-character texts of a trivial model (the gRPC ceiling)."""
+        return self.name.startswith("empty Predict")
+
     def start(self, metrics_port: int) -> None:
         self.metrics_port = metrics_port
         cmd = [sys.executable, "-m", "nextchar", "serve", "--port", "0", "--log-level", "WARNING",
@@ -282,6 +287,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 2 s, concurrency 1,64")
+    ap.add_argument("--servers", default="",
+                    help="comma-separated substrings: only the server variants whose name contains "
+                         "one (e.g. 'onnx,'); default all")
+    ap.add_argument("--no-raw", action="store_true", help="skip the GEMM peak and raw-backend runs")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.seconds, args.concurrency = 1, 2.0, "1,64"
@@ -294,15 +303,18 @@ def main() -> int:
     started = datetime.now(timezone.utc)
     print(f"model {m}, {fpc} FLOP/char", flush=True)
 
-    print("GEMM peak ...", flush=True)
-    gemm = run_child("child_gemm_peak", repeats=args.repeats)
-    peak = max(v for k, v in gemm.items() if "^3" in k)
+    gemm: dict[str, float] = {}
+    peak = float("nan")
+    if not args.no_raw:
+        print("GEMM peak ...", flush=True)
+        gemm = run_child("child_gemm_peak", repeats=args.repeats)
+        peak = max(v for k, v in gemm.items() if "^3" in k)
 
     print("raw backends ...", flush=True)
     raw: dict[str, dict[str, float]] = {}
     raw_variants = {"onnx (loop graph)": ("onnx", "loop"), "onnx (standard graph)": ("onnx", "standard"),
                     "torchscript": ("torchscript", "auto")}
-    for name, (backend, graph) in raw_variants.items():
+    for name, (backend, graph) in ({} if args.no_raw else raw_variants).items():
         for batch in (1, 64, JOB_TEXTS):
             raw[f"{name} B={batch}"] = run_child("child_raw_backend", artifact=str(main_art), backend=backend,
                                                  graph=graph, batch=batch, seconds=args.seconds / 2,
@@ -316,21 +328,24 @@ def main() -> int:
         Server("torchscript, batching off", ["--model", str(main_art), "--backend", "torchscript", "--no-batching"]),
         Server("torchscript, batching on", ["--model", str(main_art), "--backend", "torchscript"]),
     ]
+    if args.servers:
+        wanted = [w for w in args.servers.split(",") if w]
+        servers = [s for s in servers if any(w in s.name for w in wanted)]
     results: list[Result] = []
     try:
         for i, s in enumerate(servers):
             s.start(metrics_port=19100 + i + (os.getpid() % 500) * 10)
         plan: list[tuple[Server, str, int, int, int]] = []
         for s in servers:
-            chars = 1 if s is servers[0] else TEXT_CHARS
+            chars = 1 if s.empty else TEXT_CHARS
             for c in concs:
                 plan.append((s, "single", 1, chars, c))
-            if s is not servers[0]:
+            if not s.empty:
                 plan.append((s, "job", JOB_TEXTS, TEXT_CHARS, JOB_CONCURRENCY))
         runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plan))}
         for rep in range(args.repeats):  # interleaved: noise hits every variant alike
             for i, (s, wl, texts, chars, c) in enumerate(plan):
-                alphabet = "ab" if s is servers[0] else VOCAB96[:-1]
+                alphabet = "ab" if s.empty else VOCAB96[:-1]
                 seconds = args.seconds * (3 if wl == "job" else 1)  # few, long requests
                 runs[i].append(measure(s, wl, texts, chars, c, seconds, alphabet))
                 r = runs[i][-1]

@@ -75,6 +75,7 @@ class NextCharServer:
             max_batch_chars=s.max_batch_chars,
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_queue_texts=s.max_queue_texts,
+            parallel_batch_chars=s.parallel_batch_chars,
             on_batch=self.metrics.observe_batch,
             on_batch_start=self.metrics.observe_queue_waits,
         )
@@ -164,9 +165,10 @@ class NextCharServer:
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        log.info("listening on %s:%d (%s); loading %s (%s) on %s", s.host, self.port,
-                 "TLS" if credentials else "plaintext", artifact.path, MODEL_FILES[backend.name],
-                 backend.device)
+        log.info("listening on %s:%d (%s, %s event loop); loading %s (%s) on %s", s.host,
+                 self.port, "TLS" if credentials else "plaintext",
+                 type(asyncio.get_running_loop()).__module__.split(".")[0], artifact.path,
+                 MODEL_FILES[backend.name], backend.device)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         await self.batcher.start(warmup=s.warmup)

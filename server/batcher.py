@@ -6,6 +6,10 @@
 - Greedy by default: when a worker frees up it takes everything queued (up to
   `max_batch_size` texts and `max_batch_chars` padded characters), so low load pays no wait;
   `max_batch_delay_ms` > 0 waits that long to fill a batch.
+- One batch at a time unless there is a lot to do: while a model call runs, another worker
+  starts only once `parallel_batch_chars` characters are queued. Two workers taking turns on a
+  trickle of single texts would each run tiny batches (an RNN step costs nearly the same for 1
+  text as for 8) and take CPU the event loop needs; batch jobs still get every worker.
 - Bounded: more than `max_queue_texts` waiting -> Overloaded (RESOURCE_EXHAUSTED) at once.
 - Deadline-aware: an item whose deadline passed while queued is answered DEADLINE_EXCEEDED
   without compute; an item whose caller went away (future cancelled) is dropped.
@@ -97,6 +101,7 @@ class Batcher:
         max_batch_chars: int = 65536,
         max_batch_delay_ms: float = 0.0,
         max_queue_texts: int = 8192,
+        parallel_batch_chars: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_batch_start: Callable[[list[float]], None] | None = None,
     ) -> None:
@@ -106,11 +111,14 @@ class Batcher:
         self.max_batch_chars = max_batch_chars
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_texts = max_queue_texts
+        self.parallel_batch_chars = parallel_batch_chars
         self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
         self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
         self.executor = backend.make_executor()
         self._pending: deque[Item] = deque()
+        self._pending_chars = 0  # characters in _pending (live or not yet dropped)
+        self._running = 0  # batches handed to workers and not finished
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(backend.workers)
@@ -137,6 +145,7 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._pending_chars = 0
         while self._pending:
             it = self._pending.popleft()
             if not it.future.done():
@@ -161,8 +170,11 @@ class Batcher:
         if not self.batching:
             return await self._run_unbatched(items)
         self._pending.extend(items)
+        self._pending_chars += sum(len(it.ids) for it in items)
         self._wakeup.set()
         try:
+            if len(items) == 1:  # the common single-text call: no gather future to build
+                return [await items[0].future]
             return list(await asyncio.gather(*(it.future for it in items)))
         except BaseException:
             # The caller is gone or one text failed: the siblings need no compute either.
@@ -191,16 +203,24 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._slots.acquire()
+            # A free worker while another runs: wait for a big enough queue, or for the running
+            # batch to finish (_batch_done sets _wakeup), whichever comes first.
+            while self._running and self._pending_chars < self.parallel_batch_chars:
+                self._wakeup.clear()
+                await self._wakeup.wait()
             if self.max_batch_delay_s > 0 and len(self._pending) < self.max_batch_size:
                 await asyncio.sleep(self.max_batch_delay_s)
             batch = self._take(loop.time())
             if not batch:
                 self._slots.release()
                 continue
+            self._running += 1
             fut = loop.run_in_executor(self.executor, self._run_groups, batch, loop)
             fut.add_done_callback(self._batch_done)
 
     def _batch_done(self, fut: asyncio.Future[None]) -> None:
+        self._running -= 1
+        self._wakeup.set()  # a dispatcher holding a worker back may go now
         self._slots.release()
         if not fut.cancelled() and fut.exception() is not None:
             log.error("batch failed", exc_info=fut.exception())
@@ -224,13 +244,14 @@ class Batcher:
         while self._pending and len(taken) < self.max_batch_size:
             it = self._pending[0]
             if not self._drop_dead([it], now):
-                self._pending.popleft()
+                self._pending_chars -= len(self._pending.popleft().ids)
                 continue
             t = max(longest, len(it.ids))
             if taken and t * (len(taken) + 1) > self.max_batch_chars:
                 break
             longest = t
             taken.append(self._pending.popleft())
+            self._pending_chars -= len(it.ids)
         return taken
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
@@ -249,11 +270,11 @@ class Batcher:
             results = self._compute(items)
         except Exception as e:  # a backend failure fails these items, never the server
             log.exception("backend call failed for %d texts", len(items))
-            for it in items:
-                loop.call_soon_threadsafe(_set_exception, it.future, e)
+            loop.call_soon_threadsafe(_fail_all, items, e)
             return
-        for it, res in zip(items, results, strict=True):
-            loop.call_soon_threadsafe(_set_result, it.future, res)
+        # One hand-over per batch, not per text: each call_soon_threadsafe wakes the event loop
+        # through its self-pipe, and the loop is the busiest thread under load.
+        loop.call_soon_threadsafe(_resolve_all, items, results)
 
     def _compute(self, items: list[Item]) -> list[TextResult]:
         b = len(items)
@@ -299,11 +320,13 @@ class Batcher:
         return results
 
 
-def _set_result(fut: asyncio.Future[TextResult], res: TextResult) -> None:
-    if not fut.done():
-        fut.set_result(res)
+def _resolve_all(items: list[Item], results: list[TextResult]) -> None:
+    for it, res in zip(items, results, strict=True):
+        if not it.future.done():  # a caller that went away cancelled its future
+            it.future.set_result(res)
 
 
-def _set_exception(fut: asyncio.Future[TextResult], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+def _fail_all(items: list[Item], exc: BaseException) -> None:
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(exc)

@@ -56,6 +56,11 @@ async def _reject_undecodable(context: grpc.aio.ServicerContext, request: Any) -
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # gRPC asks every interceptor for a handler on every call; the wrapped handler depends
+        # only on the method's registered handler, so it is built once per method.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -64,7 +69,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         # grpc-stubs types handlers for the sync server; under grpc.aio they are coroutines.
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary
@@ -128,6 +140,10 @@ def _reject_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messa
     )
 
 
+MISSING_TOKEN = ("missing bearer token: send metadata 'authorization: Bearer <token>' "
+                 "(nextchar --token or NEXTCHAR_TOKEN)")
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer tokens (security.py): a call without an accepted token is answered UNAUTHENTICATED.
 
@@ -137,6 +153,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool]) -> None:
         self.accepts = accepts
         self.is_open = is_open
+        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -148,11 +165,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         token = bearer_token(details.invocation_metadata)
         if token is None:
-            return _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                   "missing bearer token: send metadata 'authorization: Bearer "
-                                   "<token>' (nextchar --token or NEXTCHAR_TOKEN)")
+            return self._refusal(handler, details.method, MISSING_TOKEN)
         if not self.accepts(token):
             log.info("rejected a call to %s: token not accepted", details.method)
-            return _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                   "bearer token not accepted")
+            return self._refusal(handler, details.method, "bearer token not accepted")
         return handler
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc.RpcMethodHandler:
+        """One refusing handler per (method, message), so outer interceptors can cache theirs."""
+        key = (method, message)
+        if key not in self._refusals:
+            self._refusals[key] = _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)
+        return self._refusals[key]

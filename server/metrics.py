@@ -63,6 +63,7 @@ class Metrics:
                                ["result"], registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)  # both series exist from the start, at 0
+        self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._http: WSGIServer | None = None
 
     # -- hooks the server wires in -----------------------------------------------------------
@@ -78,8 +79,14 @@ class Metrics:
             self.queue_seconds.observe(max(0.0, now - t))
 
     def observe_request(self, method: str, code: str, duration_s: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(duration_s)
+        # labels() takes a lock and builds a key on every call; the children are cached here
+        # because this runs on the event loop for every RPC.
+        children = self._request_children.get((method, code))
+        if children is None:
+            children = (self.requests.labels(method, code), self.request_seconds.labels(method))
+            self._request_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def set_model(self, name: str, version: str, sha256: str, backend: str, device: str) -> None:
         self.model.info({"name": name, "version": version, "sha256": sha256, "backend": backend,

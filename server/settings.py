@@ -53,6 +53,11 @@ class ServerSettings(BaseSettings):
     max_queue_texts: int = Field(
         8192, ge=1, description="Texts waiting for the model; beyond it RESOURCE_EXHAUSTED."
     )
+    parallel_batch_chars: int = Field(
+        4096, ge=0,
+        description="While one model call runs, start another only once this many characters "
+        "are queued; less waits for the running call and joins one bigger batch. 0 = greedy.",
+    )
     backend_workers: int = Field(
         0, ge=0, description="Concurrent model calls; 0 = the backend's own choice."
     )
@@ -72,6 +77,10 @@ class ServerSettings(BaseSettings):
     )
 
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="asyncio event loop: uvloop (faster per request) or the standard "
+        "one; auto = uvloop when installed."
+    )
     warmup: bool = Field(True, description="Run the model once before reporting SERVING.")
     log_level: str = Field("INFO", description="Python logging level.")
 

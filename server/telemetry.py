@@ -112,6 +112,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         self.tracker = tracker
         self.gate = gate
         self.metrics = metrics
+        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -122,14 +123,23 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(UNTRACKED_PREFIXES):
             return handler
-        supplied = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER)
-        request_id = request_id_from(supplied)
+        # Built once per (method, inner handler): the inner handlers are themselves cached
+        # (ErrorMappingInterceptor, AuthInterceptor's refusals), and this runs on every call.
+        key = (method, id(handler))
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[key] = (handler, wrapped)  # holding `handler` keeps its id() unique
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.response_streaming:
             inner_stream = handler.unary_stream or handler.stream_stream
-            behavior: Any = self._wrap_stream(inner_stream, method, request_id)
+            behavior: Any = self._wrap_stream(inner_stream, method)
         else:
             inner_unary = handler.unary_unary or handler.stream_unary
-            behavior = self._wrap_unary(inner_unary, method, request_id)
+            behavior = self._wrap_unary(inner_unary, method)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -142,8 +152,13 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _enter(self, context: grpc.aio.ServicerContext, method: str, request_id: str) -> int:
+    async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> int:
         """Sets the call's request id; refuses it while draining; else tracks it."""
+        supplied = None
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_HEADER:
+                supplied = value
+        request_id = request_id_from(supplied)
         request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         if self.gate.closed:
@@ -168,9 +183,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                              extra={"method": method, "code": code,
                                     "duration_ms": round(duration_s * 1e3, 3)})
 
-    def _wrap_unary(self, inner: Any, method: str, request_id: str) -> Any:
+    def _wrap_unary(self, inner: Any, method: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            seq = await self._enter(context, method, request_id)
+            seq = await self._enter(context, method)
             started = time.perf_counter()
             code = "OK"
             try:
@@ -189,9 +204,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
         return behavior
 
-    def _wrap_stream(self, inner: Any, method: str, request_id: str) -> Any:
+    def _wrap_stream(self, inner: Any, method: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            seq = await self._enter(context, method, request_id)
+            seq = await self._enter(context, method)
             started = time.perf_counter()
             code = "OK"
             try:

@@ -50,7 +50,21 @@ def test_subprocess_serve_predict_sigterm(served: ServeProcess) -> None:
         (pred,) = c.predict(["abc"], top_k=2)
         assert len(pred.top) == 2
     assert served.stop() == 0
-    assert "SIGTERM: draining" in served.proc.stderr.read()
+    log = served.proc.stderr.read()
+    assert "SIGTERM: draining" in log
+    assert "uvloop event loop" in log  # the [serve] extra installs it; auto picks it
+
+
+def test_event_loop_asyncio_on_request(tiny_artifact: Path) -> None:
+    sp = ServeProcess(["--model", str(tiny_artifact), "--event-loop", "asyncio"])
+    try:
+        with NextCharClient(sp.address, timeout_s=10) as c:
+            assert len(c.predict(["abc"])[0].top) == 5
+        assert sp.stop() == 0
+        assert "asyncio event loop" in sp.proc.stderr.read()
+    finally:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
 
 
 def test_cli_predict_json_shape(served: ServeProcess) -> None:
@@ -177,6 +191,7 @@ def test_serve_extra_install_has_no_torch_and_serves(tiny_artifact: Path) -> Non
         with NextCharClient(sp.address, timeout_s=10) as c:
             assert len(c.predict(["abc"])[0].top) == 5
         assert sp.stop() == 0
+        assert "uvloop event loop" in sp.proc.stderr.read()
     finally:
         if sp.proc.poll() is None:
             sp.proc.kill()

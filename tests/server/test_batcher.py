@@ -1,0 +1,164 @@
+"""The dynamic batcher on a scripted backend: which texts share a model call, and when.
+
+The backend answers "the next character is the text's last character" and can be held inside a
+call, so each test decides exactly what is queued while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from nextchar.server.backends.base import BatchOutput
+from nextchar.server.batcher import Batcher, Item
+from nextchar.server.errors import DeadlineExceeded, Overloaded
+
+V = 8
+
+
+class HeldBackend:
+    """Two workers; every call waits until `release` is set (the test holds it or not)."""
+
+    name, device, workers = "held", "cpu", 2
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.release.set()
+        self.calls: list[int] = []  # batch size of each call, in start order
+        self.started = threading.Semaphore(0)
+
+    def make_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.workers)
+
+    def zero_state(self, batch: int) -> np.ndarray:
+        return np.zeros((1, batch, 2), dtype=np.float32)
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, ids, lengths, state, positions=False) -> BatchOutput:
+        self.calls.append(len(ids))
+        self.started.release()
+        assert self.release.wait(10), "test never released the backend"
+        logits = np.zeros((len(ids), V), dtype=np.float32)
+        logits[np.arange(len(ids)), ids[np.arange(len(ids)), lengths - 1]] = 10.0
+        return BatchOutput(logits=logits, state=state, position_logits=None)
+
+
+def items(loop: asyncio.AbstractEventLoop, texts: list[list[int]], deadline=None) -> list[Item]:
+    return [Item(ids=np.array(t, dtype=np.int64), top_k=1, future=loop.create_future(),
+                 deadline=deadline) for t in texts]
+
+
+async def started(backend: HeldBackend, n: int, timeout_s: float = 5.0) -> bool:
+    """True once n more calls have started within timeout_s."""
+    for _ in range(n):
+        if not await asyncio.to_thread(backend.started.acquire, True, timeout_s):
+            return False
+    return True
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_queued_texts_share_one_call_and_keep_their_answers() -> None:
+    async def main() -> None:
+        backend = HeldBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        # Both workers are free to start, but only one is needed for what is queued next.
+        rest = [asyncio.create_task(b.submit(items(loop, [[i, i + 1]]))) for i in range(2, 7)]
+        assert await started(backend, 1)  # the second worker takes the 5 queued texts at once
+        backend.release.set()
+        answers = [r[0].top_ids[0] for r in await asyncio.gather(first, *rest)]
+        assert answers == [1, 3, 4, 5, 6, 7]
+        assert backend.calls == [1, 5]
+        await b.close()
+
+    run(main())
+
+
+def test_a_second_worker_waits_for_a_big_enough_queue() -> None:
+    async def main() -> None:
+        backend = HeldBackend()
+        b = Batcher(backend, parallel_batch_chars=100)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(items(loop, [[1] * 10])))
+        assert await started(backend, 1)
+        small = [asyncio.create_task(b.submit(items(loop, [[2] * 10]))) for _ in range(3)]
+        # 30 characters queued < 100: the free worker stays idle while the first call runs.
+        assert not await started(backend, 1, timeout_s=0.3)
+        big = asyncio.create_task(b.submit(items(loop, [[3] * 10] * 8)))  # now 110 queued
+        assert await started(backend, 1)  # the second worker starts with the first still held
+        assert backend.calls == [1, 11]
+        backend.release.set()
+        await asyncio.gather(first, *small, big)
+        await b.close()
+
+    run(main())
+
+
+def test_expired_and_cancelled_texts_are_not_computed() -> None:
+    async def main() -> None:
+        backend = HeldBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        blocker = []
+        for _ in range(2):  # both workers busy: what follows waits in the queue
+            blocker.append(asyncio.create_task(b.submit(items(loop, [[1]]))))
+            assert await started(backend, 1)
+        expired = asyncio.create_task(b.submit(items(loop, [[2]], deadline=loop.time() + 0.05)))
+        gone = asyncio.create_task(b.submit(items(loop, [[3]])))
+        live = asyncio.create_task(b.submit(items(loop, [[4]])))
+        await asyncio.sleep(0.1)
+        gone.cancel()
+        backend.release.set()
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert (await live)[0].top_ids[0] == 4
+        await asyncio.gather(*blocker)
+        assert sorted(backend.calls) == [1, 1, 1]  # the live text ran alone
+        assert b.stats.expired == 1 and b.stats.cancelled == 1
+        await b.close()
+
+    run(main())
+
+
+def test_a_full_queue_answers_overloaded_at_once() -> None:
+    async def main() -> None:
+        backend = HeldBackend()
+        b = Batcher(backend, max_queue_texts=4, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        held = []
+        for _ in range(2):  # both workers busy
+            held.append(asyncio.create_task(b.submit(items(loop, [[1]]))))
+            assert await started(backend, 1)
+        queued = asyncio.create_task(b.submit(items(loop, [[2]] * 3)))
+        await asyncio.sleep(0)
+        assert b.queue_depth == 3
+        with pytest.raises(Overloaded, match="3 texts queued, limit 4"):
+            await b.submit(items(loop, [[3]] * 2))
+        assert b.stats.rejected == 1
+        backend.release.set()
+        await asyncio.gather(*held, queued)
+        assert backend.calls == [1, 1, 3]
+        await b.close()
+
+    run(main())
