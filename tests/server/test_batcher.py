@@ -66,12 +66,28 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def held_batcher(**settings) -> tuple[HeldBackend, Batcher]:
+    """A started batcher whose backend holds every call until the test sets `release`."""
+    backend = HeldBackend()
+    b = Batcher(backend, **settings)
+    await b.start(warmup=False)
+    backend.release.clear()
+    return backend, b
+
+
+async def occupy_both_workers(backend: HeldBackend, b: Batcher) -> list[asyncio.Task]:
+    """One held single-text call per worker, started one after the other."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    for _ in range(2):
+        tasks.append(asyncio.create_task(b.submit(items(loop, [[1]]))))
+        assert await started(backend, 1)
+    return tasks
+
+
 def test_queued_texts_share_one_call_and_keep_their_answers() -> None:
     async def main() -> None:
-        backend = HeldBackend()
-        b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
-        backend.release.clear()
+        backend, b = await held_batcher(parallel_batch_chars=0)
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(items(loop, [[1]])))
         assert await started(backend, 1)
@@ -89,10 +105,7 @@ def test_queued_texts_share_one_call_and_keep_their_answers() -> None:
 
 def test_a_second_worker_waits_for_a_big_enough_queue() -> None:
     async def main() -> None:
-        backend = HeldBackend()
-        b = Batcher(backend, parallel_batch_chars=100)
-        await b.start(warmup=False)
-        backend.release.clear()
+        backend, b = await held_batcher(parallel_batch_chars=100)
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(items(loop, [[1] * 10])))
         assert await started(backend, 1)
@@ -111,15 +124,9 @@ def test_a_second_worker_waits_for_a_big_enough_queue() -> None:
 
 def test_expired_and_cancelled_texts_are_not_computed() -> None:
     async def main() -> None:
-        backend = HeldBackend()
-        b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
-        backend.release.clear()
+        backend, b = await held_batcher(parallel_batch_chars=0)
         loop = asyncio.get_running_loop()
-        blocker = []
-        for _ in range(2):  # both workers busy: what follows waits in the queue
-            blocker.append(asyncio.create_task(b.submit(items(loop, [[1]]))))
-            assert await started(backend, 1)
+        blocker = await occupy_both_workers(backend, b)  # what follows waits in the queue
         expired = asyncio.create_task(b.submit(items(loop, [[2]], deadline=loop.time() + 0.05)))
         gone = asyncio.create_task(b.submit(items(loop, [[3]])))
         live = asyncio.create_task(b.submit(items(loop, [[4]])))
@@ -141,15 +148,9 @@ def test_expired_and_cancelled_texts_are_not_computed() -> None:
 
 def test_a_full_queue_answers_overloaded_at_once() -> None:
     async def main() -> None:
-        backend = HeldBackend()
-        b = Batcher(backend, max_queue_texts=4, parallel_batch_chars=0)
-        await b.start(warmup=False)
-        backend.release.clear()
+        backend, b = await held_batcher(max_queue_texts=4, parallel_batch_chars=0)
         loop = asyncio.get_running_loop()
-        held = []
-        for _ in range(2):  # both workers busy
-            held.append(asyncio.create_task(b.submit(items(loop, [[1]]))))
-            assert await started(backend, 1)
+        held = await occupy_both_workers(backend, b)
         queued = asyncio.create_task(b.submit(items(loop, [[2]] * 3)))
         await asyncio.sleep(0)
         assert b.queue_depth == 3
