@@ -21,13 +21,14 @@ import platform
 import random
 import re
 import resource
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 # 84 characters, as a Shakespeare-like corpus has.
@@ -56,31 +57,8 @@ def write_input(path: Path, lines: int, chars: int) -> None:
             f.write("".join(rng.choices(alphabet, k=chars)) + "\n")
 
 
-class Server:
-    def __init__(self, artifact: Path, extra: list[str]) -> None:
-        cmd = [*CLI, "serve", "--model", str(artifact), "--port", "0", "--log-level", "WARNING",
-               *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("nextchar serving on "):
-            self.stop()
-            raise SystemExit(f"server did not start: {line!r}")
-        self.address = line.rsplit(" ", 1)[1].strip()
-
-    def cpu_s(self) -> float:
-        """user+sys seconds of the server process so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def Server(artifact: Path, extra: list[str]) -> ServeProcess:  # noqa: N802 (reads as a class)
+    return ServeProcess(["--model", str(artifact), "--log-level", "WARNING", *extra])
 
 
 @dataclass

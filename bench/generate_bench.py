@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import json
 import platform
-import signal
 import statistics
 import string
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from serve_process import ServeProcess
 
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
@@ -60,24 +59,9 @@ def build_artifact(root: Path) -> Path:
     return path
 
 
-class Server:
-    def __init__(self, artifact: Path, *flags: str) -> None:
-        cmd = [sys.executable, "-m", "nextchar", "serve", "--model", str(artifact), "--port", "0",
-               "--backend", "onnx", "--device", "cpu", "--log-level", "WARNING", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("nextchar serving on "):
-            raise SystemExit(f"server did not start ({' '.join(flags)}): {line!r}")
-        self.address = line.rsplit(" ", 1)[1].strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def Server(artifact: Path, *flags: str) -> ServeProcess:  # noqa: N802 (reads as a class)
+    return ServeProcess(["--model", str(artifact), "--backend", "onnx", "--device", "cpu",
+                         "--log-level", "WARNING", *flags], what=f"server ({' '.join(flags)})")
 
 
 @dataclass

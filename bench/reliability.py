@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from serve_process import ServeProcess
 
 from nextchar.v1 import admin_pb2, admin_pb2_grpc
 from nextchar.v1 import nextchar_pb2 as pb
@@ -50,25 +50,17 @@ MAX_BATCH_TEXTS = 256  # the server's default max_batch_size
 
 
 # -- servers -------------------------------------------------------------------------------------
-class Server:
+class Server(ServeProcess):
+    """With its log in a file and metrics on a free port (the line after the address)."""
+
     def __init__(self, args: list[str], log: Path) -> None:
         self.log_path = log
         self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nextchar", "serve", "--port", "0", "--metrics-port", "0", *args],
-            stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("nextchar serving on "):
-            raise RuntimeError(f"server did not start: {line!r}\n{log.read_text()}")
-        self.address = line.rsplit(" ", 1)[1].strip()
-        self.metrics_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        try:
+            super().__init__(["--metrics-port", "0", *args], stderr=self._log)
+        except SystemExit as e:
+            raise RuntimeError(f"{e}\n{log.read_text()}") from None
+        self.metrics_url = self.read_line().rsplit(" ", 1)[1].strip()
 
     def metric(self, name: str, **labels: str) -> float:
         from prometheus_client.parser import text_string_to_metric_families
@@ -81,9 +73,7 @@ class Server:
         return 0.0
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.kill()
         self._log.close()
 
 

@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from serve_process import ServeProcess
 
 from nextchar.v1 import nextchar_pb2 as pb
 
@@ -145,7 +145,7 @@ def run_child(fn: str, **kwargs: Any) -> Any:
 class Server:
     name: str
     args: list[str]
-    proc: subprocess.Popen[str] | None = None
+    process: ServeProcess | None = None
     address: str = ""
     metrics_port: int = 0
 
@@ -156,14 +156,9 @@ class Server:
 
     def start(self, metrics_port: int) -> None:
         self.metrics_port = metrics_port
-        cmd = [sys.executable, "-m", "nextchar", "serve", "--port", "0", "--log-level", "WARNING",
-               "--metrics-port", str(metrics_port), *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("nextchar serving on "):
-            raise SystemExit(f"{self.name}: server did not start: {line!r}")
-        self.address = line.rsplit(" ", 1)[1].strip()
+        self.process = ServeProcess(["--log-level", "WARNING", "--metrics-port", str(metrics_port),
+                                     *self.args], what=self.name)
+        self.address = self.process.address
 
     def batch_stats(self) -> tuple[float, float]:
         """(sum, count) of the server's batch-size histogram."""
@@ -174,12 +169,8 @@ class Server:
         return grab("nextchar_batch_size_texts_sum"), grab("nextchar_batch_size_texts_count")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.process is not None:
+            self.process.stop()
 
 
 # --- the load generator ---------------------------------------------------------------------

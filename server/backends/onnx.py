@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..artifact import LOOP_ONNX, Artifact
+from ..errors import ArtifactError
 from .base import Backend, BatchOutput, DeviceUnavailable
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ class OnnxBackend(Backend):
     def _choose_graph(artifact: Artifact, graph: str, cuda: bool) -> str:
         """auto: the Loop graph on CPU (2-2.6x ORT's RNN kernel), the standard one on CUDA."""
         if graph == "loop" and not artifact.has_file(LOOP_ONNX):
-            raise DeviceUnavailable(f"--onnx-graph loop: {artifact.path} has no {LOOP_ONNX} "
-                                    "(re-export it with this version of nextchar)")
+            raise ArtifactError(f"--onnx-graph loop: {artifact.path} has no {LOOP_ONNX} "
+                                "(re-export it with this version of nextchar)")
         if graph == "auto":
             return "loop" if artifact.has_file(LOOP_ONNX) and not cuda else "standard"
         return graph

@@ -119,6 +119,21 @@ def test_serve_refuses_missing_file(tiny_artifact: Path, tmp_path: Path) -> None
     assert r.stderr.strip().endswith("model.ts: missing (the manifest lists it)")
 
 
+def test_onnx_graph_loop_on_an_artifact_without_it_fails_in_one_line(tiny_artifact: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"  # as exported before the Loop graph existed
+    shutil.copytree(tiny_artifact, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["model_loop.onnx"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "model_loop.onnx").unlink()
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(old),
+                        "--onnx-graph", "loop", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"nextchar serve: --onnx-graph loop: {old} has no model_loop.onnx (re-export it with this "
+        "version of nextchar)"]
+
+
 def test_cuda_absent_fails_clearly(tiny_artifact: Path) -> None:
     pytest.importorskip("torch")
     import torch
