@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ def describe_char(ch: str) -> str:
     """A character as a user can read it, even when it is a control or invisible character."""
     shown = ch if ch.isprintable() and not ch.isspace() else repr(ch)[1:-1]
     return f"'{shown}' (U+{ord(ch):04X})"
+
+
+ENCODE_VECTOR_MIN = 48  # texts this long or longer are encoded with one numpy lookup
 
 
 @dataclass
@@ -79,17 +83,48 @@ class Artifact:
 
     def encode(self, text: str, index: int = 0) -> np.ndarray:
         """Text -> int64 ids; INVALID_ARGUMENT names the first bad character and its position."""
+        # Two ways, one answer: a dict lookup per character costs ~0.17 us each, one numpy table
+        # lookup ~9 us whatever the length (measured), and a batch job sends 16k characters per
+        # request, where the per-character loop was a fifth of the event loop's time.
+        ids = self._encode_short(text) if len(text) < ENCODE_VECTOR_MIN else self._encode_long(text)
+        if ids is None:
+            pos = next(i for i, ch in enumerate(text) if ch not in self.char_to_id)
+            raise InvalidInput(
+                f"texts[{index}]: character {describe_char(text[pos])} at position {pos} is not in "
+                f"the model's vocabulary ({self.vocab_size} characters; see GetModelInfo)"
+            )
+        return ids
+
+    def _encode_short(self, text: str) -> np.ndarray | None:
         ids = np.empty(len(text), dtype=np.int64)
-        lookup = self.char_to_id
+        lookup, unk = self.char_to_id, self.unk_id
         for pos, ch in enumerate(text):
-            i = lookup.get(ch, self.unk_id)
+            i = lookup.get(ch, unk)
             if i is None:
-                raise InvalidInput(
-                    f"texts[{index}]: character {describe_char(ch)} at position {pos} is not in "
-                    f"the model's vocabulary ({self.vocab_size} characters; see GetModelInfo)"
-                )
+                return None
             ids[pos] = i
         return ids
+
+    def _encode_long(self, text: str) -> np.ndarray | None:
+        # Python strings index by code point, so positions here are positions in `text`.
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        table = self._codepoint_table
+        ids = table[np.minimum(cps, len(table) - 1)]
+        ids[cps >= len(table)] = -1
+        unknown = ids < 0
+        if unknown.any():
+            if self.unk_id is None:
+                return None
+            ids[unknown] = self.unk_id
+        return ids
+
+    @cached_property
+    def _codepoint_table(self) -> np.ndarray:
+        """id of each code point up to the vocabulary's largest; -1 where it is not in it."""
+        table = np.full(max(ord(c) for c in self.vocab) + 1, -1, dtype=np.int64)
+        for ch, i in self.char_to_id.items():
+            table[ord(ch)] = i
+        return table
 
 
 def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchscript")) -> Artifact:
