@@ -40,6 +40,7 @@ def describe_char(ch: str) -> str:
 
 
 ENCODE_VECTOR_MIN = 48  # texts this long or longer are encoded with one numpy lookup
+NOT_IN_VOCAB = 255  # the ASCII table's mark for a character with no id
 
 
 @dataclass
@@ -86,7 +87,14 @@ class Artifact:
         # Two ways, one answer: a dict lookup per character costs ~0.17 us each, one numpy table
         # lookup ~9 us whatever the length (measured), and a batch job sends 16k characters per
         # request, where the per-character loop was a fifth of the event loop's time.
-        ids = self._encode_short(text) if len(text) < ENCODE_VECTOR_MIN else self._encode_long(text)
+        # ASCII text, the usual case, takes a third way: bytes.translate maps each character
+        # to its id byte in C, ~1.5 us for 64 characters (the numpy lookup ~5 us).
+        if text.isascii() and (table := self._ascii_table) is not None:
+            ids = self._encode_ascii(text, table)
+        elif len(text) < ENCODE_VECTOR_MIN:
+            ids = self._encode_short(text)
+        else:
+            ids = self._encode_long(text)
         if ids is None:
             pos = next(i for i, ch in enumerate(text) if ch not in self.char_to_id)
             raise InvalidInput(
@@ -104,6 +112,23 @@ class Artifact:
                 return None
             ids[pos] = i
         return ids
+
+    @staticmethod
+    def _encode_ascii(text: str, table: bytes) -> np.ndarray | None:
+        b = text.encode("ascii").translate(table)
+        return None if NOT_IN_VOCAB in b else np.frombuffer(b, dtype=np.uint8).astype(np.int64)
+
+    @cached_property
+    def _ascii_table(self) -> bytes | None:
+        """bytes.translate table: ASCII code -> id (or unk_id); NOT_IN_VOCAB where neither.
+        None when some id does not fit in a byte below NOT_IN_VOCAB."""
+        if self.vocab_size >= NOT_IN_VOCAB:
+            return None
+        table = bytearray([NOT_IN_VOCAB if self.unk_id is None else self.unk_id] * 256)
+        for ch, i in self.char_to_id.items():
+            if ch.isascii():
+                table[ord(ch)] = i
+        return bytes(table)
 
     def _encode_long(self, text: str) -> np.ndarray | None:
         # Python strings index by code point, so positions here are positions in `text`.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class TextResult:
     position_probs: np.ndarray | None = None  # (T,)
     state: np.ndarray | None = None  # (S, H) float32 after the last character
     logits: np.ndarray | None = None  # (V,) float32 next-char logits, with want_logits
+    probs: np.ndarray | None = None  # (V,) float32 next-char distribution, with want_probs
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Item:
     state: np.ndarray | None = None  # (S, H) start state; None = zeros
     want_state: bool = False
     want_logits: bool = False  # Generate samples from the raw logits
+    want_probs: bool = False  # KServe's `probs` output: the whole distribution
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -119,11 +122,16 @@ class Batcher:
         self.executor = backend.make_executor()
         self._pending: deque[Item] = deque()
         self._pending_chars = 0  # characters in _pending (live or not yet dropped)
-        self._running = 0  # batches handed to workers and not finished
+        self._running = 0  # workers busy with batches
+        # Guards _pending, _pending_chars, _running and _closed, which the loop and the
+        # worker threads both change (workers pull their next batch themselves).
+        self._lock = threading.Lock()
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(backend.workers)
-        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(backend.workers)  # batching off: one call per worker
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._delay: asyncio.TimerHandle | None = None  # max_batch_delay_ms timer, when armed
+        self._delay_over = False
+        self._dispatch_soon = False
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -134,21 +142,18 @@ class Batcher:
             await loop.run_in_executor(self.executor, prepare)
         if warmup:
             await loop.run_in_executor(self.executor, self.backend.warmup)
-        if self.batching:
-            self._task = asyncio.create_task(self._dispatch_loop(), name="nextchar-batcher")
+        self._loop = loop
 
     async def close(self) -> None:
         """Stops taking work; fails what is still queued; waits for running batches."""
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._pending_chars = 0
-        while self._pending:
-            it = self._pending.popleft()
+        with self._lock:
+            self._closed = True
+            queued = list(self._pending)
+            self._pending.clear()
+            self._pending_chars = 0
+        if self._delay is not None:
+            self._delay.cancel()
+        for it in queued:
             if not it.future.done():
                 it.future.set_exception(NotReady("server is shutting down"))
         self.executor.shutdown(wait=True)
@@ -170,9 +175,12 @@ class Batcher:
             )
         if not self.batching:
             return await self._run_unbatched(items)
-        self._pending.extend(items)
-        self._pending_chars += sum(len(it.ids) for it in items)
-        self._wakeup.set()
+        with self._lock:
+            self._pending.extend(items)
+            self._pending_chars += sum(len(it.ids) for it in items)
+        if not self._dispatch_soon:  # once per loop pass: requests arriving together batch
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
         try:
             if len(items) == 1:  # the common single-text call: no gather future to build
                 return [await items[0].future]
@@ -188,63 +196,88 @@ class Batcher:
         self._in_flight_texts += len(items)
         try:
             async with self._slots:
-                live = self._drop_dead(items, loop.time())
+                live, expired = self._split_dead(items, loop.time())
+                _expire(expired)
                 for group in group_by_length(live):
                     for chunk in self._chunks(group):
-                        await loop.run_in_executor(self.executor, self._run_batch, chunk, loop)
+                        _deliver(chunk, *await loop.run_in_executor(
+                            self.executor, self._run_batch, chunk))
         finally:
             self._in_flight_texts -= len(items)
         return list(await asyncio.gather(*(it.future for it in items)))
 
     # -- dispatching -------------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # Workers pull: a worker that finishes a batch hands its answers to the event loop and takes
+    # the next batch itself, under the lock, without waiting for the loop. The loop only starts
+    # idle workers (_dispatch), at the end of a pass in which texts were queued (so texts that
+    # arrive together share a call) and when the delay timer fires. Why: a callback from a
+    # worker thread runs only after everything already queued on the loop, which under load is
+    # a pass that answers and reads dozens of calls; a model thread waiting for the loop's
+    # go-ahead sat idle all that time (docs/benchmarks.md, "The batcher's hand-over").
+    def _may_start(self, others: int) -> bool:
+        """With the lock held: may a worker start a batch while `others` batches run?"""
+        if not self._pending or self._closed or others >= self.backend.workers:
+            return False
+        # A second worker only for a big enough queue (see the module docstring).
+        return not others or self._pending_chars >= self.parallel_batch_chars
+
+    def _wants_delay(self) -> bool:
+        """With max_batch_delay_ms, a batch that is not full waits for the loop's timer."""
+        return (self.max_batch_delay_s > 0 and len(self._pending) < self.max_batch_size
+                and not self._delay_over)
+
+    def _dispatch(self) -> None:
+        """On the loop: starts idle workers on what is queued."""
+        self._dispatch_soon = False
+        loop = self._loop
+        assert loop is not None, "Batcher.start() was not awaited"
         while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._slots.acquire()
-            # A free worker while another runs: wait for a big enough queue, or for the running
-            # batch to finish (_batch_done sets _wakeup), whichever comes first.
-            while self._running and self._pending_chars < self.parallel_batch_chars:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.max_batch_delay_s > 0 and len(self._pending) < self.max_batch_size:
-                await asyncio.sleep(self.max_batch_delay_s)
-            batch = self._take(loop.time())
-            if not batch:
-                self._slots.release()
-                continue
-            self._running += 1
-            fut = loop.run_in_executor(self.executor, self._run_groups, batch, loop)
-            fut.add_done_callback(self._batch_done)
+            with self._lock:
+                if not self._may_start(self._running):
+                    return
+                if self._wants_delay():
+                    if self._delay is None:
+                        self._delay = loop.call_later(self.max_batch_delay_s, self._end_delay)
+                    return
+                if self._delay is not None:
+                    self._delay.cancel()
+                self._delay, self._delay_over = None, False
+                batch, expired = self._take(loop.time())
+                if batch:
+                    self._running += 1
+            _expire(expired)
+            if batch:
+                self.executor.submit(self._work, batch, loop)
 
-    def _batch_done(self, fut: asyncio.Future[None]) -> None:
-        self._running -= 1
-        self._wakeup.set()  # a dispatcher holding a worker back may go now
-        self._slots.release()
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("batch failed", exc_info=fut.exception())
+    def _end_delay(self) -> None:
+        self._delay = None
+        self._delay_over = True
+        self._dispatch()
 
-    def _drop_dead(self, items: list[Item], now: float) -> list[Item]:
-        live = []
+    def _split_dead(self, items: list[Item], now: float) -> tuple[list[Item], list[Item]]:
+        """(live, expired); drops the cancelled. Counts both; safe off the loop (sets nothing)."""
+        live, expired = [], []
         for it in items:
             if it.future.done():  # cancelled by a caller that went away
                 self.stats.cancelled += 1
             elif it.deadline is not None and now >= it.deadline:
                 self.stats.expired += 1
-                it.future.set_exception(DeadlineExceeded("deadline expired while queued"))
+                expired.append(it)
             else:
                 live.append(it)
-        return live
+        return live, expired
 
-    def _take(self, now: float) -> list[Item]:
-        """Pops up to max_batch_size live items, FIFO, within the padded-chars budget."""
+    def _take(self, now: float) -> tuple[list[Item], list[Item]]:
+        """With the lock held: pops up to max_batch_size live items, FIFO, within the
+        padded-chars budget; also returns the expired ones it popped, to be answered."""
         taken: list[Item] = []
+        expired: list[Item] = []
         longest = 0
         while self._pending and len(taken) < self.max_batch_size:
             it = self._pending[0]
-            if not self._drop_dead([it], now):
+            live, dead = self._split_dead([it], now)
+            if not live:
+                expired += dead
                 self._pending_chars -= len(self._pending.popleft().ids)
                 continue
             t = max(longest, len(it.ids))
@@ -253,7 +286,7 @@ class Batcher:
             longest = t
             taken.append(self._pending.popleft())
             self._pending_chars -= len(it.ids)
-        return taken
+        return taken, expired
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
         """Splits one length group so each chunk stays within the batch limits."""
@@ -262,20 +295,36 @@ class Batcher:
         return [group[i : i + per_call] for i in range(0, len(group), per_call)]
 
     # -- on the executor thread --------------------------------------------------------------
-    def _run_groups(self, batch: list[Item], loop: asyncio.AbstractEventLoop) -> None:
-        for group in group_by_length(batch):
-            self._run_batch(group, loop)
+    def _work(self, batch: list[Item], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs batches until none may start: this one, then whatever is queued by then."""
+        while True:
+            for group in group_by_length(batch):
+                # One hand-over per call, not per text: each call_soon_threadsafe wakes the
+                # event loop through its self-pipe, and the loop is the busiest thread.
+                loop.call_soon_threadsafe(_deliver, group, *self._run_batch(group))
+            expired: list[Item] = []
+            wake = False
+            with self._lock:
+                batch = []
+                if self._may_start(self._running - 1) and not self._wants_delay():
+                    batch, expired = self._take(loop.time())
+                if not batch:
+                    self._running -= 1
+                    # Left queued for a delay timer, or all dropped as dead: the loop decides.
+                    wake = bool(self._pending)
+            if expired:
+                loop.call_soon_threadsafe(_expire, expired)
+            if not batch:
+                if wake:
+                    loop.call_soon_threadsafe(self._dispatch)
+                return
 
-    def _run_batch(self, items: list[Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _run_batch(self, items: list[Item]) -> tuple[list[TextResult] | None, BaseException | None]:
         try:
-            results = self._compute(items)
+            return self._compute(items), None
         except Exception as e:  # a backend failure fails these items, never the server
             log.exception("backend call failed for %d texts", len(items))
-            loop.call_soon_threadsafe(_fail_all, items, e)
-            return
-        # One hand-over per batch, not per text: each call_soon_threadsafe wakes the event loop
-        # through its self-pipe, and the loop is the busiest thread under load.
-        loop.call_soon_threadsafe(_resolve_all, items, results)
+            return None, e
 
     def _compute(self, items: list[Item]) -> list[TextResult]:
         b = len(items)
@@ -310,6 +359,8 @@ class Batcher:
                 res.state = out.state[:, row, :].copy()
             if it.want_logits:
                 res.logits = out.logits[row].astype(np.float32, copy=True)
+            if it.want_probs:
+                res.probs = probs[row]
             results.append(res)
         st = self.stats
         st.batches += 1
@@ -321,13 +372,20 @@ class Batcher:
         return results
 
 
-def _resolve_all(items: list[Item], results: list[TextResult]) -> None:
-    for it, res in zip(items, results, strict=True):
-        if not it.future.done():  # a caller that went away cancelled its future
-            it.future.set_result(res)
+def _deliver(items: list[Item], results: list[TextResult] | None,
+             error: BaseException | None) -> None:
+    """On the loop: one backend call's answers (or its error) to the callers still waiting."""
+    for i, it in enumerate(items):
+        if it.future.done():  # a caller that went away cancelled its future
+            continue
+        if error is None:
+            assert results is not None
+            it.future.set_result(results[i])
+        else:
+            it.future.set_exception(error)
 
 
-def _fail_all(items: list[Item], exc: BaseException) -> None:
+def _expire(items: list[Item]) -> None:
     for it in items:
         if not it.future.done():
-            it.future.set_exception(exc)
+            it.future.set_exception(DeadlineExceeded("deadline expired while queued"))

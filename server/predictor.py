@@ -151,18 +151,14 @@ class Predictor:
         rows: list[np.ndarray],
         top_k: int = 0,
         deadline: float | None = None,
-        rank_all: bool = False,
+        want_probs: bool = False,
     ) -> list[TextResult]:
         """Rows from `encode_texts` or `check_ids` through the batcher, as `predict` does.
 
-        rank_all: every result ranks the whole vocabulary (k = V), so a caller can rebuild the
-        full next-char distribution; top_k is still validated and its answer is the first top_k
-        entries.
+        want_probs: every result also carries the whole next-char distribution (`probs`).
         """
         k = self.resolve_top_k(top_k)
-        if rank_all:
-            k = self.artifact.vocab_size
         loop = asyncio.get_running_loop()
-        items = [Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline)
-                 for ids in rows]
+        items = [Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline,
+                      want_probs=want_probs) for ids in rows]
         return await self.batcher.submit(items)

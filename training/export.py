@@ -149,7 +149,13 @@ def parity_gate(model: CharRNN, ts_path: Path, onnx_path: Path, seed: int = 0,
                 got_ts = [t.numpy() for t in scripted(*inputs)]
             feeds = dict(zip(INPUT_NAMES, (t.numpy() for t in inputs), strict=False))
             got_all = [("torchscript", got_ts)]
-            got_all += [(name, sess.run(OUTPUT_NAMES, feeds)) for name, sess in sessions.items()]
+            got_all.append(("onnxruntime", sessions["onnxruntime"].run(OUTPUT_NAMES, feeds)))
+            if loop_path is not None:  # with and without positions, as the server runs it
+                loop = sessions["onnxruntime_loop"]
+                for positions in (True, False):  # false: no position_logits to compare
+                    names = OUTPUT_NAMES if positions else OUTPUT_NAMES[:2]
+                    got_all.append(("onnxruntime_loop", loop.run(
+                        names, {**feeds, "positions": np.array(positions)})))
             for backend, got in got_all:
                 for name, want, have in zip(OUTPUT_NAMES, expected, got, strict=False):
                     if want.shape != have.shape:

@@ -1,6 +1,8 @@
 """A CPU-fast ONNX graph for CharRNN, built by hand from the weights (the `loop` graph).
 
-Same inputs and outputs as the exported `model.onnx` (docs/artifact.md), different arithmetic:
+Same inputs and outputs as the exported `model.onnx` (docs/artifact.md), plus a `positions`
+input (bool scalar; false skips position_logits, returned as (B, 0, V)), and different
+arithmetic:
 
 - The embedding is folded into layer 0's input projection: one (V, G*H) lookup table,
   `embed.weight @ W_ih0^T + b`, so layer 0 does no input GEMM at run time.
@@ -161,23 +163,41 @@ def build_loop_graph(model: CharRNN, opset: int = 17) -> onnx.ModelProto:
     wfc = g.const("wfc", _f32(model.head.weight).T.copy())
     bfc = g.const("bfc", _f32(model.head.bias))
     n("Add", [n("MatMul", [finals_h[-1], wfc], ["last_mm"]), bfc], ["logits"])  # (B, V)
-    top_seq = n("Transpose", [f"hs{L - 1}"], ["hs_bt"], perm=[1, 0, 2])  # (B, T, H)
-    pos = n("Add", [n("MatMul", [top_seq, wfc], ["pos_mm"]), bfc], ["pos_logits"])  # (B, T, V)
-    # Zero past each row's length, as the contract (and eager) promise.
-    valid = n("Cast", [n("Transpose", ["mask"], ["mask_bt"], perm=[1, 0, 2])], ["valid"],
-              to=TensorProto.FLOAT)  # (B, T, 1)
-    n("Mul", [pos, valid], ["position_logits"])
-
     f = TensorProto.FLOAT
+    # position_logits only when the `positions` input is true: ONNX Runtime computes every node
+    # whether or not its output is fetched, and this (B, T, H) x (H, V) GEMM is ~10% of the
+    # graph's time at B=32, T=64 (docs/benchmarks.md). When false the output is (B, 0, V).
+    # A required input, not an overridable initializer: ORT warns about those at every load.
+    then = _Graph()
+    top_seq = then.node("Transpose", [f"hs{L - 1}"], ["hs_bt"], perm=[1, 0, 2])  # (B, T, H)
+    pos = then.node("Add", [then.node("MatMul", [top_seq, wfc], ["pos_mm"]), bfc],
+                    ["pos_logits"])  # (B, T, V)
+    # Zero past each row's length, as the contract (and eager) promise.
+    valid = then.node("Cast", [then.node("Transpose", ["mask"], ["mask_bt"], perm=[1, 0, 2])],
+                      ["valid"], to=TensorProto.FLOAT)  # (B, T, 1)
+    then.node("Mul", [pos, valid], ["pos_then"])
+    batch = n("Gather", ["ids_shape", zero], ["B"], axis=0)
+    n("Concat", [n("Unsqueeze", [batch, zero], ["B_1"]), g.const("zero_v", np.array([0, V]))],
+      ["empty_shape"], axis=0)  # (B, 0, V)
+    skip = _Graph()
+    skip.node("ConstantOfShape", ["empty_shape"], ["pos_else"],
+              value=nh.from_array(np.zeros(1, np.float32)))
+    n("If", ["positions"], ["position_logits"],
+      then_branch=oh.make_graph(then.nodes, "positions", [],
+                                [oh.make_tensor_value_info("pos_then", f, ["B", "T", V])]),
+      else_branch=oh.make_graph(skip.nodes, "no_positions", [],
+                                [oh.make_tensor_value_info("pos_else", f, ["B", 0, V])]))
+
     S = cfg.state_layers
     graph = oh.make_graph(
         g.nodes, f"charrnn_{cell}_loop",
         [oh.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"]),
          oh.make_tensor_value_info("lengths", TensorProto.INT64, ["B"]),
-         oh.make_tensor_value_info("state", f, [S, "B", H])],
+         oh.make_tensor_value_info("state", f, [S, "B", H]),
+         oh.make_tensor_value_info("positions", TensorProto.BOOL, [])],
         [oh.make_tensor_value_info("logits", f, ["B", V]),
          oh.make_tensor_value_info("state_out", f, [S, "B", H]),
-         oh.make_tensor_value_info("position_logits", f, ["B", "T", V])],
+         oh.make_tensor_value_info("position_logits", f, ["B", "P", V])],
         g.inits,
     )
     proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)],

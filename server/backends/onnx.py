@@ -20,6 +20,7 @@ from .base import Backend, BatchOutput, DeviceUnavailable
 log = logging.getLogger(__name__)
 
 CUDA_EP = "CUDAExecutionProvider"
+_TRUE, _FALSE = np.array(True), np.array(False)
 
 
 class OnnxBackend(Backend):
@@ -56,6 +57,9 @@ class OnnxBackend(Backend):
         super().__init__(artifact, "cuda" if on_cuda else "cpu")
         # One stream of work keeps a GPU busy; on CPU, one call per core.
         self._workers = workers or (1 if on_cuda else max(1, os.cpu_count() or 1))
+        # The Loop graph of this version skips its position-logits GEMM when told to
+        # (training/onnx_loop.py); older artifacts' graphs compute it always.
+        self._positions_switch = "positions" in {i.name for i in self.session.get_inputs()}
         log.info("onnx backend (%s graph) on %s, %d worker(s), intra-op %d", self.graph,
                  self.device, self._workers, opts.intra_op_num_threads)
 
@@ -77,5 +81,8 @@ class OnnxBackend(Backend):
         self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray, positions: bool = False
     ) -> BatchOutput:
         names = ["logits", "state_out", "position_logits"] if positions else ["logits", "state_out"]
-        out = self.session.run(names, {"ids": ids, "lengths": lengths, "state": state})
+        feeds = {"ids": ids, "lengths": lengths, "state": state}
+        if self._positions_switch:
+            feeds["positions"] = _TRUE if positions else _FALSE
+        out = self.session.run(names, feeds)
         return BatchOutput(out[0], out[1], out[2] if positions else None)

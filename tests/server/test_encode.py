@@ -1,4 +1,5 @@
-"""Text -> ids: the per-character and the vectorised path give the same ids and the same error."""
+"""Text -> ids: the per-character, the vectorised and the ASCII path give the same ids and the
+same error."""
 
 from __future__ import annotations
 
@@ -35,14 +36,21 @@ def test_both_paths_agree(text: str) -> None:
             assert long is None
         else:
             assert long is not None and short.tolist() == long.tolist()
+        if text.isascii():
+            assert a._ascii_table is not None
+            fast = a._encode_ascii(text, a._ascii_table)
+            assert (fast is None) == (short is None)
+            assert fast is None or (fast.tolist() == short.tolist() and fast.dtype.name == "int64")
 
 
 @pytest.mark.parametrize("length", [ENCODE_VECTOR_MIN - 1, ENCODE_VECTOR_MIN, 5 * ENCODE_VECTOR_MIN])
-def test_error_names_the_first_unknown_character_at_any_length(length: int) -> None:
-    text = "a" * (length - 3) + "é~ü"
+@pytest.mark.parametrize("ascii_only", [False, True])
+def test_error_names_the_first_unknown_character_at_any_length(length: int, ascii_only: bool) -> None:
+    text = "a" * (length - 3) + ("X~." if ascii_only else "é~ü")
     with pytest.raises(InvalidInput) as e:
         artifact(unk=False).encode(text, index=7)
     assert e.value.message == (f"texts[7]: character '~' (U+007E) at position {length - 2} is not in "
                                f"the model's vocabulary (12 characters; see GetModelInfo)")
     ids = artifact(unk=True).encode(text)
-    assert ids.tolist()[-3:] == [9, 12, 12] and ids.dtype.name == "int64"
+    want = [4, 12, 8] if ascii_only else [9, 12, 12]
+    assert ids.tolist()[-3:] == want and ids.dtype.name == "int64"
