@@ -137,6 +137,10 @@ class NextCharServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # two servers must not silently share a port
+            # BDP probing sends PINGs as data arrives, to grow flow-control windows; for our
+            # small messages that is only extra frames and wake-ups per call (measured:
+            # docs/benchmarks.md, peer benchmark).
+            ("grpc.http2.bdp_probe", int(s.http2_bdp_probe)),
         ]
         # Outermost first: telemetry sees every outcome, auth runs before any handler.
         interceptors: list[grpc.aio.ServerInterceptor] = [

@@ -8,7 +8,7 @@
   `max_batch_delay_ms` > 0 waits that long to fill a batch.
 - One batch at a time unless there is a lot to do: while a model call runs, another worker
   starts only once `parallel_batch_chars` characters are queued. Two workers taking turns on a
-  trickle of single texts would each run tiny batches (per character the Loop graph is ~5x
+  trickle of single texts would each run tiny batches (per character the loop graph is ~2x
   cheaper at batch 64 than at batch 1) and take CPU the event loop needs; batch jobs still get
   every worker (docs/benchmarks.md, "What closed the p99 gap").
 - Bounded: more than `max_queue_texts` waiting -> Overloaded (RESOURCE_EXHAUSTED) at once.

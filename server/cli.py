@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} [env NEXTCHAR_{name.upper()}, default {field.default}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

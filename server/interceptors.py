@@ -47,12 +47,11 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: BaseException, meth
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
 
 
-async def _reject_undecodable(context: grpc.aio.ServicerContext, request: Any) -> None:
-    if isinstance(request, _Undecodable):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"request message does not decode: {request.error} (strings must be valid UTF-8)",
-        )
+async def _reject_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request message does not decode: {request.error} (strings must be valid UTF-8)",
+    )
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -82,7 +81,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             unary: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _reject_undecodable(context, request)
+                if type(request) is _Undecodable:  # no coroutine on the common path
+                    await _reject_undecodable(context, request)
                 try:
                     return await unary(request, context)
                 except grpc.aio.AbortError:
@@ -99,7 +99,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             stream: Any = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await _reject_undecodable(context, request)
+                if type(request) is _Undecodable:  # no coroutine on the common path
+                    await _reject_undecodable(context, request)
                 try:
                     async for response in stream(request, context):
                         yield response

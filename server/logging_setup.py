@@ -11,11 +11,12 @@ the call's trailing metadata; `telemetry.py` sets it for the duration of each ca
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -31,11 +32,17 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
 }
 
 
+# Fresh ids: 32 hex characters, a random per-process half and a counter. Unique like uuid4().hex
+# in practice, without its urandom system call on every call (~2% of the event loop's time).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count()
+
+
 def request_id_from(value: str | bytes | None) -> str:
     """The caller's id when it is usable, else a fresh one."""
     if isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class RequestIdFilter(logging.Filter):

@@ -76,6 +76,10 @@ class ServerSettings(BaseSettings):
         20.0, ge=0, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
     )
 
+    http2_bdp_probe: bool = Field(
+        False, description="HTTP/2 bandwidth-delay probing: PINGs that grow flow-control "
+        "windows for big messages on slow links; off, 5-15% more small calls/s (docs/benchmarks.md)."
+    )
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="asyncio event loop: uvloop (faster per request) or the standard "

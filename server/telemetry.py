@@ -152,8 +152,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> int:
-        """Sets the call's request id; refuses it while draining; else tracks it."""
+    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> int | None:
+        """Sets the call's request id; None while draining (the caller refuses the call); else
+        tracks the call. Not a coroutine: it runs on every call, and only a refusal awaits."""
         supplied = None
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_HEADER:
@@ -163,7 +164,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         if self.gate.closed:
             self._finish(method, "UNAVAILABLE", 0.0)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            return None
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         return self.tracker.begin()
@@ -185,7 +186,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, inner: Any, method: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            seq = await self._enter(context, method)
+            seq = self._enter(context, method)
+            if seq is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             started = time.perf_counter()
             code = "OK"
             try:
@@ -206,7 +209,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, inner: Any, method: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            seq = await self._enter(context, method)
+            seq = self._enter(context, method)
+            if seq is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             started = time.perf_counter()
             code = "OK"
             try:

@@ -222,3 +222,16 @@ def test_plain_client_install_has_no_torch_or_onnxruntime(served: ServeProcess) 
     out = subprocess.run([py, "-m", "nextchar", "predict", "--server", served.address, "--json", "abc"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["text"] == "abc"
+
+
+def test_serve_help_lists_every_setting() -> None:
+    """--help is generated from ServerSettings: it must render (argparse formats it with %)."""
+    from nextchar.server.cli import ENV_ONLY
+    from nextchar.server.settings import ServerSettings
+
+    out = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ServerSettings.model_fields:
+        if name not in ENV_ONLY:
+            assert "--" + name.replace("_", "-") in out.stdout
