@@ -1,4 +1,4 @@
-"""nextchar.v1.Admin servicer: operator actions (admin.proto). Auth is the interceptors' job.
+"""nextchar.v1.Admin servicer: operator actions (admin.proto). Auth is interceptors.py's job.
 
     nextchar reload --server 127.0.0.1:50051 --token "$NEXTCHAR_TOKEN"
 """

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionServicer
 
 from nextchar.v1 import admin_pb2, admin_pb2_grpc, nextchar_pb2, nextchar_pb2_grpc
 
@@ -29,14 +31,14 @@ from .backends import Backend
 from .batcher import Batcher
 from .errors import ArtifactError
 from .generator import Generator
-from .interceptors import AuthInterceptor, ErrorMappingInterceptor
+from .interceptors import Auth, CallWrapper, WrappingServer
 from .metrics import Metrics
 from .predictor import Limits, Predictor
 from .reload import LoadedModel, Reloader, ReloadFailed
 from .security import load_tokens, open_method, server_credentials, warn_if_exposed
 from .servicer import NextCharServicer
 from .settings import ServerSettings
-from .telemetry import CallTracker, DrainGate, TelemetryInterceptor
+from .telemetry import CallTracker, DrainGate, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +144,21 @@ class NextCharServer:
             # docs/benchmarks.md, peer benchmark).
             ("grpc.http2.bdp_probe", int(s.http2_bdp_probe)),
         ]
-        # Outermost first: telemetry sees every outcome, auth runs before any handler.
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            TelemetryInterceptor(self.tracker, self.gate, self.metrics)]
-        if tokens is not None:
-            interceptors.append(AuthInterceptor(tokens.accepts, lambda m: open_method(m, s)))
-        interceptors.append(ErrorMappingInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        nextchar_pb2_grpc.add_NextCharServicer_to_server(self.servicer, server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.reloader), server)
-        self.kserve = kserve.add_kserve_to_server(self.servicer, server)  # same port
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        server = grpc.aio.server(options=options)
+        # Every handler registered through `registry` gets telemetry, auth and error mapping,
+        # wrapped once here rather than by interceptors on every call (interceptors.py).
+        auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s))
+        wrapper = CallWrapper(Telemetry(self.tracker, self.gate, self.metrics), auth)
+        registry: Any = WrappingServer(server, wrapper)
+        nextchar_pb2_grpc.add_NextCharServicer_to_server(self.servicer, registry)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.reloader), registry)
+        self.kserve = kserve.add_kserve_to_server(self.servicer, registry)  # same port
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registry)
+        # What reflection.enable_server_reflection does for a grpc.aio server (it picks the
+        # servicer by the server's type, which `registry` is not).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(AioReflectionServicer(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             kserve.SERVICE_NAME, ADMIN_SERVICE_NAME, reflection.SERVICE_NAME],
-            server,
-        )
+             kserve.SERVICE_NAME, ADMIN_SERVICE_NAME, reflection.SERVICE_NAME]), registry)
         address = f"{s.host}:{s.port}"
         if credentials is None:
             self.port = server.add_insecure_port(address)

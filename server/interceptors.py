@@ -1,16 +1,29 @@
-"""Server interceptors: domain errors -> gRPC status codes, in one place.
+"""Every call's outer layers, wrapped around each method's handler once, at registration.
 
-- ServingError subclasses carry their code and a message meant for the caller.
-- Anything else is a bug: logged with its traceback, answered INTERNAL with a generic message,
-  so no internal text reaches clients and the server stays up.
-- A request that does not decode (e.g. a string field with invalid UTF-8) is answered
-  INVALID_ARGUMENT instead of gRPC's default INTERNAL "Exception deserializing request!".
+In order, outermost first (what three grpc.aio ServerInterceptors used to do):
+
+1. Telemetry (telemetry.py): request id, drain gate, call tracking, metrics and access log; for
+   every method but health and reflection.
+2. Auth (security.py): a call without an accepted bearer token is answered UNAUTHENTICATED,
+   unless its method is open (health, reflection: settings).
+3. Error mapping, in one place: ServingError subclasses carry their code and a message meant for
+   the caller; anything else is a bug, logged with its traceback and answered INTERNAL with a
+   generic message, so no internal text reaches clients and the server stays up. A request that
+   does not decode (e.g. a string field with invalid UTF-8) is answered INVALID_ARGUMENT instead
+   of gRPC's default INTERNAL "Exception deserializing request!".
+
+Why not interceptors: grpc.aio asks every interceptor for the handler on every call (a coroutine
+each), and each wrapped handler added a coroutine layer; together ~40-60 us of the event loop's
+time per call, about a tenth of a Predict's (docs/benchmarks.md). `WrappingServer` stands in for
+the server while services register, so each handler is wrapped once, in one layer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -18,8 +31,32 @@ from google.protobuf.message import DecodeError
 
 from .errors import ServingError
 from .security import bearer_token
+from .telemetry import DRAINING_MESSAGE, Telemetry, code_of
 
 log = logging.getLogger(__name__)
+
+MISSING_TOKEN = ("missing bearer token: send metadata 'authorization: Bearer <token>' "
+                 "(nextchar --token or NEXTCHAR_TOKEN)")
+STREAM_ENDED = ("server is shutting down: stream ended early; resume from the last state on "
+                "another replica")
+
+
+class Auth:
+    """Bearer tokens: `accepts(token)` decides; `is_open(method)` names the methods answered
+    without one."""
+
+    def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool]) -> None:
+        self.accepts = accepts
+        self.is_open = is_open
+
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Aborts the call with UNAUTHENTICATED unless it carries an accepted token."""
+        token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
+        if token is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN)
+        elif not self.accepts(token):
+            log.info("rejected a call to %s: token not accepted", method)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token not accepted")
 
 
 class _Undecodable:
@@ -54,127 +91,155 @@ async def _reject_undecodable(context: grpc.aio.ServicerContext, request: _Undec
     )
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        # gRPC asks every interceptor for a handler on every call; the wrapped handler depends
-        # only on the method's registered handler, so it is built once per method.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
+
+class CallWrapper:
+    def __init__(self, telemetry: Telemetry, auth: Auth | None) -> None:
+        self.telemetry = telemetry
+        self.auth = auth
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` with the layers its method needs (see the module docstring)."""
+        tracked = self.telemetry.tracks(method)
+        auth = None if self.auth is None or self.auth.is_open(method) else self.auth
+        # Client-streaming handlers read their own requests: nothing here decodes for them.
+        map_errors = not handler.request_streaming
+        if not (tracked or auth or map_errors):
             return handler
-        cached = self._wrapped.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, details.method)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         # grpc-stubs types handlers for the sync server; under grpc.aio they are coroutines.
-        if handler.unary_unary is not None:
-            unary: Any = handler.unary_unary
+        inner: Any = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                      or handler.stream_stream)
+        make = self._streaming if handler.response_streaming else self._unary
+        behavior = make(inner, method, tracked, auth, map_errors)
+        deserialize = handler.request_deserializer
+        return _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))](
+            behavior,
+            request_deserializer=_safe_deserializer(deserialize) if map_errors else deserialize,
+            response_serializer=handler.response_serializer,
+        )
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _unary(self, inner: Any, method: str, tracked: bool, auth: Auth | None,
+               map_errors: bool) -> Any:
+        telemetry = self.telemetry
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            seq = telemetry.enter(context, method) if tracked else None
+            if tracked and seq is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                if auth is not None:
+                    await auth.check(context, method)
                 if type(request) is _Undecodable:  # no coroutine on the common path
                     await _reject_undecodable(context, request)
                 try:
-                    return await unary(request, context)
-                except grpc.aio.AbortError:
+                    return await inner(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
+                    if not map_errors:
+                        raise
                     await _abort_for(context, e, method)
+            except grpc.aio.AbortError:
+                code = code_of(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                if seq is not None:
+                    telemetry.exit(seq, method, code, started)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream: Any = handler.unary_stream
+        return behavior
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if type(request) is _Undecodable:  # no coroutine on the common path
+    def _streaming(self, inner: Any, method: str, tracked: bool, auth: Auth | None,
+                   map_errors: bool) -> Any:
+        telemetry = self.telemetry
+        gate = telemetry.gate
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            seq = telemetry.enter(context, method) if tracked else None
+            if tracked and seq is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                if auth is not None:
+                    await auth.check(context, method)
+                if type(request) is _Undecodable:
                     await _reject_undecodable(context, request)
                 try:
-                    async for response in stream(request, context):
+                    async for response in inner(request, context):
                         yield response
-                except grpc.aio.AbortError:
+                        if tracked and gate.streams_must_end:
+                            code = "UNAVAILABLE"
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_ENDED)
+                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception as e:
+                    if not map_errors:
+                        raise
                     await _abort_for(context, e, method)
+            except grpc.aio.AbortError:
+                code = code_of(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                if seq is not None:
+                    telemetry.exit(seq, method, code, started)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-def _reject_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers every call with `code`."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kind = (bool(handler.request_streaming), bool(handler.response_streaming))
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return factory(
-        streaming if handler.response_streaming else unary,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+        return behavior
 
 
-MISSING_TOKEN = ("missing bearer token: send metadata 'authorization: Bearer <token>' "
-                 "(nextchar --token or NEXTCHAR_TOKEN)")
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A service found by name at call time (the path for methods not registered up front):
+    wrapped on first use, then from a cache."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        if handler is None:
+            return None
+        cached = self._cache.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(details.method, handler))
+            self._cache[details.method] = cached
+        return cached[1]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer tokens (security.py): a call without an accepted token is answered UNAUTHENTICATED.
+class WrappingServer:
+    """The two registration calls of generated `add_*Servicer_to_server` functions (and of
+    health and reflection), forwarded to `server` with every handler wrapped."""
 
-    `is_open(method)` names the methods answered without a token (health, reflection: settings).
-    """
+    def __init__(self, server: grpc.aio.Server, wrapper: CallWrapper) -> None:
+        self._server = server
+        self._wrap = wrapper.wrap
 
-    def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool]) -> None:
-        self.accepts = accepts
-        self.is_open = is_open
-        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers))
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or self.is_open(details.method):
-            return handler
-        token = bearer_token(details.invocation_metadata)
-        if token is None:
-            return self._refusal(handler, details.method, MISSING_TOKEN)
-        if not self.accepts(token):
-            log.info("rejected a call to %s: token not accepted", details.method)
-            return self._refusal(handler, details.method, "bearer token not accepted")
-        return handler
-
-    def _refusal(self, handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc.RpcMethodHandler:
-        """One refusing handler per (method, message), so outer interceptors can cache theirs."""
-        key = (method, message)
-        if key not in self._refusals:
-            self._refusals[key] = _reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)
-        return self._refusals[key]
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        # grpcio >= 1.62 has it (the generated code calls it); grpc-stubs predates it.
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()})

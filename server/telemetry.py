@@ -1,4 +1,5 @@
-"""Per-call bookkeeping in one outer interceptor: request id, drain gate, in-flight calls, metrics.
+"""Per-call bookkeeping, the outermost layer of every call (interceptors.py): request id, drain
+gate, in-flight calls, metrics.
 
 For every RPC except health and reflection:
 - the request id (the caller's `x-request-id` or a fresh one) is set for the call's logs and
@@ -7,7 +8,7 @@ For every RPC except health and reflection:
 - an accepted call is tracked until it finishes: `stop()` waits for accepted calls, and a hot
   reload retires the old model only after every call that started before the swap finished;
 - its status code and duration go to the metrics and to the access log (DEBUG; errors that are
-  the server's fault are logged at ERROR by the error-mapping interceptor).
+  the server's fault are logged at ERROR by the error-mapping layer, interceptors.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 
@@ -96,7 +96,7 @@ class DrainGate:
         self.streams_must_end = False
 
 
-def _code_of(context: grpc.aio.ServicerContext) -> str:
+def code_of(context: grpc.aio.ServicerContext) -> str:
     code = context.code()
     if code is None:
         return "OK"
@@ -105,56 +105,21 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return str(code)  # cygrpc may report a bare int on some versions
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """The outermost interceptor, so auth failures and mapped errors are counted too."""
+class Telemetry:
+    """What the call wrapper (interceptors.py) does first and last on every tracked call."""
 
     def __init__(self, tracker: CallTracker, gate: DrainGate, metrics: Metrics | None) -> None:
         self.tracker = tracker
         self.gate = gate
         self.metrics = metrics
-        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method = details.method
-        if handler is None or method.startswith(UNTRACKED_PREFIXES):
-            return handler
-        # Built once per (method, inner handler): the inner handlers are themselves cached
-        # (ErrorMappingInterceptor, AuthInterceptor's refusals), and this runs on every call.
-        key = (method, id(handler))
-        cached = self._wrapped.get(key)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[key] = (handler, wrapped)  # holding `handler` keeps its id() unique
-        return wrapped
+    @staticmethod
+    def tracks(method: str) -> bool:
+        return not method.startswith(UNTRACKED_PREFIXES)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if handler.response_streaming:
-            inner_stream = handler.unary_stream or handler.stream_stream
-            behavior: Any = self._wrap_stream(inner_stream, method)
-        else:
-            inner_unary = handler.unary_unary or handler.stream_unary
-            behavior = self._wrap_unary(inner_unary, method)
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        return factory(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> int | None:
-        """Sets the call's request id; None while draining (the caller refuses the call); else
-        tracks the call. Not a coroutine: it runs on every call, and only a refusal awaits."""
+    def enter(self, context: grpc.aio.ServicerContext, method: str) -> int | None:
+        """Sets the call's request id; None while draining (the caller refuses the call with
+        DRAINING_MESSAGE); else tracks the call and returns its sequence number."""
         supplied = None
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_HEADER:
@@ -169,7 +134,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.in_flight.inc()
         return self.tracker.begin()
 
-    def _exit(self, seq: int, method: str, code: str, started: float) -> None:
+    def exit(self, seq: int, method: str, code: str, started: float) -> None:
         # Counted before the in-flight gauge drops: a scrape seeing 0 in flight sees every count.
         self._finish(method, code, time.perf_counter() - started)
         if self.metrics is not None:
@@ -183,57 +148,3 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             access_log.debug("%s %s %.1f ms", method.rsplit("/", 1)[-1], code, duration_s * 1e3,
                              extra={"method": method, "code": code,
                                     "duration_ms": round(duration_s * 1e3, 3)})
-
-    def _wrap_unary(self, inner: Any, method: str) -> Any:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            seq = self._enter(context, method)
-            if seq is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                code = _code_of(context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = "UNKNOWN"
-                raise
-            finally:
-                self._exit(seq, method, code, started)
-
-        return behavior
-
-    def _wrap_stream(self, inner: Any, method: str) -> Any:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            seq = self._enter(context, method)
-            if seq is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                async for response in inner(request, context):
-                    yield response
-                    if self.gate.streams_must_end:
-                        code = "UNAVAILABLE"
-                        await context.abort(
-                            grpc.StatusCode.UNAVAILABLE,
-                            "server is shutting down: stream ended early; resume from the last "
-                            "state on another replica",
-                        )
-            except grpc.aio.AbortError:
-                code = _code_of(context)
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = "UNKNOWN"
-                raise
-            finally:
-                self._exit(seq, method, code, started)
-
-        return behavior
