@@ -82,7 +82,7 @@ $(MLSERVER_VENV)/.installed:
 
 bench-peer: setup $(MLSERVER_VENV)/.installed
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/peer_bench.py \
-	  --mlserver-venv $(MLSERVER_VENV) --tune --out docs/peer_bench.json
+	  --mlserver-venv $(MLSERVER_VENV) --tune --repeats 5 --out docs/peer_bench.json
 
 # Without the thin-install checks (quicker while developing).
 test-fast: setup

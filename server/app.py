@@ -139,9 +139,9 @@ class NextCharServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # two servers must not silently share a port
-            # BDP probing sends PINGs as data arrives, to grow flow-control windows; for our
-            # small messages that is only extra frames and wake-ups per call (measured:
-            # docs/benchmarks.md, peer benchmark).
+            # BDP probing sends PINGs as data arrives, to grow flow-control windows; our
+            # messages are small. Off measured +5-15 % calls/s once, no difference later
+            # (docs/benchmarks.md, peer benchmark); every recorded benchmark ran with it off.
             ("grpc.http2.bdp_probe", int(s.http2_bdp_probe)),
         ]
         server = grpc.aio.server(options=options)

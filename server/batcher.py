@@ -126,6 +126,7 @@ class Batcher:
         # Guards _pending, _pending_chars, _running and _closed, which the loop and the
         # worker threads both change (workers pull their next batch themselves).
         self._lock = threading.Lock()
+        self._jobs_waiting = 0  # submit_job() work queued behind the batches (Generate steps)
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
         self._slots = asyncio.Semaphore(backend.workers)  # batching off: one call per worker
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,6 +162,25 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._pending) + self._in_flight_texts
+
+    def submit_job(self, fn: Callable[..., object], *args: object) -> None:
+        """Runs fn(*args) on a backend worker between batches (Generate's steps): a worker
+        pulling batch after batch lets it go first, so a stream of Predict batches cannot
+        starve it. RuntimeError once the executor is shut down."""
+        with self._lock:
+            self._jobs_waiting += 1
+
+        def run() -> None:
+            with self._lock:
+                self._jobs_waiting -= 1
+            fn(*args)
+
+        try:
+            self.executor.submit(run)
+        except RuntimeError:
+            with self._lock:
+                self._jobs_waiting -= 1
+            raise
 
     # -- submission --------------------------------------------------------------------------
     async def submit(self, items: list[Item]) -> list[TextResult]:
@@ -317,6 +337,9 @@ class Batcher:
             if not batch:
                 if wake:
                     loop.call_soon_threadsafe(self._dispatch)
+                return
+            if self._jobs_waiting:  # jobs queued meanwhile run first; this batch queues behind
+                self.executor.submit(self._work, batch, loop)
                 return
 
     def _run_batch(self, items: list[Item]) -> tuple[list[TextResult] | None, BaseException | None]:

@@ -444,7 +444,7 @@ class Generator:
     def _queue_step(self, lane: _Lane) -> None:
         """Queues the lane's next step at the back of the backend's executor queue."""
         try:
-            self.batcher.executor.submit(self._drive, lane)
+            self.batcher.submit_job(self._drive, lane)
         except RuntimeError:  # the executor is shut down: the server is stopping
             self._stop_lane(lane, NotReady("server is shutting down; retry on another replica"))
 

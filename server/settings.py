@@ -78,7 +78,8 @@ class ServerSettings(BaseSettings):
 
     http2_bdp_probe: bool = Field(
         False, description="HTTP/2 bandwidth-delay probing: PINGs that grow flow-control "
-        "windows for big messages on slow links; off, 5-15% more small calls/s (docs/benchmarks.md)."
+        "windows, for big messages on long links; off (as every recorded benchmark ran), no "
+        "PING frames per burst of small calls (docs/benchmarks.md)."
     )
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(

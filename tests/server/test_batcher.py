@@ -163,3 +163,37 @@ def test_a_full_queue_answers_overloaded_at_once() -> None:
         await b.close()
 
     run(main())
+
+
+class OneWorkerBackend(HeldBackend):
+    workers = 1
+
+
+def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
+    """Generate's steps (submit_job) queued while a batch runs go before the next batch: a
+    worker that takes batch after batch itself must not starve them."""
+
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        second = asyncio.create_task(b.submit(items(loop, [[2], [3]])))
+        await asyncio.sleep(0.05)  # queued behind the running batch
+        step_ran = asyncio.Event()
+
+        def step() -> None:
+            order.append(f"job after {len(backend.calls)} calls")
+            loop.call_soon_threadsafe(step_ran.set)
+
+        b.submit_job(step)
+        backend.release.set()
+        await asyncio.gather(first, second, step_ran.wait())
+        assert order == ["job after 1 calls"] and backend.calls == [1, 2]
+        await b.close()
+
+    run(main())

@@ -1,0 +1,114 @@
+"""Where a server's CPU goes under load: per-thread CPU per request, from /proc (Linux).
+
+    .venv/bin/python bench/server_cpu.py                       # nextchar defaults, c=64
+    .venv/bin/python bench/server_cpu.py --ab -- --no-http2-bdp-probe --http2-bdp-probe
+
+Starts `nextchar serve` on the peer-benchmark model (bench/peer_bench.py), drives it with the
+peer benchmark's closed loop (one 64-character KServe ModelInfer per request, C workers on one
+channel), and reads each server thread's CPU time (utime + stime) and run-queue wait
+(/proc/<pid>/task/<tid>/schedstat: time runnable but not running, i.e. waiting for a core)
+before and after the measured seconds. With --ab, the flag sets after `--` are run in turns,
+--rounds times, so drift on a shared machine hits each alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import peer_bench as pb
+
+
+def thread_times(pid: int) -> dict[str, tuple[str, float, float]]:
+    """tid -> (name, CPU seconds, run-queue wait seconds)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            sched = (task / "schedstat").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[task.name] = ("main" if task.name == str(pid) else name, cpu, int(sched[1]) / 1e9)
+    return out
+
+
+def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
+             workdir: Path) -> dict:
+    manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+    payloads = pb.make_payloads(manifest["name"])
+    server = pb.start_nextchar(artifact, workdir, *flags)
+    try:
+        server.wait_ready(manifest["name"])
+        asyncio.run(pb.closed_loop(server.address, payloads, concurrency, 2.0))  # warm-up
+        before, own_before = thread_times(server.proc.pid), os.times()
+        sample = asyncio.run(pb.closed_loop(server.address, payloads, concurrency, seconds))
+        after, own_after = thread_times(server.proc.pid), os.times()
+    finally:
+        server.stop()
+    n, wall = sample.requests, sample.duration_s
+    threads = []
+    for tid, (name, cpu, wait) in after.items():
+        _, cpu0, wait0 = before.get(tid, (name, 0.0, 0.0))
+        if cpu - cpu0 > 0.01 * wall:
+            threads.append({"thread": f"{name}:{tid}", "cores": round((cpu - cpu0) / wall, 2),
+                            "us_per_request": round((cpu - cpu0) / n * 1e6),
+                            "runqueue_wait": round((wait - wait0) / wall, 2)})
+    threads.sort(key=lambda t: -t["cores"])
+    loadgen = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+    return {"flags": flags, "throughput_rps": sample.throughput_rps, "p99_ms": sample.p99_ms,
+            "server_us_per_request": round(sum(t["us_per_request"] for t in threads)),
+            "loadgen_us_per_request": round(loadgen / n * 1e6), "threads": threads}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--ab", action="store_true",
+                    help="the arguments after -- are flag sets to compare, one per argument "
+                         "(split on spaces; '' = defaults)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=pb.REPO / "runs" / "server_cpu")
+    args, rest = ap.parse_known_args()
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    artifact = (pb.REPO / "runs" / "peer_bench" / "artifact").resolve()
+    if not (artifact / "manifest.json").is_file():
+        from nextchar.training.export import build_random_artifact
+
+        build_random_artifact(artifact, vocab=pb.VOCAB, cell="rnn", embed_dim=64, hidden_size=256,
+                              num_layers=2, seed=0, name="peer-rnn")
+    sets = [s.split() for s in rest] if args.ab else [rest]
+    rounds = args.rounds if args.ab else 1
+    results: dict[str, list[dict]] = {" ".join(s) or "(defaults)": [] for s in sets}
+    for _ in range(rounds):
+        for flags in sets:
+            r = run_once(artifact, flags, args.concurrency, args.seconds, args.workdir)
+            label = " ".join(flags) or "(defaults)"
+            results[label].append(r)
+            print(f"{label:<40} {r['throughput_rps']:>8.1f} req/s  p99 {r['p99_ms']:6.1f} ms  "
+                  f"server {r['server_us_per_request']} us/req  loadgen "
+                  f"{r['loadgen_us_per_request']} us/req", flush=True)
+            if not args.ab:
+                for t in r["threads"]:
+                    print(f"  {t['thread']:<24} {t['cores']:.2f} cores  {t['us_per_request']:>5} "
+                          f"us/req  waiting for a core {t['runqueue_wait']:.2f} of the time")
+    if args.ab:
+        print("medians:")
+        for label, rs in results.items():
+            print(f"  {label:<40} {statistics.median(r['throughput_rps'] for r in rs):>8.1f} "
+                  f"req/s  server {statistics.median(r['server_us_per_request'] for r in rs):.0f} "
+                  "us/req")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
