@@ -339,8 +339,11 @@ class Batcher:
                     loop.call_soon_threadsafe(self._dispatch)
                 return
             if self._jobs_waiting:  # jobs queued meanwhile run first; this batch queues behind
-                self.executor.submit(self._work, batch, loop)
-                return
+                try:
+                    self.executor.submit(self._work, batch, loop)
+                    return
+                except RuntimeError:  # the executor is shutting down: finish the batch here
+                    pass
 
     def _run_batch(self, items: list[Item]) -> tuple[list[TextResult] | None, BaseException | None]:
         try:
