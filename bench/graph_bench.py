@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from peer_bench import VOCAB
+from peer_bench import peer_artifact
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -58,15 +58,7 @@ def main() -> int:
     ap.add_argument("--chars", type=int, default=64)
     ap.add_argument("--runs", type=int, default=40)
     args = ap.parse_args()
-    artifacts = args.artifact
-    if not artifacts:
-        from nextchar.training.export import build_random_artifact
-
-        default = Path(__file__).resolve().parents[1] / "runs" / "peer_bench" / "artifact"
-        if not (default / "manifest.json").is_file():
-            build_random_artifact(default, vocab=VOCAB, cell="rnn", embed_dim=64, hidden_size=256,
-                                  num_layers=2, seed=0, name="peer-rnn")
-        artifacts = [default]
+    artifacts = args.artifact or [peer_artifact()]
 
     print("| artifact | graph | " + " | ".join(f"B={b} char/s" for b in args.batch) + " |")
     print("|---|---|" + "---|" * len(args.batch))

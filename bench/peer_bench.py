@@ -176,6 +176,17 @@ def start_mlserver(venv: Path, artifact: Path, manifest: dict[str, Any], cfg: ML
     return Server(f"MLServer ({cfg.label})", argv, port, folder, folder / "mlserver.log", env)
 
 
+def peer_artifact(path: Path = REPO / "runs" / "peer_bench" / "artifact") -> Path:
+    """The benchmark model (84-character vocabulary, rnn, embed 64, hidden 256, 2 layers), built
+    at `path` unless it is there already; bench/graph_bench.py and bench/server_cpu.py share it."""
+    if not (path / "manifest.json").is_file():
+        from nextchar.training.export import build_random_artifact
+
+        build_random_artifact(path, vocab=VOCAB, cell="rnn", embed_dim=64, hidden_size=256,
+                              num_layers=2, seed=0, name="peer-rnn")
+    return path.resolve()
+
+
 # -- requests and answers --------------------------------------------------------------------
 
 
@@ -317,13 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.mlserver_venv, args.workdir = args.mlserver_venv.resolve(), args.workdir.resolve()
 
-    from nextchar.training.export import build_random_artifact
-
     args.workdir.mkdir(parents=True, exist_ok=True)
-    artifact = args.workdir / "artifact"
-    if not (artifact / "manifest.json").is_file():
-        build_random_artifact(artifact, vocab=VOCAB, cell="rnn", embed_dim=64, hidden_size=256,
-                              num_layers=2, seed=0, name="peer-rnn")
+    artifact = peer_artifact(args.workdir / "artifact")
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     payloads = make_payloads(manifest["name"])
 

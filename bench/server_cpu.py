@@ -80,12 +80,7 @@ def main() -> int:
     args, rest = ap.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
     args.workdir.mkdir(parents=True, exist_ok=True)
-    artifact = (pb.REPO / "runs" / "peer_bench" / "artifact").resolve()
-    if not (artifact / "manifest.json").is_file():
-        from nextchar.training.export import build_random_artifact
-
-        build_random_artifact(artifact, vocab=pb.VOCAB, cell="rnn", embed_dim=64, hidden_size=256,
-                              num_layers=2, seed=0, name="peer-rnn")
+    artifact = pb.peer_artifact()
     sets = [s.split() for s in rest] if args.ab else [rest]
     rounds = args.rounds if args.ab else 1
     results: dict[str, list[dict]] = {" ".join(s) or "(defaults)": [] for s in sets}

@@ -14,8 +14,8 @@ arithmetic:
   cost as much as the GEMMs at small batches; without it the graph is 2.2x faster at batch 1 and
   ~11% at batch 32 (docs/benchmarks.md).
 
-Measured on the 2-core CPU machine (docs/benchmarks.md): ORT runs this 2-2.6x faster than its own
-RNN kernel at batch >= 16, because the RNN kernel does not batch its GEMMs well. On CUDA the
+Measured on the 2-core CPU machine (docs/benchmarks.md): ORT runs this 2-3.5x faster than its own
+RNN kernel at batch >= 8, because the RNN kernel does not batch its GEMMs well. On CUDA the
 standard graph (cuDNN RNN kernels) stays the better choice, so artifacts carry both.
 
 G is 1 for rnn (tanh), 3 for gru (gates r, z, n) and 4 for lstm (gates i, f, g, o), as in torch.

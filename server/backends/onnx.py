@@ -65,7 +65,7 @@ class OnnxBackend(Backend):
 
     @staticmethod
     def _choose_graph(artifact: Artifact, graph: str, cuda: bool) -> str:
-        """auto: the Loop graph on CPU (2-2.6x ORT's RNN kernel), the standard one on CUDA."""
+        """auto: the loop graph on CPU (2-3.5x ORT's RNN kernel, docs/benchmarks.md), the standard one on CUDA."""
         if graph == "loop" and not artifact.has_file(LOOP_ONNX):
             raise ArtifactError(f"--onnx-graph loop: {artifact.path} has no {LOOP_ONNX} "
                                 "(re-export it with this version of nextchar)")
