@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nextchar/v1/admin.proto\x12\x0bnextchar.v1\"\x14\n\x12ReloadModelRequest\"k\n\x13ReloadModelResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t2Y\n\x05\x41\x64min\x12P\n\x0bReloadModel\x12\x1f.nextchar.v1.ReloadModelRequest\x1a .nextchar.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nextchar/v1/admin.proto\x12\x0bnextchar.v1\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8a\x01\n\x13ReloadModelResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"L\n\x11LoadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t2\xf7\x01\n\x05\x41\x64min\x12P\n\x0bReloadModel\x12\x1f.nextchar.v1.ReloadModelRequest\x1a .nextchar.v1.ReloadModelResponse\x12J\n\tLoadModel\x12\x1d.nextchar.v1.LoadModelRequest\x1a\x1e.nextchar.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.nextchar.v1.UnloadModelRequest\x1a .nextchar.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextchar.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELOADMODELREQUEST']._serialized_start=40
-  _globals['_RELOADMODELREQUEST']._serialized_end=60
-  _globals['_RELOADMODELRESPONSE']._serialized_start=62
-  _globals['_RELOADMODELRESPONSE']._serialized_end=169
-  _globals['_ADMIN']._serialized_start=171
-  _globals['_ADMIN']._serialized_end=260
+  _globals['_RELOADMODELREQUEST']._serialized_end=75
+  _globals['_RELOADMODELRESPONSE']._serialized_start=78
+  _globals['_RELOADMODELRESPONSE']._serialized_end=216
+  _globals['_LOADMODELREQUEST']._serialized_start=218
+  _globals['_LOADMODELREQUEST']._serialized_end=251
+  _globals['_LOADMODELRESPONSE']._serialized_start=253
+  _globals['_LOADMODELRESPONSE']._serialized_end=329
+  _globals['_UNLOADMODELREQUEST']._serialized_start=331
+  _globals['_UNLOADMODELREQUEST']._serialized_end=366
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=368
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=421
+  _globals['_ADMIN']._serialized_start=424
+  _globals['_ADMIN']._serialized_end=671
 # @@protoc_insertion_point(module_scope)

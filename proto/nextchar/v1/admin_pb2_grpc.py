@@ -39,6 +39,16 @@ class AdminStub:
                 request_serializer=nextchar_dot_v1_dot_admin__pb2.ReloadModelRequest.SerializeToString,
                 response_deserializer=nextchar_dot_v1_dot_admin__pb2.ReloadModelResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/nextchar.v1.Admin/LoadModel',
+                request_serializer=nextchar_dot_v1_dot_admin__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=nextchar_dot_v1_dot_admin__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/nextchar.v1.Admin/UnloadModel',
+                request_serializer=nextchar_dot_v1_dot_admin__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=nextchar_dot_v1_dot_admin__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -55,6 +65,23 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Loads a model of the repository that is not loaded (or reloads one that is). Errors:
+        NOT_FOUND (no DIR/<model>/ in the repository), FAILED_PRECONDITION (it failed a check;
+        the details say why), UNAVAILABLE, UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stops serving a model: new calls get NOT_FOUND at once, accepted calls (streams
+        included) finish, then its memory is freed. Errors: NOT_FOUND, UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +89,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReloadModel,
                     request_deserializer=nextchar_dot_v1_dot_admin__pb2.ReloadModelRequest.FromString,
                     response_serializer=nextchar_dot_v1_dot_admin__pb2.ReloadModelResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=nextchar_dot_v1_dot_admin__pb2.LoadModelRequest.FromString,
+                    response_serializer=nextchar_dot_v1_dot_admin__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=nextchar_dot_v1_dot_admin__pb2.UnloadModelRequest.FromString,
+                    response_serializer=nextchar_dot_v1_dot_admin__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +128,60 @@ class Admin:
             '/nextchar.v1.Admin/ReloadModel',
             nextchar_dot_v1_dot_admin__pb2.ReloadModelRequest.SerializeToString,
             nextchar_dot_v1_dot_admin__pb2.ReloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.Admin/LoadModel',
+            nextchar_dot_v1_dot_admin__pb2.LoadModelRequest.SerializeToString,
+            nextchar_dot_v1_dot_admin__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.Admin/UnloadModel',
+            nextchar_dot_v1_dot_admin__pb2.UnloadModelRequest.SerializeToString,
+            nextchar_dot_v1_dot_admin__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

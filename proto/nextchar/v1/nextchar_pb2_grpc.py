@@ -50,6 +50,11 @@ class NextCharStub:
                 request_serializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/nextchar.v1.NextChar/ListModels',
+                request_serializer=nextchar_dot_v1_dot_nextchar__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=nextchar_dot_v1_dot_nextchar__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class NextCharServicer:
@@ -84,6 +89,14 @@ class NextCharServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this server knows (a --model-repository lists each DIR/<model>/), with the
+        version served and its state. Model names are what `model` in the other requests takes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NextCharServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +114,11 @@ def add_NextCharServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.FromString,
                     response_serializer=nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=nextchar_dot_v1_dot_nextchar__pb2.ListModelsRequest.FromString,
+                    response_serializer=nextchar_dot_v1_dot_nextchar__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +203,33 @@ class NextChar:
             '/nextchar.v1.NextChar/Generate',
             nextchar_dot_v1_dot_nextchar__pb2.GenerateRequest.SerializeToString,
             nextchar_dot_v1_dot_nextchar__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.NextChar/ListModels',
+            nextchar_dot_v1_dot_nextchar__pb2.ListModelsRequest.SerializeToString,
+            nextchar_dot_v1_dot_nextchar__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
