@@ -7,7 +7,8 @@
 #
 # debootstrap --variant=minbase bookworm + python3, python3-venv and ca-certificates, pruned of
 # apt caches and docs, then `docker import`. Re-running is a no-op while the tag exists
-# (REBUILD=1 forces). Needs root, debootstrap and a running Docker engine.
+# (REBUILD=1 forces). Needs root and a running Docker engine; installs Debian's debootstrap
+# when it is missing.
 set -euo pipefail
 
 tag=${1:-nextchar-base:bookworm}
@@ -18,7 +19,13 @@ if [[ -z ${REBUILD:-} ]] && docker image inspect "$tag" >/dev/null 2>&1; then
   echo "base image $tag exists (REBUILD=1 to rebuild)"
   exit 0
 fi
-command -v debootstrap >/dev/null || { echo "needs debootstrap: apt-get install -y debootstrap" >&2; exit 1; }
+# A fresh machine has no debootstrap: install Debian's, as scripts/docker_engine.sh does docker.io.
+if ! command -v debootstrap >/dev/null; then
+  [[ $(id -u) == 0 ]] || { echo "needs debootstrap (apt-get install -y debootstrap) or root to install it" >&2; exit 1; }
+  echo "base image: installing Debian's debootstrap" >&2
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+fi
 
 root=$(mktemp -d /tmp/nextchar-rootfs.XXXXXX)
 trap 'rm -rf "$root"' EXIT
