@@ -1,17 +1,20 @@
 """`nextchar serve`: flags override NEXTCHAR_* environment variables (one settings object).
 
-    nextchar serve --model artifacts/demo --backend onnx --device auto --port 50051
+    nextchar serve --model runs/demo/artifact --backend onnx --device auto --port 50051
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
@@ -118,13 +121,58 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
     return uvloop.new_event_loop
 
 
+class PortInUse(OSError):
+    """The gRPC port is taken: said in one line, before the model is loaded."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Binds (and closes) a plain socket on the address gRPC will bind, so a taken port fails in
+    one line before the model loads, and without gRPC core's own error log line. gRPC binds with
+    SO_REUSEADDR (and here without SO_REUSEPORT), so this does too; the start still reports a
+    port taken in between (see `_serve`)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # an unresolvable --host: gRPC's bind reports it
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"{host}:{port} is already in use (another server?): stop "
+                                    f"it, or pick another --port (0 picks a free one)") from e
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(f"cannot bind {host}:{port}: {host} is not an address of "
+                                  f"this machine (--host)") from e
+                if e.errno == errno.EACCES:
+                    raise OSError(f"cannot bind {host}:{port}: permission denied (ports below "
+                                  f"1024 need privileges; pick another --port)") from e
+                raise
+
+
 def main(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as e:
         err = e.errors()[0]
-        print(f"nextchar serve: invalid {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        flag = "--" + "-".join(str(part) for part in err["loc"]).replace("_", "-")
+        print(f"nextchar serve: invalid {flag}: {err['msg']}", file=sys.stderr)
         return 2
+    model = getattr(settings, "model", None)
+    if model is not None and Path(model).is_file():
+        print(f"nextchar serve: --model {model} is a file, not a directory (an "
+              f"artifact directory holds manifest.json and the model files)", file=sys.stderr)
+        return 2
+    try:
+        check_port_free(settings.host, settings.port)
+    except OSError as e:
+        print(f"nextchar serve: {e}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level, settings.log_format)
     try:
         loop_factory = event_loop_factory(settings.event_loop)
@@ -136,7 +184,15 @@ def main(argv: list[str]) -> int:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve(settings))
     except (ArtifactError, DeviceUnavailable, SecurityConfigError, OSError) as e:
-        print(f"nextchar serve: {e}", file=sys.stderr)
+        print(f"nextchar serve: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        # grpc's add_*_port raises RuntimeError("Failed to bind to address ...") when the port
+        # was taken after check_port_free; anything else is a bug and keeps its traceback.
+        if "bind" not in str(e):
+            raise
+        print(f"nextchar serve: cannot bind {settings.host}:{settings.port} (in use, or not "
+              f"an address of this machine): pick another --port or --host", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

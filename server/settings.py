@@ -21,7 +21,7 @@ def _default_workers() -> int:
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEXTCHAR_", extra="ignore")
 
-    model: Path = Field(Path("artifacts/demo"), description="Artifact directory to serve.")
+    model: Path = Field(Path("runs/demo/artifact"), description="Artifact directory to serve (`make demo` writes runs/demo/artifact).")
     backend: Literal["onnx", "torchscript"] = Field(
         "onnx", description="Runtime: onnx (ONNX Runtime, no torch needed) or torchscript."
     )
