@@ -61,7 +61,7 @@ from .batch_io import (
     resolve_format,
     shard_items,
 )
-from .client import NextCharClient, NextCharError, prediction_to_dict
+from .client import NextCharClient, NextCharError, predict_request, prediction_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,29 @@ def spec_from_info(info: pb.GetModelInfoResponse) -> ModelSpec:
 
 
 class RemoteTarget:
-    """One or several servers through a NextCharClient (gRPC's round_robin over replicas)."""
+    """One or several servers through a NextCharClient (gRPC's round_robin over replicas).
 
-    def __init__(self, client: NextCharClient) -> None:
+    model: the model to ask ("" = the server's default); priority: the scheduling lane, "low" by
+    default so a job leaves the high lane to interactive callers.
+    """
+
+    def __init__(self, client: NextCharClient, *, model: str = "", priority: str = "low") -> None:
         self.client = client
+        self.model = model
+        self.priority = priority
+        predict_request([], model=model, priority=priority)  # bad values fail here, not mid-job
+
+    def describe(self) -> str:
+        return self.client.target
 
     def model_spec(self) -> ModelSpec:
-        return spec_from_info(self.client.model_info())
+        return spec_from_info(self.client.model_info(model=self.model))
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
     ) -> tuple[list[pb.Prediction], str]:
-        request = pb.PredictRequest(texts=texts, top_k=top_k, per_position=per_position)
+        request = predict_request(texts, top_k, per_position, model=self.model,
+                                  priority=self.priority)
         response = self.client.predict_response(request, timeout_s=timeout_s)
         return list(response.predictions), response.model_version
 
@@ -462,18 +473,36 @@ def _sync(out: Any) -> None:
     os.fsync(out.fileno())
 
 
+class ServerUnreachable(JobError):
+    """GetModelInfo kept failing before the job began: nothing was sent or written, so this is a
+    refusal (exit 2), not a stopped job to resume."""
+
+
 def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
-    """GetModelInfo with the job's retry policy, so a job may start while a server boots."""
+    """GetModelInfo with the job's retry policy, so a job may start while a server boots; each
+    retry says so on the log (a silent minute looks like a hang)."""
+    where = target.describe() if hasattr(target, "describe") else "the server"
     attempt = 0
     while True:
         try:
             return target.model_spec()
         except NextCharError as e:
-            if e.code not in RETRYABLE or attempt >= opts.max_retries:
-                raise
+            if e.code not in RETRYABLE:  # e.g. NOT_FOUND (--model), UNAUTHENTICATED (--token)
+                raise JobError(f"cannot start: {where} answered {e.code.name}: "
+                               f"{e.details.splitlines()[0] if e.details else 'no details'}"
+                               ) from e
+            if attempt >= opts.max_retries:
+                tries = f" after {attempt} retries" if attempt else ""
+                raise ServerUnreachable(
+                    f"cannot start: {where} answered {e.code.name}{tries} "
+                    f"({e.details.splitlines()[0] if e.details else 'no details'}); nothing was "
+                    f"sent or written; check --server and that the server runs") from e
             step = min(opts.backoff_max_s, opts.backoff_base_s * 2.0 ** attempt)
-            time.sleep(step / 2 + random.uniform(0, step / 2))
+            delay = step / 2 + random.uniform(0, step / 2)
             attempt += 1
+            log.warning("%s: %s; retrying in %.1f s (%d/%d)", where, e.code.name, delay,
+                        attempt, opts.max_retries)
+            time.sleep(delay)
 
 
 def run_job(input_path: Path | str, output_path: Path | str, target: Target,

@@ -2,16 +2,17 @@
 
     nextchar batch in.txt -o out.jsonl --server 10.0.0.1:50051 --server 10.0.0.2:50051
     nextchar batch in.jsonl -o out.jsonl --server dns:///nextchar.default.svc:50051 --shard 3/8
-    nextchar batch in.txt -o out.jsonl --local artifacts/demo        (needs nextchar[serve])
+    nextchar batch in.txt -o out.jsonl --local runs/demo/artifact    (needs nextchar[serve])
 
 Rerunning the same command after a crash continues where OUTPUT stops (see docs/batch.md).
 Exit status: 0 done (error records included), 1 stopped part-way (rerun to resume),
-2 refused before starting.
+2 refused before starting (bad options, another job's OUTPUT, no server reachable).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -46,7 +47,8 @@ def add_parser(
         "batch", help="run a file of texts through the model: ordered JSONL out, resumable",
         description="One output line per input line, in input order. Rerun the same command to "
                     "resume after a crash. Exit 0: done (error records included); 1: stopped "
-                    "part-way, rerun to resume; 2: refused before starting.")
+                    "part-way, rerun to resume; 2: refused before starting (bad options, "
+                    "another job's OUTPUT, no server reachable).")
     add_common(p)
     p.add_argument("input", metavar="INPUT", help="one text per line, or JSONL {\"id\", \"text\"}")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -102,13 +104,13 @@ def run(args: argparse.Namespace,
     target: Target
     if args.local is not None:
         try:
-            target = LocalTarget(args.local)
+            target = _local_target(args.local, args.model, args.priority)
         except ImportError as e:
             return _refuse(f"--local needs 'pip install nextchar[serve]' ({e})")
         except Exception as e:  # ArtifactError, DeviceUnavailable, bad NEXTCHAR_* settings
             return _refuse(f"--local {args.local}: {e}".splitlines()[0])
     else:
-        target = RemoteTarget(make_client(args))
+        target = RemoteTarget(make_client(args), model=args.model, priority=args.priority)
     try:
         summary = run_job(args.input, args.output, target, opts)
     except JobError as e:
@@ -120,6 +122,16 @@ def run(args: argparse.Namespace,
         target.close()
     print(f"nextchar batch: {summary.line()}", file=sys.stderr)
     return 0
+
+
+def _local_target(path: str, model: str, priority: str) -> Target:
+    # LocalTarget(path, *, model=, priority=) is the shared serving core's; an older one takes
+    # the path alone.
+    if "model" in inspect.signature(LocalTarget).parameters:
+        return LocalTarget(path, model=model, priority=priority)  # type: ignore[call-arg]
+    if model:
+        raise ValueError("--model needs the multi-model serving core")
+    return LocalTarget(path)
 
 
 def _refuse(message: str) -> int:

@@ -66,11 +66,93 @@ class NextCharError(Exception):
         return cls(code, details or "")
 
 
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+DEFAULT_PORT = 50051
+PRIORITIES = {"high": pb.PRIORITY_HIGH, "low": pb.PRIORITY_LOW}
+
+
+def _invalid(message: str) -> NextCharError:
+    return NextCharError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_uint(name: str, value: Any, maximum: int = UINT32_MAX, minimum: int = 0) -> int:
+    """An integer field of a request, checked here so a bad value is INVALID_ARGUMENT naming the
+    field (protobuf itself raises ValueError/TypeError without the field's name)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise _invalid(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def priority_value(priority: str | int | None) -> int:
+    """'high' | 'low' | None (the server's default lane) | a `Priority` enum value."""
+    if priority is None or priority == "":
+        return pb.PRIORITY_UNSPECIFIED
+    if isinstance(priority, str):
+        key = priority.lower().removeprefix("priority_")
+        if key in PRIORITIES:
+            return PRIORITIES[key]
+    elif isinstance(priority, int) and not isinstance(priority, bool) \
+            and priority in pb.Priority.values():
+        return priority
+    raise _invalid(f"priority must be 'high' or 'low', got {priority!r}")
+
+
+def with_default_port(server: str) -> str:
+    """'host' -> 'host:50051' (gRPC alone would dial 443); addresses with a port, other URI
+    schemes (unix:, ...) and ipv4:/ipv6: lists stay as written."""
+    scheme = ""
+    address = server
+    for prefix in ("dns:///", "dns:"):
+        if server.startswith(prefix):
+            scheme, address = prefix, server[len(prefix):]
+            break
+    else:
+        if ":" in server and not server.startswith("["):
+            head, _, tail = server.partition(":")
+            if not tail.isdigit() and not _is_ipv6(server):  # a URI scheme (unix:, ipv4:, ...)
+                return server
+    if address.startswith("["):  # [v6] or [v6]:port
+        return server if "]:" in address else f"{scheme}{address}:{DEFAULT_PORT}"
+    if _is_ipv6(address):  # a bare IPv6 literal: brackets so the port is unambiguous
+        return f"{scheme}[{address}]:{DEFAULT_PORT}"
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit():
+        return server
+    if not address:
+        raise _invalid(f"server address {server!r} names no host")
+    return f"{scheme}{address}:{DEFAULT_PORT}"
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 def target_for(servers: Sequence[str] | str) -> str:
     """One address stays as is (a `dns:///name:port` resolving to several replicas is balanced
     too); several become one ipv4: or ipv6: list gRPC balances over, hostnames resolved here."""
     if isinstance(servers, str):
-        return servers
+        return with_default_port(servers)
+    if not servers:
+        raise _invalid("no server address given")
+    servers = [with_default_port(server) for server in servers]
     if len(servers) == 1:
         return servers[0]
     families: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
@@ -186,6 +268,8 @@ class NextCharClient:
     ) -> None:
         """tls_server_name: the name to verify in the server's certificate when it differs from
         the address (e.g. an IP address, or several replicas behind one certificate)."""
+        if timeout_s is not None and not (_check_float("timeout_s", timeout_s) > 0):
+            raise _invalid(f"timeout_s must be > 0 seconds (None: no deadline), got {timeout_s}")
         self.timeout_s = timeout_s
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -198,6 +282,7 @@ class NextCharClient:
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         target = target_for(servers)
+        self.target = target
         if tls or tls_ca is not None or tls_cert is not None:
             self._channel = grpc.secure_channel(
                 target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
@@ -219,9 +304,17 @@ class NextCharClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        if timeout_s is None:
+            return self.timeout_s
+        if not _check_float("timeout_s", timeout_s) > 0:
+            raise _invalid(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        return timeout_s
+
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        timeout = self._timeout(timeout_s)
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            return method(request, timeout=timeout)
         except grpc.RpcError as e:
             raise NextCharError.from_rpc_error(e) from e
 
@@ -233,11 +326,15 @@ class NextCharClient:
         timeout_s: float | None = None,
         states: Sequence[bytes] = (),
         return_state: bool = False,
+        model: str = "",
+        priority: str | int | None = None,
     ) -> list[pb.Prediction]:
         """states: none, or per text the `Prediction.state` of the text it continues (b"": fresh);
-        return_state: each Prediction carries its `.state` to continue from later."""
-        request = pb.PredictRequest(texts=list(texts), top_k=top_k, per_position=per_position,
-                                    states=list(states), return_state=return_state)
+        return_state: each Prediction carries its `.state` to continue from later;
+        model: a name from `list_models()` ("" = the server's default model);
+        priority: "high" (interactive) or "low" (bulk work); None = the server's default."""
+        request = predict_request(texts, top_k, per_position, states, return_state, model,
+                                  priority)
         return list(self._call(self.stub.Predict, request, timeout_s).predictions)
 
     def generate(
@@ -251,13 +348,22 @@ class NextCharClient:
         stop: Sequence[str] = (),
         state: bytes = b"",
         timeout_s: float | None = None,
+        model: str = "",
+        priority: str | int | None = None,
     ) -> Iterator[str]:
         """Yields the generated text, chunk by chunk, as the server produces it.
 
         Leaving the loop early (break, close(), an exception) cancels the call on the server.
-        For the stop reason and the final state, use `generate_responses`.
+        For the stop reason and the final state, use `generate_responses`. Bad arguments raise
+        NextCharError(INVALID_ARGUMENT) here, before the first chunk.
         """
-        request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state)
+        request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state,
+                                   model=model, priority=priority)
+        self._timeout(timeout_s)  # checked now, not at the first chunk
+        return self._generate_texts(request, timeout_s)
+
+    def _generate_texts(self, request: pb.GenerateRequest, timeout_s: float | None
+                        ) -> Iterator[str]:
         for response in self.generate_responses(request, timeout_s):
             if response.text:
                 yield response.text
@@ -266,7 +372,7 @@ class NextCharClient:
         self, request: pb.GenerateRequest, timeout_s: float | None = None
     ) -> Iterator[pb.GenerateResponse]:
         """The raw Generate stream; the last response has stop_reason (and state) set."""
-        call = self.stub.Generate(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        call = self.stub.Generate(request, timeout=self._timeout(timeout_s))
         try:
             yield from call
         except grpc.RpcError as e:
@@ -277,16 +383,46 @@ class NextCharClient:
     def predict_response(self, request: pb.PredictRequest, timeout_s: float | None = None) -> pb.PredictResponse:
         return self._call(self.stub.Predict, request, timeout_s)
 
-    def reload_model(self, timeout_s: float | None = None) -> admin_pb2.ReloadModelResponse:
-        """Admin: load and swap in the newest model version now (needs the admin token)."""
-        return self._call(self.admin_stub.ReloadModel, admin_pb2.ReloadModelRequest(), timeout_s)
+    def reload_model(self, model: str = "", timeout_s: float | None = None
+                     ) -> admin_pb2.ReloadModelResponse:
+        """Admin: load and swap in the newest version of a model now ("" = the default model;
+        needs the admin token). `reloaded` False comes with the `reason`."""
+        request = admin_pb2.ReloadModelRequest(model=_check_str("model", model))
+        return self._call(self.admin_stub.ReloadModel, request, timeout_s)
 
-    def model_info(self, timeout_s: float | None = None) -> pb.GetModelInfoResponse:
-        return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s)
+    def load_model(self, name: str, timeout_s: float | None = None) -> admin_pb2.LoadModelResponse:
+        """Admin: load a model of the server's repository (or reload a loaded one)."""
+        request = admin_pb2.LoadModelRequest(model=_model_name(name))
+        return self._call(self.admin_stub.LoadModel, request, timeout_s)
+
+    def unload_model(self, name: str, timeout_s: float | None = None
+                     ) -> admin_pb2.UnloadModelResponse:
+        """Admin: stop serving a model; its accepted calls finish first."""
+        request = admin_pb2.UnloadModelRequest(model=_model_name(name))
+        return self._call(self.admin_stub.UnloadModel, request, timeout_s)
+
+    def model_info(self, model: str = "", timeout_s: float | None = None
+                   ) -> pb.GetModelInfoResponse:
+        """Vocabulary, config, backend, device, version and limits of a model ("" = default)."""
+        request = pb.GetModelInfoRequest(model=_check_str("model", model))
+        return self._call(self.stub.GetModelInfo, request, timeout_s)
+
+    def list_models(self, timeout_s: float | None = None) -> pb.ListModelsResponse:
+        """The models the server knows: name, version served, state, which one is the default."""
+        return self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout_s)
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:
         """'SERVING', 'NOT_SERVING', ... for the server ('') or one service name."""
-        resp = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        request = health_pb2.HealthCheckRequest(service=_check_str("service", service))
+        try:
+            resp = self._call(self.health_stub.Check, request, timeout_s)
+        except NextCharError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND and not e.details:
+                # gRPC's health servicer answers an unknown service with an empty message.
+                raise NextCharError(e.code, f"no health status for service {service!r} on this "
+                                            f"server ('' is the whole server, "
+                                            f"'nextchar.v1.NextChar' the API)") from e
+            raise
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_until_serving(self, timeout_s: float = 60.0) -> None:
@@ -307,6 +443,39 @@ class NextCharClient:
                             f"server not SERVING after {timeout_s:.0f}s (last: {last})")
 
 
+def _model_name(name: Any) -> str:
+    if not _check_str("model", name):
+        raise _invalid("model: a name is needed (see `nextchar models`)")
+    return str(name)
+
+
+def _texts(name: str, values: Any, kind: type) -> list[Any]:
+    if isinstance(values, (str, bytes)):
+        raise _invalid(f"{name} must be a list of {kind.__name__}, not one {type(values).__name__}")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, kind):
+            raise _invalid(f"{name}[{i}] must be {kind.__name__}, got {type(value).__name__}")
+    return out
+
+
+def predict_request(
+    texts: Sequence[str],
+    top_k: int = 0,
+    per_position: bool = False,
+    states: Sequence[bytes] = (),
+    return_state: bool = False,
+    model: str = "",
+    priority: str | int | None = None,
+) -> pb.PredictRequest:
+    """A PredictRequest, every field checked: a bad value is NextCharError(INVALID_ARGUMENT)."""
+    return pb.PredictRequest(texts=_texts("texts", texts, str), top_k=check_uint("top_k", top_k),
+                             per_position=bool(per_position),
+                             states=_texts("states", states, bytes),
+                             return_state=bool(return_state), model=_check_str("model", model),
+                             priority=priority_value(priority))  # type: ignore[arg-type]
+
+
 def generate_request(
     prompt: str,
     max_chars: int = 200,
@@ -317,10 +486,20 @@ def generate_request(
     stop: Sequence[str] = (),
     state: bytes = b"",
     return_state: bool = False,
+    model: str = "",
+    priority: str | int | None = None,
 ) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=prompt, max_chars=max_chars, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), state=state,
-                              return_state=return_state)
+    """A GenerateRequest, every field checked: a bad value is NextCharError(INVALID_ARGUMENT)."""
+    if not isinstance(state, bytes):
+        raise _invalid(f"state must be bytes, got {type(state).__name__}")
+    return pb.GenerateRequest(
+        prompt=_check_str("prompt", prompt), max_chars=check_uint("max_chars", max_chars),
+        temperature=_check_float("temperature", temperature), top_k=check_uint("top_k", top_k),
+        top_p=_check_float("top_p", top_p),
+        seed=None if seed is None else check_uint("seed", seed, UINT64_MAX),
+        stop=_texts("stop", stop, str), state=state, return_state=bool(return_state),
+        model=_check_str("model", model),
+        priority=priority_value(priority))  # type: ignore[arg-type]
 
 
 def prediction_to_dict(text: str, pred: pb.Prediction) -> dict[str, Any]:
@@ -332,4 +511,36 @@ def prediction_to_dict(text: str, pred: pb.Prediction) -> dict[str, Any]:
     if pred.argmax_text:
         out["argmax"] = pred.argmax_text
         out["positions"] = [{"char": c.char, "prob": round(c.prob, 6)} for c in pred.positions]
+    return out
+
+
+def message_to_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as the CLI prints it: the proto's field names (snake_case, as in the
+    .proto, grpcurl and the README), every field (defaults included), 64-bit integers as JSON
+    numbers (proto3 JSON would quote them), enums by name, bytes as base64."""
+    import base64
+
+    from google.protobuf.descriptor import FieldDescriptor
+
+    def value(field: Any, v: Any) -> Any:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            return message_to_dict(v)
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            named = field.enum_type.values_by_number.get(v)
+            return named.name if named is not None else v
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            return base64.b64encode(v).decode("ascii")
+        if field.type in (FieldDescriptor.TYPE_FLOAT,):
+            return float(f"{v:.7g}")  # float32: the digits it holds, not 0.9700000286102295
+        return v
+
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        v = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [value(field, item) for item in v]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = value(field, v)
     return out
