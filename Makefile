@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test bench-peer bench-batch bench-generate compose-smoke fuzz reliability
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test pytriton-venv bench-peer bench-batch bench-generate compose-smoke fuzz reliability
 
 setup: $(STAMP)
 
@@ -71,18 +71,34 @@ tritonclient-test: setup triton-venv
 	NEXTCHAR_TRITON_VENV=$(CURDIR)/$(TRITON_VENV) $(BIN)/python -m pytest -q -ra \
 	  tests/server/test_kserve.py -k tritonclient
 
-# The peer benchmark (docs/benchmarks.md "Peer benchmark: MLServer"): MLServer 1.7.1 in its own
-# venv (uvloop<0.21: with 0.23 its worker pool dies at start), then one load generator against
-# both servers, alone on the CPUs.
+# The peer benchmark (docs/benchmarks.md "Peer benchmark"): nextchar, MLServer and Triton on the
+# same graph (model_loop.onnx), each peer tuned per concurrency, then one load generator against
+# all, alone on the CPUs (~16 min: ~9 tuning, ~6 comparing). Each peer lives in its own venv.
+# MLServer 1.7.1: uvloop<0.21 (with 0.23 its worker pool dies at start).
 MLSERVER_VENV ?= .venv-mlserver
 $(MLSERVER_VENV)/.installed:
 	test -x $(MLSERVER_VENV)/bin/python || $(PY) -m venv $(MLSERVER_VENV)
 	$(MLSERVER_VENV)/bin/python -m pip install -q 'mlserver==1.7.1' 'uvloop<0.21' 'onnxruntime>=1.20' 'numpy>=1.26'
 	touch $@
 
-bench-peer: setup $(MLSERVER_VENV)/.installed
+# Triton through NVIDIA PyTriton 0.7.0 (a Triton 2.51 server binary with the Python backend;
+# numpy<2). Its Python-backend stub needs the venv's sitecustomize.py on CPython 3.11.7, which
+# bench/pytriton_server.py writes (its docstring says why).
+PYTRITON_VENV ?= .venv-pytriton
+$(PYTRITON_VENV)/.installed: bench/pytriton_server.py
+	test -x $(PYTRITON_VENV)/bin/python || $(PY) -m venv $(PYTRITON_VENV)
+	$(PYTRITON_VENV)/bin/python -m pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2' 'tritonclient[grpc]>=2.50' 'onnxruntime>=1.20'
+	$(PYTRITON_VENV)/bin/python bench/pytriton_server.py --install-sitecustomize
+	touch $@
+
+pytriton-venv: $(PYTRITON_VENV)/.installed
+
+# PEER_ARGS='--tuning docs/peer_tuning.json' skips the tuning and reuses that file's settings.
+PEER_ARGS ?= --tune-out docs/peer_tuning.json
+bench-peer: setup $(MLSERVER_VENV)/.installed $(PYTRITON_VENV)/.installed
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/peer_bench.py \
-	  --mlserver-venv $(MLSERVER_VENV) --tune --repeats 5 --out docs/peer_bench.json
+	  --mlserver-venv $(MLSERVER_VENV) --pytriton-venv $(PYTRITON_VENV) $(PEER_ARGS) \
+	  --out docs/peer_bench.json --md docs/peer_bench.md
 
 # Without the thin-install checks (quicker while developing).
 test-fast: setup
