@@ -72,9 +72,11 @@ def test_invalid_utf8_is_invalid_argument_not_internal(tiny_server) -> None:
 
 
 def test_server_stays_up_after_errors(client: NextCharClient) -> None:
-    for bad in ([], [""], ["\x00"]):
-        with pytest.raises(NextCharError):
-            client.predict(bad)
+    for bad, starts in (([], "no texts"), ([""], "texts[0] is empty"),
+                        (["\x00"], "texts[0]: character '\\x00' (U+0000) at position 0 is not")):
+        code, msg = _code(lambda bad=bad: client.predict(bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (bad, code, msg)
+        assert msg.startswith(starts), (bad, msg)
     preds = client.predict(["abc"], top_k=3)
     assert len(preds) == 1 and len(preds[0].top) == 3
 
