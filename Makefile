@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test pytriton-venv bench-peer bench-batch bench-generate compose-smoke fuzz reliability
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz reliability
 
 setup: $(STAMP)
 
@@ -99,6 +99,26 @@ bench-peer: setup $(MLSERVER_VENV)/.installed $(PYTRITON_VENV)/.installed
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/peer_bench.py \
 	  --mlserver-venv $(MLSERVER_VENV) --pytriton-venv $(PYTRITON_VENV) $(PEER_ARGS) \
 	  --out docs/peer_bench.json --md docs/peer_bench.md
+
+# CUDA (scripts/gpu_check.sh): the onnx backend on CUDA needs onnxruntime-gpu, which ships the
+# same `onnxruntime` package as the CPU wheel, so it gets its own venv: the dev install with
+# onnxruntime swapped for onnxruntime-gpu (+ NVIDIA's CUDA and cuDNN wheels, ~1.5 GB), the same
+# requirement as docker/Dockerfile's server-cuda image. torch is what the dev extra pins.
+GPU_VENV ?= .venv-gpu
+ORT_GPU ?= onnxruntime-gpu[cuda,cudnn]>=1.23
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(GPU_VENV)/bin/python -m pip uninstall -q -y onnxruntime
+	$(GPU_VENV)/bin/python -m pip install -q '$(ORT_GPU)'
+	touch $@
+
+gpu-venv: $(GPU_VENV)/.installed
+
+# The cuda-marked tests (per backend) and bench/gpu_bench.py; skips, never fails, without CUDA.
+gpu-check: gpu-venv
+	PY=$(GPU_VENV)/bin/python scripts/gpu_check.sh
 
 # Without the thin-install checks (quicker while developing).
 test-fast: setup

@@ -18,21 +18,64 @@ import pytest
 TINY_VOCAB = "\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def _has_cuda() -> bool:
+def _cuda_device() -> bool:
+    """A CUDA device on this machine, whatever torch was built for (the CPU torch wheel says no)."""
     try:
         import torch
+
+        if torch.cuda.is_available():
+            return True
     except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+        pass
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def cuda_backends() -> dict[str, str]:
+    """backend -> why it cannot run on CUDA here; a backend absent from the result can.
+    torchscript needs a CUDA build of torch; onnx needs onnxruntime-gpu (its
+    CUDAExecutionProvider), which no extra installs: `make gpu-venv` builds .venv-gpu with it."""
+    missing: dict[str, str] = {}
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing["torchscript"] = f"torch {torch.__version__} sees no CUDA device"
+    except ImportError:
+        missing["torchscript"] = "no torch"
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            missing["onnx"] = (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                               "(onnxruntime-gpu: make gpu-venv)")
+        elif not _cuda_device():
+            missing["onnx"] = "no CUDA device"
+    except ImportError:
+        missing["onnx"] = "no onnxruntime"
+    return missing
+
+
+@pytest.fixture(scope="session")
+def cuda_missing() -> dict[str, str]:
+    return cuda_backends()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_cuda():
+    """`cuda` tests run per backend: a test parametrized by `backend` skips only the backends
+    that cannot run on CUDA here; one without that parameter needs both."""
+    if not any("cuda" in item.keywords for item in items):
         return
-    skip = pytest.mark.skip(reason="needs CUDA (run scripts/gpu_check.sh on a GPU machine)")
+    missing = cuda_backends()
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" not in item.keywords:
+            continue
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        why = ([missing[backend]] if backend in missing else []) if backend else list(missing.values())
+        if why:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs CUDA: {'; '.join(why)} (scripts/gpu_check.sh on a GPU machine)"))
 
 
 @pytest.fixture(scope="session")
