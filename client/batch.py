@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -158,78 +158,98 @@ class RemoteTarget:
         self.client.close()
 
 
-class _InProcessContext:
-    """What the servicer reads from a grpc.aio.ServicerContext when called in-process."""
-
-    def time_remaining(self) -> float | None:
-        return None
-
-
 class LocalTarget:
-    """The server's own chain (Artifact -> Backend -> Batcher -> Predictor -> servicer) in this
-    process, without the transport: the same requests in, the same protos out.
+    """The server's own serving core (the registry and data plane `nextchar serve` runs, built
+    by the same code) in this process, without a transport: the same checks, batcher and
+    answers as a server. `path` is an artifact, a model directory of versions, or (with
+    `model`) a model repository.
 
-    The batcher runs on an event loop in a background thread; workers submit to it as a server's
+    The core runs on an event loop in a background thread; workers submit to it as a server's
     requests would, so concurrent chunks share model calls. Settings (backend, device, limits,
-    batching) are the server's: defaults plus NEXTCHAR_* environment variables.
+    batching) are the server's: defaults plus NEXTCHAR_* environment variables. Nothing else
+    shares this process's model, so low-priority batches may use every backend worker.
     """
 
-    def __init__(self, artifact_dir: Path | str) -> None:
+    def __init__(self, path: Path | str, *, model: str = "", priority: str = "low") -> None:
         # Imported here: the thin client install has neither numpy nor onnxruntime.
-        from nextchar.server.artifact import load_artifact
-        from nextchar.server.backends import create_backend
-        from nextchar.server.batcher import Batcher
-        from nextchar.server.predictor import Limits, Predictor
-        from nextchar.server.servicer import NextCharServicer
+        from nextchar.server.batcher import HIGH, LOW
+        from nextchar.server.dataplane import DataPlane
+        from nextchar.server.registry import ModelRegistry
         from nextchar.server.settings import ServerSettings
 
-        s = ServerSettings(model=Path(artifact_dir))
-        artifact = load_artifact(s.model, backends=(s.backend,))
-        backend = create_backend(artifact, s.backend, s.device, s.backend_workers,
-                                 s.intra_op_threads)
+        if priority not in ("high", "low"):
+            raise ValueError(f"priority must be high or low, got {priority!r}")
+        path = Path(path)
+        base = ServerSettings()
+        where = {"model_repository": path} if model else {"model": path}
+        s = base.model_copy(update={**where, "low_lane_workers": 1 << 16})
+        self._model = model
+        self._lane = LOW if priority == "low" else HIGH
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nextchar-local",
                                         daemon=True)
         self._thread.start()
+        self.registry = ModelRegistry(s)
+        self.plane = DataPlane(self.registry)
 
-        async def assemble() -> tuple[Batcher, NextCharServicer]:
-            # Built on the loop they run on: the batcher creates asyncio primitives.
-            batcher = Batcher(backend, batching=s.batching, max_batch_size=s.max_batch_size,
-                              max_batch_chars=s.max_batch_chars,
-                              max_batch_delay_ms=s.max_batch_delay_ms,
-                              max_queue_texts=s.max_queue_texts)
-            predictor = Predictor(artifact, backend, batcher, Limits.from_settings(s))
-            await batcher.start(warmup=s.warmup)
-            return batcher, NextCharServicer(predictor, backend.name, backend.device)
+        async def start() -> None:
+            self.registry.open()
+            await self.registry.start()
+            if model:
+                self.registry.slot(model)  # NOT_FOUND names the models there
+                if self.registry.slot(model).current is None:
+                    raise self.registry._not_serving(self.registry.slot(model))
+            self.plane.accepting = True
 
-        self.batcher, self.servicer = self._call(assemble())
-        self.servicer.ready = True
-        self._context = _InProcessContext()
+        try:
+            self._rpc(start())
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _rpc(self, method: Any, request: Any) -> Any:
+    def _rpc(self, coro: Any) -> Any:
         from nextchar.server.errors import ServingError
 
         try:
-            return self._call(method(request, self._context))
-        except ServingError as e:  # the code and message a server's interceptor would answer
+            return self._call(coro)
+        except ServingError as e:  # the code and message a server would answer
             raise NextCharError(e.code, e.message) from e
 
     def model_spec(self) -> ModelSpec:
-        return spec_from_info(self._rpc(self.servicer.GetModelInfo, pb.GetModelInfoRequest()))
+        async def view() -> ModelSpec:
+            m = self.plane.model(self._model)
+            a, lim = m.artifact, m.limits
+            return ModelSpec(
+                name=m.name, version=m.version, artifact_sha256=a.sha256,
+                vocab=None if a.unk_id is not None else frozenset(a.vocab),
+                vocab_size=a.vocab_size, max_texts_per_request=lim.max_texts_per_request,
+                max_chars_per_text=lim.max_chars_per_text,
+                max_top_k=min(lim.max_top_k, a.vocab_size), default_top_k=lim.default_top_k)
+
+        return cast(ModelSpec, self._rpc(view()))
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
     ) -> tuple[list[pb.Prediction], str]:
-        request = pb.PredictRequest(texts=texts, top_k=top_k, per_position=per_position)
-        response = self._rpc(self.servicer.Predict, request)
-        return list(response.predictions), response.model_version
+        from nextchar.server.dataplane import PredictCall
+        from nextchar.server.grpc.converters import prediction_to_pb
+
+        async def call() -> tuple[list[pb.Prediction], str]:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            answer = await self.plane.predict(PredictCall(
+                texts=texts, top_k=top_k, per_position=per_position, model=self._model,
+                lane=self._lane, deadline=deadline))
+            return [prediction_to_pb(r, answer.vocab) for r in answer.results], answer.version
+
+        return cast(tuple[list[pb.Prediction], str], self._rpc(call()))
 
     def close(self) -> None:
         try:
-            self._call(self.batcher.close())
+            if self._thread.is_alive():
+                self._call(self.registry.close())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)

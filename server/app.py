@@ -1,13 +1,14 @@
-"""Builds and runs the server: artifact -> backend -> batcher -> gRPC services on one port.
+"""Lifecycle only: build the serving core (registry + data plane), put the front ends on it,
+start, wait, stop.
 
-    server = NextCharServer(ServerSettings(model=Path("artifacts/demo"), port=0))
-    port = await server.start()      # returns once SERVING; raises on a bad artifact
+    server = NextCharServer(ServerSettings(model=Path("runs/demo/artifact"), port=0))
+    port = await server.start()      # returns once SERVING; raises on a bad --model artifact
     await server.wait()              # until stop()
     await server.stop(grace_s=5)     # NOT_SERVING first, then drain
 
-Start-up order: the artifact is verified and the backend created before the port opens (a bad
-artifact fails fast); the port then answers health NOT_SERVING and Predict UNAVAILABLE until the
-warm-up finished.
+Start-up order: artifacts are verified and backends created before the port opens (a bad
+`--model` fails fast; a bad repository model is FAILED and the others serve); the port then
+answers health NOT_SERVING and calls UNAVAILABLE until every model is warm and probed.
 """
 
 from __future__ import annotations
@@ -24,19 +25,15 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionSe
 
 from nextchar.v1 import admin_pb2, admin_pb2_grpc, nextchar_pb2, nextchar_pb2_grpc
 
-from . import kserve
-from .admin import AdminServicer
-from .artifact import MODEL_FILES, Artifact
-from .backends import Backend
-from .batcher import Batcher
-from .errors import ArtifactError
-from .generator import Generator
-from .interceptors import Auth, CallWrapper, WrappingServer
+from .dataplane import DataPlane
+from .grpc import kserve
+from .grpc.admin import AdminServicer
+from .grpc.nextchar_v1 import NextCharServicer
+from .grpc.wrapping import Auth, CallWrapper, WrappingServer
 from .metrics import Metrics
-from .predictor import Limits, Predictor
-from .reload import LoadedModel, Reloader, ReloadFailed
+from .registry import ModelRegistry
+from .runtime import ModelRuntime
 from .security import load_tokens, open_method, server_credentials, warn_if_exposed
-from .servicer import NextCharServicer
 from .settings import ServerSettings
 from .telemetry import CallTracker, DrainGate, Telemetry
 
@@ -58,82 +55,31 @@ class NextCharServer:
         self.health = HealthServicer()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
-        self.tracker = CallTracker()  # accepted calls: drain and reload wait on them
+        self.tracker = CallTracker()  # accepted calls: drain waits on them
         self.gate = DrainGate()
-        self.model: LoadedModel | None = None
-        self._old_models: set[LoadedModel] = set()  # replaced by a reload, calls still running
-        self._retiring: set[asyncio.Task[None]] = set()
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.plane = DataPlane(self.registry)
+        self.metrics.track_runtimes(self.registry.runtimes)
         self._reload_tasks: set[asyncio.Task[None]] = set()
-        self.reloader = Reloader(settings, self._assemble, self._swap, lambda: self.model,
-                                 self.metrics)
 
-    def _assemble(self, artifact: Artifact, backend: Backend) -> LoadedModel:
-        """One version's batcher, predictor and generator (not started)."""
-        s = self.settings
-        batcher = Batcher(
-            backend,
-            batching=s.batching,
-            max_batch_size=s.max_batch_size,
-            max_batch_chars=s.max_batch_chars,
-            max_batch_delay_ms=s.max_batch_delay_ms,
-            max_queue_texts=s.max_queue_texts,
-            parallel_batch_chars=s.parallel_batch_chars,
-            on_batch=self.metrics.observe_batch,
-            on_batch_start=self.metrics.observe_queue_waits,
-        )
-        predictor = Predictor(artifact, backend, batcher, Limits.from_settings(s))
-        return LoadedModel(predictor, Generator(predictor, step_batching=s.step_batching,
-                                                  flush_ms=s.generate_flush_ms))
-
-    def _use(self, model: LoadedModel) -> None:
-        """Points every reader at `model` in one step (no await in between)."""
-        self.model = model
-        self.predictor = model.predictor
-        self.batcher = model.predictor.batcher
-        # Generate streams: the active-stream count is self.generator.active_streams.
-        self.generator = model.generator
-        if hasattr(self, "servicer"):
-            self.servicer.predictor = model.predictor
-            self.servicer.generator = model.generator
-        a, b = model.artifact, model.predictor.backend
-        self.metrics.set_model(a.name, a.version, a.sha256, b.name, b.device)
-
-    async def _swap(self, model: LoadedModel) -> None:
-        """Hot reload: new calls get `model`; the old version closes once its calls ended."""
-        old = self.model
-        self._use(model)
-        if old is not None:
-            self._old_models.add(old)
-            task = asyncio.create_task(self._retire(old, self.tracker.next_seq))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
-
-    async def _retire(self, old: LoadedModel, swap_seq: int) -> None:
-        await self.tracker.wait_begun_before(swap_seq)
-        self._old_models.discard(old)
-        await old.close()
-        log.info("version %s closed (its last call finished)", old.artifact.version)
+    def runtime(self, model: str = "") -> ModelRuntime:
+        """The version of `model` (empty: the default) served now: for tests and tools."""
+        rt = self.registry.slot(model).current
+        if rt is None:
+            raise LookupError(f"model {model or self.registry.default_name!r} is not loaded")
+        return rt
 
     @property
     def old_versions(self) -> list[str]:
-        """Versions replaced by a reload whose calls are still running."""
-        return sorted(m.artifact.version for m in self._old_models)
-
-    def _active_streams(self) -> int:
-        models = [*self._old_models, *([self.model] if self.model is not None else [])]
-        return sum(m.generator.active_streams for m in models)
+        """Versions replaced or unloaded whose calls are still running."""
+        return self.registry.old_versions
 
     async def start(self) -> int:
         s = self.settings
         credentials = server_credentials(s)  # settings errors first, before any model work
         tokens = load_tokens(s)
-        artifact, backend = self.reloader.open_initial()  # a bad artifact fails before the port opens
-        model = self._assemble(artifact, backend)
-        self._use(model)
-        self.servicer = NextCharServicer(self.predictor, backend.name, backend.device,
-                                         generator=self.generator)
-        self.metrics.track_queue_depth(lambda: self.batcher.queue_depth)
-        self.metrics.track_active_streams(self._active_streams)
+        self.registry.open()  # a bad --model artifact fails here, before the port opens
+        self.registry.on_change = self._readiness_changed
 
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -145,20 +91,21 @@ class NextCharServer:
             ("grpc.http2.bdp_probe", int(s.http2_bdp_probe)),
         ]
         server = grpc.aio.server(options=options)
-        # Every handler registered through `registry` gets telemetry, auth and error mapping,
-        # wrapped once here rather than by interceptors on every call (interceptors.py).
+        # Every handler registered through `wrapped` gets telemetry, auth and error mapping,
+        # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).
         auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s))
-        wrapper = CallWrapper(Telemetry(self.tracker, self.gate, self.metrics), auth)
-        registry: Any = WrappingServer(server, wrapper)
-        nextchar_pb2_grpc.add_NextCharServicer_to_server(self.servicer, registry)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.reloader), registry)
-        self.kserve = kserve.add_kserve_to_server(self.servicer, registry)  # same port
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, registry)
+        wrapper = CallWrapper(Telemetry(self.tracker, self.gate, self.metrics), auth,
+                              admin_loopback_only=tokens is None)
+        wrapped: Any = WrappingServer(server, wrapper)
+        nextchar_pb2_grpc.add_NextCharServicer_to_server(NextCharServicer(self.plane), wrapped)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane), wrapped)
+        kserve.add_kserve_to_server(self.plane, wrapped)  # same port
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, wrapped)
         # What reflection.enable_server_reflection does for a grpc.aio server (it picks the
-        # servicer by the server's type, which `registry` is not).
+        # servicer by the server's type, which `wrapped` is not).
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(AioReflectionServicer(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             kserve.SERVICE_NAME, ADMIN_SERVICE_NAME, reflection.SERVICE_NAME]), registry)
+             kserve.SERVICE_NAME, ADMIN_SERVICE_NAME, reflection.SERVICE_NAME]), wrapped)
         address = f"{s.host}:{s.port}"
         if credentials is None:
             self.port = server.add_insecure_port(address)
@@ -170,41 +117,44 @@ class NextCharServer:
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        log.info("listening on %s:%d (%s, %s event loop); loading %s (%s) on %s", s.host,
-                 self.port, "TLS" if credentials else "plaintext",
-                 type(asyncio.get_running_loop()).__module__.split(".")[0], artifact.path,
-                 MODEL_FILES[backend.name], backend.device)
+        log.info("listening on %s:%d (%s, %s event loop); models: %s", s.host, self.port,
+                 "TLS" if credentials else "plaintext",
+                 type(asyncio.get_running_loop()).__module__.split(".")[0],
+                 ", ".join(self.registry.slots) or "none")
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
-        await self.batcher.start(warmup=s.warmup)
-        await self.generator.start()
-        try:  # the reference answer the next version's parity check compares against
-            await self.reloader.check(model, None)
-        except ReloadFailed as e:
-            raise ArtifactError(f"{artifact.path}: {e.message}") from e
+            self.metrics_port = self.metrics.serve_http(s.metrics_host, s.metrics_port)
+        await self.registry.start()  # warm-up and probe; --model's failure raises here
         if self._stopping is not None:  # stop() began during start-up: stay NOT_SERVING
             return self.port
-        self.servicer.ready = True
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING %s version %s (sha256 %s…)", artifact.name, artifact.version,
-                 artifact.sha256[:12])
-        self.reloader.start_polling()
+        self.plane.accepting = True
+        await self._sync_health()
+        for status in self.plane.list_models():
+            log.info("model %s: %s%s%s", status.name, status.state.value,
+                     f" version {status.version}" if status.version else "",
+                     f" ({status.reason})" if status.reason else "")
+        self.registry.start_polling()
         return self.port
 
     def request_reload(self, reason: str) -> None:
-        """SIGHUP: check for a new version in the background (failures are logged and counted)."""
-        if self._stopping is not None or self.model is None:
+        """SIGHUP: check every model for a new version in the background (failures are logged
+        and counted)."""
+        if self._stopping is not None or not self.plane.accepting:
             return
-
-        async def run() -> None:
-            try:
-                await self.reloader.reload(retry_failed=True, reason=reason)
-            except ReloadFailed:
-                pass
-
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(self.registry.poll_once(reason=reason))
         self._reload_tasks.add(task)
         task.add_done_callback(self._reload_tasks.discard)
+
+    def _readiness_changed(self) -> None:
+        """A model was loaded, unloaded or failed: health follows the data plane's readiness."""
+        if self.plane.accepting and self._stopping is None:
+            task = asyncio.get_running_loop().create_task(self._sync_health())
+            self._reload_tasks.add(task)
+            task.add_done_callback(self._reload_tasks.discard)
+
+    async def _sync_health(self) -> None:
+        ready = self.plane.server_ready()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         await self.health.set("", status)
@@ -242,7 +192,7 @@ class NextCharServer:
         started = loop.time()
         self.metrics.draining.set(1)
         await self.health.enter_graceful_shutdown()
-        await self.reloader.stop_polling()
+        await self.registry.stop_polling()
         if self._server is None:
             self._stopped.set()
             return
@@ -253,8 +203,7 @@ class NextCharServer:
             except asyncio.TimeoutError:
                 pass
         self.gate.closed = True
-        if hasattr(self, "servicer"):
-            self.servicer.ready = False
+        self.plane.accepting = False
         accepted = self.tracker.count
         deadline = loop.time() + grace_s
         finished = await self.tracker.wait_idle(grace_s)
@@ -267,13 +216,11 @@ class NextCharServer:
         # Answers already computed still need a moment to reach the wire; other calls (health
         # Watch streams, refused calls) are cancelled after it.
         await self._server.stop(min(FLUSH_S, max(0.0, deadline - loop.time())) if finished else 0)
-        tasks = [*self._reload_tasks, *self._retiring]
+        tasks = list(self._reload_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for model in [*self._old_models, *([self.model] if self.model is not None else [])]:
-            await model.close()
-        self._old_models.clear()
+        await self.registry.close()
         self.metrics.close()
         log.info("stopped: %d call(s) were in flight at the drain, %s; %.2fs since the signal",
                  accepted, "all finished" if finished else "grace exceeded",

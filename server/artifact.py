@@ -19,10 +19,6 @@ from .errors import ArtifactError, InvalidInput
 
 FORMAT = "nextchar-artifact"
 FORMAT_VERSION = 1
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
-# Optional: the CPU-fast ONNX graph (training/onnx_loop.py). The onnx backend verifies it too
-# when the manifest lists it.
-LOOP_ONNX = "model_loop.onnx"
 
 
 def sha256_file(path: Path) -> str:
@@ -75,9 +71,6 @@ class Artifact:
     @property
     def state_layers(self) -> int:
         return int(self.manifest["state_layers"])
-
-    def file(self, backend: str) -> Path:
-        return self.path / MODEL_FILES[backend]
 
     def has_file(self, name: str) -> bool:
         return name in self.manifest.get("files", {})
@@ -179,9 +172,12 @@ def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchs
     if any(len(c) != 1 for c in vocab) or len(set(vocab)) != len(vocab):
         raise ArtifactError(f"{manifest_path}: vocab must be distinct single characters")
     unk_id = manifest.get("unk_id")
-    needed = [MODEL_FILES[b] for b in backends]
-    if "onnx" in backends and LOOP_ONNX in files:
-        needed.append(LOOP_ONNX)
+    from .backends import backend_info  # late: the backends package imports this module
+
+    needed = []
+    for b in backends:
+        info = backend_info(b)
+        needed += [info.model_file, *(f for f in info.optional_files if f in files)]
     for name in needed:
         entry = files.get(name)
         if entry is None:

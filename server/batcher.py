@@ -1,7 +1,21 @@
 """Dynamic batcher: merges the texts of concurrent requests into few backend calls.
 
-    items -> bounded pending queue -> dispatcher (event loop) -> backend executor threads
-          <- futures resolved with per-text results <- softmax / top-k on the worker thread
+    items -> a bounded queue per priority lane -> dispatcher (event loop) -> executor threads
+          <- futures resolved with each item's `finish` result, computed on the worker thread
+
+The batcher schedules; it does not know what a caller wants from the model's outputs. Each
+item carries a `finish(out, rows, items)` that turns one model call's BatchOutput rows into
+that caller's results (top-k for Predict, the distribution for KServe, logits and state for a
+Generate prefill); it runs on the worker thread, off the event loop.
+
+Entries: `submit` (items through the queues), `submit_steps` (Generate's step chain, on a
+worker between batches), `run_model` (a model call from inside such a step), `probe` (one
+direct call on the executor: warm-up checks and the reload probe).
+
+- Priority lanes: HIGH (interactive) is always taken before LOW (batch jobs); each lane has its
+  own queue bound and default queue timeout (Triton's priority_levels + ModelQueuePolicy). When
+  the backend has several workers, LOW-only batches use at most `low_lane_workers` of them
+  (default: all but one), so a high-lane text never waits behind a batch job's model call.
 
 - Greedy by default: when a worker frees up it takes everything queued (up to
   `max_batch_size` texts and `max_batch_chars` padded characters), so low load pays no wait;
@@ -11,7 +25,7 @@
   trickle of single texts would each run tiny batches (per character the loop graph is ~2x
   cheaper at batch 64 than at batch 1) and take CPU the event loop needs; batch jobs still get
   every worker (docs/benchmarks.md, "What closed the p99 gap").
-- Bounded: more than `max_queue_texts` waiting -> Overloaded (RESOURCE_EXHAUSTED) at once.
+- Bounded: more than a lane's `max_queue_texts` waiting -> Overloaded (RESOURCE_EXHAUSTED).
 - Deadline-aware: an item whose deadline passed while queued is answered DEADLINE_EXCEEDED
   without compute; an item whose caller went away (future cancelled) is dropped.
 - Length-grouped: a taken batch is sorted by length and split where lengths differ by more than
@@ -27,40 +41,41 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, BatchOutput
 from .errors import DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
+HIGH, LOW = 0, 1
+LANE_NAMES = ("high", "low")
 
-@dataclass
-class TextResult:
-    top_ids: np.ndarray  # (k,) int64, most likely first
-    top_probs: np.ndarray  # (k,) float32
-    position_ids: np.ndarray | None = None  # (T,) argmax id after each prefix
-    position_probs: np.ndarray | None = None  # (T,)
-    state: np.ndarray | None = None  # (S, H) float32 after the last character
-    logits: np.ndarray | None = None  # (V,) float32 next-char logits, with want_logits
-    probs: np.ndarray | None = None  # (V,) float32 next-char distribution, with want_probs
+# finish(out, rows, items) -> one result per item: items[i] is row rows[i] of `out`.
+Finish = Callable[[BatchOutput, np.ndarray, Sequence["Item"]], list[Any]]
 
 
 @dataclass
 class Item:
     ids: np.ndarray  # (T,) int64
-    top_k: int
-    future: asyncio.Future[TextResult]
+    future: asyncio.Future[Any]
+    finish: Finish
+    params: Any = None  # what `finish` needs per item (e.g. top_k)
     deadline: float | None = None  # loop.time() seconds
-    positions: bool = False
+    positions: bool = False  # the model call must compute position logits
     state: np.ndarray | None = None  # (S, H) start state; None = zeros
-    want_state: bool = False
-    want_logits: bool = False  # Generate samples from the raw logits
-    want_probs: bool = False  # KServe's `probs` output: the whole distribution
+    lane: int = HIGH
     enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class LanePolicy:
+    max_queue_texts: int = 8192
+    timeout_s: float = 0.0  # queue timeout for items without a deadline; 0: none
 
 
 @dataclass
@@ -74,6 +89,8 @@ class BatchStats:
     expired: int = 0
     cancelled: int = 0
     rejected: int = 0
+    failed: int = 0  # texts whose model call raised
+    compute_ns: int = 0
 
 
 def group_by_length(items: list[Item]) -> list[list[Item]]:
@@ -88,13 +105,6 @@ def group_by_length(items: list[Item]) -> list[list[Item]]:
     return groups
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
 class Batcher:
     def __init__(
         self,
@@ -106,6 +116,9 @@ class Batcher:
         max_batch_delay_ms: float = 0.0,
         max_queue_texts: int = 8192,
         parallel_batch_chars: int = 0,
+        low_lane: LanePolicy | None = None,
+        high_timeout_s: float = 0.0,
+        low_lane_workers: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_batch_start: Callable[[list[float]], None] | None = None,
     ) -> None:
@@ -114,19 +127,24 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_chars = max_batch_chars
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
+        self.lanes = (LanePolicy(max_queue_texts, high_timeout_s),
+                      low_lane or LanePolicy(max_queue_texts))
         self.max_queue_texts = max_queue_texts
         self.parallel_batch_chars = parallel_batch_chars
+        workers = backend.workers
+        self.low_lane_workers = min(workers, low_lane_workers or max(1, workers - 1))
         self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
         self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
         self.executor = backend.make_executor()
-        self._pending: deque[Item] = deque()
-        self._pending_chars = 0  # characters in _pending (live or not yet dropped)
+        self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # by lane
+        self._pending_chars = 0  # characters in both queues (live or not yet dropped)
         self._running = 0  # workers busy with batches
-        # Guards _pending, _pending_chars, _running and _closed, which the loop and the
+        self._running_high = 0  # of those, batches holding high-lane items
+        # Guards _queues, _pending_chars, _running(_high) and _closed, which the loop and the
         # worker threads both change (workers pull their next batch themselves).
         self._lock = threading.Lock()
-        self._jobs_waiting = 0  # submit_job() work queued behind the batches (Generate steps)
+        self._jobs_waiting = 0  # submit_steps() work queued behind the batches (Generate steps)
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
         self._slots = asyncio.Semaphore(backend.workers)  # batching off: one call per worker
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,32 +156,51 @@ class Batcher:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, warmup: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        prepare = getattr(self.backend, "prepare", None)
-        if prepare is not None:  # backends that must load on their executor thread
-            await loop.run_in_executor(self.executor, prepare)
+        await loop.run_in_executor(self.executor, self.backend.prepare)
         if warmup:
             await loop.run_in_executor(self.executor, self.backend.warmup)
         self._loop = loop
 
     async def close(self) -> None:
-        """Stops taking work; fails what is still queued; waits for running batches."""
+        """Stops taking work; fails what is still queued; waits for running batches (on a
+        helper thread: the event loop keeps serving the other models meanwhile)."""
         with self._lock:
             self._closed = True
-            queued = list(self._pending)
-            self._pending.clear()
+            queued = [*self._queues[HIGH], *self._queues[LOW]]
+            for q in self._queues:
+                q.clear()
             self._pending_chars = 0
         if self._delay is not None:
             self._delay.cancel()
         for it in queued:
             if not it.future.done():
                 it.future.set_exception(NotReady("server is shutting down"))
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending) + self._in_flight_texts
+        return len(self._queues[HIGH]) + len(self._queues[LOW]) + self._in_flight_texts
 
-    def submit_job(self, fn: Callable[..., object], *args: object) -> None:
+    def lane_depth(self, lane: int) -> int:
+        """Texts queued in one lane (batching off: texts in the model count as high-lane)."""
+        return len(self._queues[lane]) + (self._in_flight_texts if lane == HIGH else 0)
+
+    async def probe(self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray,
+                    positions: bool = True) -> BatchOutput:
+        """One model call on the backend's executor, outside the queues (the reload probe)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, lambda: self.backend.run(ids, lengths, state, positions=positions))
+
+    def run_model(self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> BatchOutput:
+        """A model call from inside `submit_steps` work (already on a worker thread)."""
+        started = time.perf_counter()
+        out = self.backend.run(ids, lengths, state)
+        if self.on_batch is not None:
+            self.on_batch(len(ids), int(ids.size), time.perf_counter() - started)
+        return out
+
+    def submit_steps(self, fn: Callable[..., object], *args: object) -> None:
         """Runs fn(*args) on a backend worker between batches (Generate's steps): a worker
         pulling batch after batch lets it go first, so a stream of Predict batches cannot
         starve it. RuntimeError once the executor is shut down."""
@@ -183,20 +220,28 @@ class Batcher:
             raise
 
     # -- submission --------------------------------------------------------------------------
-    async def submit(self, items: list[Item]) -> list[TextResult]:
-        """Queues the items of one request and waits for all their results."""
+    async def submit(self, items: list[Item]) -> list[Any]:
+        """Queues the items of one request (all of one lane) and waits for their results."""
         if self._closed:
             raise NotReady("server is shutting down")
-        if self.queue_depth + len(items) > self.max_queue_texts:
+        lane = items[0].lane
+        policy = self.lanes[lane]
+        queued = len(self._queues[lane]) + self._in_flight_texts
+        if queued + len(items) > policy.max_queue_texts:
             self.stats.rejected += 1
             raise Overloaded(
-                f"server overloaded: {self.queue_depth} texts queued, limit "
-                f"{self.max_queue_texts}; retry with backoff"
+                f"server overloaded: {queued} texts queued in the {LANE_NAMES[lane]}-priority "
+                f"lane, limit {policy.max_queue_texts}; retry with backoff"
             )
+        if policy.timeout_s > 0:
+            limit = asyncio.get_running_loop().time() + policy.timeout_s
+            for it in items:
+                if it.deadline is None or it.deadline > limit:
+                    it.deadline = limit
         if not self.batching:
             return await self._run_unbatched(items)
         with self._lock:
-            self._pending.extend(items)
+            self._queues[lane].extend(items)
             self._pending_chars += sum(len(it.ids) for it in items)
         if not self._dispatch_soon:  # once per loop pass: requests arriving together batch
             self._dispatch_soon = True
@@ -211,7 +256,7 @@ class Batcher:
                 it.future.cancel()
             raise
 
-    async def _run_unbatched(self, items: list[Item]) -> list[TextResult]:
+    async def _run_unbatched(self, items: list[Item]) -> list[Any]:
         loop = asyncio.get_running_loop()
         self._in_flight_texts += len(items)
         try:
@@ -234,16 +279,23 @@ class Batcher:
     # worker thread runs only after everything already queued on the loop, which under load is
     # a pass that answers and reads dozens of calls; a model thread waiting for the loop's
     # go-ahead sat idle all that time (docs/benchmarks.md, "The batcher's hand-over").
-    def _may_start(self, others: int) -> bool:
-        """With the lock held: may a worker start a batch while `others` batches run?"""
-        if not self._pending or self._closed or others >= self.backend.workers:
+    def _may_start(self, others: int, others_high: int) -> bool:
+        """With the lock held: may a worker start a batch while `others` batches run
+        (`others_high` of them with high-lane items)?"""
+        if self._closed or others >= self.backend.workers:
             return False
-        # A second worker only for a big enough queue (see the module docstring).
+        if self._queues[HIGH]:
+            # High-lane work never waits for a batch job's call to end (the reserved worker);
+            # behind a high-lane call, a second one only for a big enough queue.
+            return not others_high or self._pending_chars >= self.parallel_batch_chars
+        if not self._queues[LOW] or others >= self.low_lane_workers:
+            return False
         return not others or self._pending_chars >= self.parallel_batch_chars
 
     def _wants_delay(self) -> bool:
         """With max_batch_delay_ms, a batch that is not full waits for the loop's timer."""
-        return (self.max_batch_delay_s > 0 and len(self._pending) < self.max_batch_size
+        return (self.max_batch_delay_s > 0
+                and len(self._queues[HIGH]) + len(self._queues[LOW]) < self.max_batch_size
                 and not self._delay_over)
 
     def _dispatch(self) -> None:
@@ -253,7 +305,7 @@ class Batcher:
         assert loop is not None, "Batcher.start() was not awaited"
         while True:
             with self._lock:
-                if not self._may_start(self._running):
+                if not self._may_start(self._running, self._running_high):
                     return
                 if self._wants_delay():
                     if self._delay is None:
@@ -261,13 +313,14 @@ class Batcher:
                     return
                 if self._delay is not None:
                     self._delay.cancel()
-                self._delay, self._delay_over = None, False
-                batch, expired = self._take(loop.time())
+                self._delay = None
+                batch, expired, high = self._take(loop.time(), self._running)
                 if batch:
                     self._running += 1
+                    self._running_high += high
             _expire(expired)
             if batch:
-                self.executor.submit(self._work, batch, loop)
+                self.executor.submit(self._work, batch, high, loop)
 
     def _end_delay(self) -> None:
         self._delay = None
@@ -287,26 +340,34 @@ class Batcher:
                 live.append(it)
         return live, expired
 
-    def _take(self, now: float) -> tuple[list[Item], list[Item]]:
-        """With the lock held: pops up to max_batch_size live items, FIFO, within the
-        padded-chars budget; also returns the expired ones it popped, to be answered."""
+    def _take(self, now: float, others: int) -> tuple[list[Item], list[Item], int]:
+        """With the lock held: pops up to max_batch_size live items within the padded-chars
+        budget, FIFO, from the high lane or, when it holds none, the low lane (a batch never
+        mixes lanes: low-lane texts would make an interactive call longer). Returns them, the
+        expired ones it popped (to be answered), and 1 for a high-lane batch, else 0."""
         taken: list[Item] = []
         expired: list[Item] = []
-        longest = 0
-        while self._pending and len(taken) < self.max_batch_size:
-            it = self._pending[0]
-            live, dead = self._split_dead([it], now)
-            if not live:
-                expired += dead
-                self._pending_chars -= len(self._pending.popleft().ids)
-                continue
-            t = max(longest, len(it.ids))
-            if taken and t * (len(taken) + 1) > self.max_batch_chars:
+        self._delay_over = False  # a delay, if one ran, applied to this batch
+        for lane, queue in enumerate(self._queues):
+            if lane == LOW and others >= self.low_lane_workers:
                 break
-            longest = t
-            taken.append(self._pending.popleft())
-            self._pending_chars -= len(it.ids)
-        return taken, expired
+            longest = 0
+            while queue and len(taken) < self.max_batch_size:
+                it = queue[0]
+                live, dead = self._split_dead([it], now)
+                if not live:
+                    expired += dead
+                    self._pending_chars -= len(queue.popleft().ids)
+                    continue
+                t = max(longest, len(it.ids))
+                if taken and t * (len(taken) + 1) > self.max_batch_chars:
+                    break
+                longest = t
+                taken.append(queue.popleft())
+                self._pending_chars -= len(it.ids)
+            if taken:
+                return taken, expired, int(lane == HIGH)
+        return taken, expired, 0
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
         """Splits one length group so each chunk stays within the batch limits."""
@@ -315,7 +376,7 @@ class Batcher:
         return [group[i : i + per_call] for i in range(0, len(group), per_call)]
 
     # -- on the executor thread --------------------------------------------------------------
-    def _work(self, batch: list[Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _work(self, batch: list[Item], high: int, loop: asyncio.AbstractEventLoop) -> None:
         """Runs batches until none may start: this one, then whatever is queued by then."""
         while True:
             for group in group_by_length(batch):
@@ -325,13 +386,16 @@ class Batcher:
             expired: list[Item] = []
             wake = False
             with self._lock:
+                self._running_high -= high
                 batch = []
-                if self._may_start(self._running - 1) and not self._wants_delay():
-                    batch, expired = self._take(loop.time())
+                if (self._may_start(self._running - 1, self._running_high)
+                        and not self._wants_delay()):
+                    batch, expired, high = self._take(loop.time(), self._running - 1)
+                    self._running_high += high
                 if not batch:
                     self._running -= 1
                     # Left queued for a delay timer, or all dropped as dead: the loop decides.
-                    wake = bool(self._pending)
+                    wake = bool(self._queues[HIGH] or self._queues[LOW])
             if expired:
                 loop.call_soon_threadsafe(_expire, expired)
             if not batch:
@@ -340,19 +404,20 @@ class Batcher:
                 return
             if self._jobs_waiting:  # jobs queued meanwhile run first; this batch queues behind
                 try:
-                    self.executor.submit(self._work, batch, loop)
+                    self.executor.submit(self._work, batch, high, loop)
                     return
                 except RuntimeError:  # the executor is shutting down: finish the batch here
                     pass
 
-    def _run_batch(self, items: list[Item]) -> tuple[list[TextResult] | None, BaseException | None]:
+    def _run_batch(self, items: list[Item]) -> tuple[list[Any] | None, BaseException | None]:
         try:
             return self._compute(items), None
         except Exception as e:  # a backend failure fails these items, never the server
             log.exception("backend call failed for %d texts", len(items))
+            self.stats.failed += len(items)
             return None, e
 
-    def _compute(self, items: list[Item]) -> list[TextResult]:
+    def _compute(self, items: list[Item]) -> list[Any]:
         b = len(items)
         lengths = np.fromiter((len(it.ids) for it in items), dtype=np.int64, count=b)
         t = int(lengths.max())
@@ -369,26 +434,20 @@ class Batcher:
         started = time.perf_counter()
         out = self.backend.run(ids, lengths, state, positions=positions)
         compute_s = time.perf_counter() - started
-        probs = _softmax(out.logits.astype(np.float32, copy=True))  # (B, V)
-        k_max = max(it.top_k for it in items)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k_max]  # (B, k)
-        results = []
-        for row, it in enumerate(items):
-            ids_k = top[row, : it.top_k]
-            res = TextResult(top_ids=ids_k, top_probs=probs[row, ids_k])
-            if it.positions and out.position_logits is not None:
-                n = len(it.ids)
-                p = _softmax(out.position_logits[row, :n].astype(np.float32, copy=True))  # (T, V)
-                res.position_ids = p.argmax(axis=1)
-                res.position_probs = p[np.arange(n), res.position_ids]
-            if it.want_state:
-                res.state = out.state[:, row, :].copy()
-            if it.want_logits:
-                res.logits = out.logits[row].astype(np.float32, copy=True)
-            if it.want_probs:
-                res.probs = probs[row]
-            results.append(res)
+        finish = items[0].finish
+        if all(it.finish is finish for it in items):  # one kind of caller: one finish call
+            results = finish(out, np.arange(b), items)
+        else:
+            results = [None] * b
+            by_finish: dict[Finish, list[int]] = {}
+            for row, it in enumerate(items):
+                by_finish.setdefault(it.finish, []).append(row)
+            for fn, rows in by_finish.items():
+                for row, res in zip(rows, fn(out, np.asarray(rows), [items[r] for r in rows]),
+                                    strict=True):
+                    results[row] = res
         st = self.stats
+        st.compute_ns += int(compute_s * 1e9)
         st.batches += 1
         st.texts += b
         st.chars += int(lengths.sum())
@@ -398,7 +457,7 @@ class Batcher:
         return results
 
 
-def _deliver(items: list[Item], results: list[TextResult] | None,
+def _deliver(items: list[Item], results: list[Any] | None,
              error: BaseException | None) -> None:
     """On the loop: one backend call's answers (or its error) to the callers still waiting."""
     for i, it in enumerate(items):

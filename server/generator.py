@@ -47,12 +47,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batcher import Item
+from .backends.base import BatchOutput
+from .batcher import HIGH, Item
 from .errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from .predictor import Predictor
 
@@ -75,6 +76,7 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     state: bytes = b""  # encoded start state; b"": fresh
     return_state: bool = False
+    lane: int = HIGH  # the prefill's batcher lane
 
 
 @dataclass
@@ -116,6 +118,13 @@ class _Lane:
     active: list[GenerationStream] = field(default_factory=list)
     joining: list[GenerationStream] = field(default_factory=list)
     driving: bool = False  # a step of this lane is queued or running
+
+
+def finish_prefill(out: BatchOutput, rows: np.ndarray,
+                   items: Sequence[Item]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """On the worker thread: (next-char logits (V,), state (S, H)) after each prompt."""
+    return [(out.logits[r].astype(np.float32, copy=True), out.state[:, r, :].copy())
+            for r in rows.tolist()]
 
 
 def sample_ids(
@@ -221,14 +230,11 @@ class GenerationStream:
 
     async def _prefill(self) -> None:
         loop = asyncio.get_running_loop()
-        item = Item(ids=self.prompt_ids, top_k=1, future=loop.create_future(),
-                    deadline=self.deadline, state=self.start_state, want_state=True,
-                    want_logits=True)
-        (res,) = await self._gen.batcher.submit([item])
-        assert res.logits is not None and res.state is not None  # asked for both
-        self.logits, self.state = res.logits, res.state
+        item = Item(ids=self.prompt_ids, future=loop.create_future(), finish=finish_prefill,
+                    deadline=self.deadline, state=self.start_state, lane=self.params.lane)
+        ((self.logits, self.state),) = await self._gen.batcher.submit([item])
         if self._history is not None:
-            self._history.append(res.state)
+            self._history.append(self.state)
 
     def close(self) -> None:
         """Idempotent. Frees the slot at once; the next step drops the stream."""
@@ -335,7 +341,6 @@ class Generator:
                  flush_ms: float = 20.0) -> None:
         self.predictor = predictor
         self.artifact = predictor.artifact
-        self.backend = predictor.backend
         self.batcher = predictor.batcher
         self.vocab = predictor.artifact.vocab
         self.max_streams = predictor.limits.max_streams
@@ -444,7 +449,7 @@ class Generator:
     def _queue_step(self, lane: _Lane) -> None:
         """Queues the lane's next step at the back of the backend's executor queue."""
         try:
-            self.batcher.submit_job(self._drive, lane)
+            self.batcher.submit_steps(self._drive, lane)
         except RuntimeError:  # the executor is shut down: the server is stopping
             self._stop_lane(lane, NotReady("server is shutting down; retry on another replica"))
 
@@ -525,7 +530,8 @@ class Generator:
                 b = len(part)
                 ids_in = np.fromiter((s.last_id for s in part), dtype=np.int64, count=b)
                 state = np.stack([s.state for s in part], axis=1)  # type: ignore[misc]  # (S, B, H)
-                out = self.backend.run(ids_in.reshape(b, 1), np.ones(b, dtype=np.int64), state)
+                out = self.batcher.run_model(ids_in.reshape(b, 1), np.ones(b, dtype=np.int64),
+                                             state)
                 for row, s in enumerate(part):
                     s.fed(out.logits[row], out.state[:, row, :])
                 self.stats.steps += 1

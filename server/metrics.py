@@ -5,27 +5,35 @@
 
 | metric | type | labels | meaning |
 |---|---|---|---|
-| nextchar_requests_total | counter | method, code | finished RPCs by gRPC status code |
-| nextchar_request_duration_seconds | histogram | method | whole RPC, as the server saw it |
-| nextchar_queue_wait_seconds | histogram | | per text: batcher queue -> start of its model call |
-| nextchar_compute_seconds | histogram | | per model call (one padded batch) |
-| nextchar_batch_size_texts | histogram | | texts per model call |
-| nextchar_queue_depth_texts | gauge | | texts waiting for (or in) the model |
-| nextchar_in_flight_requests | gauge | | accepted RPCs not yet finished |
-| nextchar_active_streams | gauge | | open Generate streams |
+| nextchar_requests_total | counter | method, code, protocol | finished calls by status code |
+| nextchar_request_duration_seconds | histogram | method, protocol | whole call, as the server saw it |
+| nextchar_queue_wait_seconds | histogram | model | per text: batcher queue -> start of its model call |
+| nextchar_compute_seconds | histogram | model | per model call (one padded batch) |
+| nextchar_batch_size_texts | histogram | model | texts per model call |
+| nextchar_queue_depth_texts | gauge | model, lane | texts waiting for (or in) the model |
+| nextchar_in_flight_requests | gauge | | accepted calls not yet finished |
+| nextchar_active_streams | gauge | model | open Generate streams |
 | nextchar_draining | gauge | | 1 once SIGTERM/stop began |
-| nextchar_model_info | info | name, version, sha256, backend, device | what is served now |
-| nextchar_model_reloads_total | counter | result | hot reloads: success / failure |
+| nextchar_model_info | info | model, name, version, artifact_version, sha256, backend, device | what is served now, per model |
+| nextchar_model_reloads_total | counter | model, result | loads and hot reloads: success / failure |
+
+`protocol` is grpc (nextchar.v1, KServe V2, Admin) or http; `lane` is high or low.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -37,66 +45,83 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("nextchar_requests", "Finished RPCs by method and gRPC status code.",
-                                ["method", "code"], registry=r)
+        self.requests = Counter("nextchar_requests", "Finished calls by method and status code.",
+                                ["method", "code", "protocol"], registry=r)
         self.request_seconds = Histogram(
-            "nextchar_request_duration_seconds", "RPC duration on the server, seconds.",
-            ["method"], buckets=LATENCY_BUCKETS_S, registry=r)
+            "nextchar_request_duration_seconds", "Call duration on the server, seconds.",
+            ["method", "protocol"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_seconds = Histogram(
             "nextchar_queue_wait_seconds",
             "Per text: from entering the batcher queue to the start of its model call, seconds.",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.compute_seconds = Histogram(
             "nextchar_compute_seconds", "Duration of one backend model call (one padded batch).",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.batch_texts = Histogram("nextchar_batch_size_texts", "Texts per backend model call.",
-                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("nextchar_queue_depth_texts",
-                                 "Texts waiting for the model (or in it, batching off).", registry=r)
-        self.in_flight = Gauge("nextchar_in_flight_requests", "Accepted RPCs not yet finished.",
+                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("nextchar_in_flight_requests", "Accepted calls not yet finished.",
                                registry=r)
-        self.active_streams = Gauge("nextchar_active_streams", "Open Generate streams.", registry=r)
         self.draining = Gauge("nextchar_draining", "1 once a drain (SIGTERM, stop) began.",
                               registry=r)
-        self.model = Info("nextchar_model", "The model version served now.", registry=r)
-        self.reloads = Counter("nextchar_model_reloads", "Hot reload attempts by result.",
-                               ["result"], registry=r)
-        for result in ("success", "failure"):
-            self.reloads.labels(result)  # both series exist from the start, at 0
-        self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self.model = Info("nextchar_model", "The model version served now, per model.",
+                          ["model"], registry=r)
+        self.reloads = Counter("nextchar_model_reloads", "Model loads and hot reloads by result.",
+                               ["model", "result"], registry=r)
+        self._runtimes: Callable[[], list[ModelRuntime]] = list
+        r.register(_RuntimeGauges(lambda: self._runtimes()))
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._http: WSGIServer | None = None
 
     # -- hooks the server wires in -----------------------------------------------------------
-    def observe_batch(self, texts: int, padded_chars: int, compute_s: float) -> None:
-        """Batcher.on_batch: runs on a backend executor thread (prometheus-client is thread-safe)."""
-        self.batch_texts.observe(texts)
-        self.compute_seconds.observe(compute_s)
+    def batch_hooks(self, model: str) -> tuple[Callable[[int, int, float], None],
+                                                Callable[[list[float]], None]]:
+        """(on_batch, on_batch_start) for one model's batcher; both run on executor threads
+        (prometheus-client is thread-safe), with the model's children looked up once."""
+        batch_texts = self.batch_texts.labels(model)
+        compute = self.compute_seconds.labels(model)
+        queue = self.queue_seconds.labels(model)
 
-    def observe_queue_waits(self, enqueued_at: Sequence[float]) -> None:
-        """Batcher.on_batch_start: the `enqueued_at` (time.monotonic) of each text in a call."""
-        now = time.monotonic()
-        for t in enqueued_at:
-            self.queue_seconds.observe(max(0.0, now - t))
+        def on_batch(texts: int, padded_chars: int, compute_s: float) -> None:
+            batch_texts.observe(texts)
+            compute.observe(compute_s)
 
-    def observe_request(self, method: str, code: str, duration_s: float) -> None:
+        def on_batch_start(enqueued_at: Sequence[float]) -> None:
+            now = time.monotonic()
+            for t in enqueued_at:
+                queue.observe(max(0.0, now - t))
+
+        for result in ("success", "failure"):
+            self.reloads.labels(model, result)  # both series exist from the first load, at 0
+        return on_batch, on_batch_start
+
+    def observe_request(self, method: str, code: str, duration_s: float,
+                        protocol: str = "grpc") -> None:
         # labels() takes a lock and builds a key on every call; the children are cached here
-        # because this runs on the event loop for every RPC.
-        children = self._request_children.get((method, code))
+        # because this runs on the event loop for every call.
+        key = (method, code, protocol)
+        children = self._request_children.get(key)
         if children is None:
-            children = (self.requests.labels(method, code), self.request_seconds.labels(method))
-            self._request_children[(method, code)] = children
+            children = (self.requests.labels(method, code, protocol),
+                        self.request_seconds.labels(method, protocol))
+            self._request_children[key] = children
         children[0].inc()
         children[1].observe(duration_s)
 
-    def set_model(self, name: str, version: str, sha256: str, backend: str, device: str) -> None:
-        self.model.info({"name": name, "version": version, "sha256": sha256, "backend": backend,
-                         "device": device})
+    def set_model(self, rt: ModelRuntime) -> None:
+        a, b = rt.artifact, rt.backend
+        self.model.labels(rt.name).info({
+            "name": rt.name, "version": rt.version, "artifact_version": a.version,
+            "sha256": a.sha256, "backend": b.name, "device": b.device})
 
-    def track_queue_depth(self, read: Callable[[], float]) -> None:
-        self.queue_depth.set_function(read)
+    def clear_model(self, model: str) -> None:
+        try:
+            self.model.remove(model)
+        except KeyError:
+            pass
 
-    def track_active_streams(self, read: Callable[[], float]) -> None:
-        self.active_streams.set_function(read)
+    def track_runtimes(self, read: Callable[[], list[ModelRuntime]]) -> None:
+        """Queue depth and active streams are read from the runtimes at scrape time."""
+        self._runtimes = read
 
     # -- the HTTP endpoint -------------------------------------------------------------------
     def serve_http(self, host: str, port: int) -> int:
@@ -111,3 +136,36 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _RuntimeGauges(Collector):
+    """Per-model gauges computed at scrape time: queue depth per lane and open streams (old
+    versions still finishing calls count toward their model)."""
+
+    def __init__(self, runtimes: Callable[[], list[ModelRuntime]]) -> None:
+        self._runtimes = runtimes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from .batcher import LANE_NAMES
+
+        depth = GaugeMetricFamily("nextchar_queue_depth_texts",
+                                  "Texts waiting for the model (or in it, batching off).",
+                                  labels=["model", "lane"])
+        streams = GaugeMetricFamily("nextchar_active_streams", "Open Generate streams.",
+                                    labels=["model"])
+        totals: dict[tuple[str, str], int] = {}
+        open_streams: dict[str, int] = {}
+        for rt in self._runtimes():
+            for lane, name in enumerate(LANE_NAMES):
+                key = (rt.name, name)
+                totals[key] = totals.get(key, 0) + rt.batcher.lane_depth(lane)
+            open_streams[rt.name] = open_streams.get(rt.name, 0) + rt.generator.active_streams
+        for (model, lane_name), texts in sorted(totals.items()):
+            depth.add_metric([model, lane_name], texts)
+        for model, count in sorted(open_streams.items()):
+            streams.add_metric([model], count)
+        yield depth
+        yield streams
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -1,21 +1,52 @@
-"""The transport-free core of Predict: validate, encode, batch, decode.
+"""One model's Predict: validate, encode, queue in the batcher, and finish on the worker thread.
 
-Servicers for any protocol (nextchar.v1, KServe V2) call this; it never sees protobuf.
+The data plane (dataplane.py) calls this for every front end; it never sees protobuf. What the
+caller wants from a model call is decided here, in the `finish` functions the batcher runs on
+its worker thread: softmax and top-k, per-position argmax, the encoded state, the distribution.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .artifact import Artifact
-from .backends.base import Backend
-from .batcher import Batcher, Item, TextResult
+from .backends.base import Backend, BatchOutput
+from .batcher import HIGH, Batcher, Item
 from .errors import InvalidInput
 from .settings import ServerSettings
 from .state import StateCodec
+
+
+@dataclass
+class TextResult:
+    top_ids: np.ndarray  # (k,) int64, most likely first
+    top_probs: np.ndarray  # (k,) float32
+    position_ids: np.ndarray | None = None  # (T,) argmax id after each prefix
+    position_probs: np.ndarray | None = None  # (T,)
+    state: bytes = b""  # encoded state after the last character, with return_state
+    probs: np.ndarray | None = None  # (V,) float32 next-char distribution, with want_probs
+
+
+@dataclass(frozen=True)
+class PredictOpts:
+    """Per item: what `finish_predict` computes for it."""
+
+    top_k: int
+    positions: bool = False
+    want_state: bool = False
+    want_probs: bool = False
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float32, copy=True)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,30 @@ class Predictor:
         self.batcher = batcher
         self.limits = limits
         self.state_codec = StateCodec.for_artifact(artifact)
+
+    def finish_predict(self, out: BatchOutput, rows: np.ndarray,
+                       items: Sequence[Item]) -> list[TextResult]:
+        """On the worker thread: one model call's rows -> each item's TextResult."""
+        whole = len(rows) == len(out.logits)  # the common case: no row copy
+        probs = softmax(out.logits if whole else out.logits[rows])  # (B, V)
+        opts: list[PredictOpts] = [it.params for it in items]
+        k_max = max(o.top_k for o in opts)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k_max]  # (B, k)
+        results = []
+        for i, (row, it, o) in enumerate(zip(rows.tolist(), items, opts, strict=True)):
+            ids_k = top[i, : o.top_k]
+            res = TextResult(top_ids=ids_k, top_probs=probs[i, ids_k])
+            if o.positions and out.position_logits is not None:
+                n = len(it.ids)
+                p = softmax(out.position_logits[row, :n])  # (T, V)
+                res.position_ids = p.argmax(axis=1)
+                res.position_probs = p[np.arange(n), res.position_ids]
+            if o.want_state:
+                res.state = self.state_codec.encode(out.state[:, row, :])
+            if o.want_probs:
+                res.probs = probs[i]
+            results.append(res)
+        return results
 
     def resolve_top_k(self, top_k: int) -> int:
         lim = self.limits
@@ -121,6 +176,7 @@ class Predictor:
         deadline: float | None = None,
         states: list[bytes] | None = None,
         return_state: bool = False,
+        lane: int = HIGH,
     ) -> list[TextResult]:
         """deadline: absolute, on the running loop's clock (loop.time()).
 
@@ -130,9 +186,11 @@ class Predictor:
         encoded = self.encode_texts(texts)
         start_states = self.decode_states(states or [], len(texts))
         loop = asyncio.get_running_loop()
+        opts = PredictOpts(k, per_position, return_state)
+        finish = self.finish_predict
         items = [
-            Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline,
-                 positions=per_position, state=start, want_state=return_state)
+            Item(ids=ids, future=loop.create_future(), finish=finish, params=opts,
+                 deadline=deadline, positions=per_position, state=start, lane=lane)
             for ids, start in zip(encoded, start_states, strict=True)
         ]
         return await self.batcher.submit(items)
@@ -152,6 +210,7 @@ class Predictor:
         top_k: int = 0,
         deadline: float | None = None,
         want_probs: bool = False,
+        lane: int = HIGH,
     ) -> list[TextResult]:
         """Rows from `encode_texts` or `check_ids` through the batcher, as `predict` does.
 
@@ -159,6 +218,8 @@ class Predictor:
         """
         k = self.resolve_top_k(top_k)
         loop = asyncio.get_running_loop()
-        items = [Item(ids=ids, top_k=k, future=loop.create_future(), deadline=deadline,
-                      want_probs=want_probs) for ids in rows]
+        opts = PredictOpts(k, want_probs=want_probs)
+        finish = self.finish_predict
+        items = [Item(ids=ids, future=loop.create_future(), finish=finish, params=opts,
+                      deadline=deadline, lane=lane) for ids in rows]
         return await self.batcher.submit(items)

@@ -22,6 +22,18 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEXTCHAR_", extra="ignore")
 
     model: Path = Field(Path("runs/demo/artifact"), description="Artifact directory to serve (`make demo` writes runs/demo/artifact).")
+    model_repository: Path | None = Field(
+        None, description="Serve every DIR/<model>/ of this repository (each an artifact or "
+        "<version>/ artifacts, optional config.json); with --model too, that one is the default.",
+    )
+    default_model: str = Field(
+        "", description="The model requests with an empty model name go to (default: --model's, "
+        "or the repository's only model).",
+    )
+    strict_readiness: bool = Field(
+        True, description="Server ready only when every model that should be loaded is; off: "
+        "when any is.",
+    )
     backend: Literal["onnx", "torchscript"] = Field(
         "onnx", description="Runtime: onnx (ONNX Runtime, no torch needed) or torchscript."
     )
@@ -51,7 +63,23 @@ class ServerSettings(BaseSettings):
         0.0, ge=0, description="Extra wait to fill a batch; 0 = greedy (take what is queued)."
     )
     max_queue_texts: int = Field(
-        8192, ge=1, description="Texts waiting for the model; beyond it RESOURCE_EXHAUSTED."
+        8192, ge=1, description="High-priority texts waiting for the model; beyond it "
+        "RESOURCE_EXHAUSTED."
+    )
+    low_max_queue_texts: int = Field(
+        65536, ge=1, description="Low-priority (batch job) texts waiting; beyond it "
+        "RESOURCE_EXHAUSTED."
+    )
+    high_timeout_s: float = Field(
+        0.0, ge=0, description="High lane: a text without a deadline waits at most this long "
+        "in the queue (DEADLINE_EXCEEDED); 0 = no limit."
+    )
+    low_timeout_s: float = Field(
+        0.0, ge=0, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
+    )
+    low_lane_workers: int = Field(
+        0, ge=0, description="Concurrent model calls low-priority batches may use; 0 = all but "
+        "one when the backend has several (the rest stays free for interactive calls)."
     )
     parallel_batch_chars: int = Field(
         4096, ge=0,
@@ -91,7 +119,11 @@ class ServerSettings(BaseSettings):
 
     # Operations (docs/reliability.md): metrics, logs, drain, hot reload.
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="Prometheus /metrics HTTP port on --host; 0 picks a free one; unset = off."
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one; unset = off."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Bind address of /metrics (unauthenticated: loopback unless "
+        "set; containers set 0.0.0.0 for their scraper)."
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or one JSON object per line (with request_id)."

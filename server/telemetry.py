@@ -1,7 +1,9 @@
-"""Per-call bookkeeping, the outermost layer of every call (interceptors.py): request id, drain
-gate, in-flight calls, metrics.
+"""Per-call bookkeeping, the outermost layer of every call on every front end (the gRPC call
+wrapper, grpc/wrapping.py; the HTTP middleware): request id, drain gate, in-flight calls,
+metrics. Transport-free: a front end passes the caller's request id in and sends the returned
+one back (gRPC trailing metadata, an HTTP header).
 
-For every RPC except health and reflection:
+For every call except health and reflection:
 - the request id (the caller's `x-request-id` or a fresh one) is set for the call's logs and
   echoed in its trailing metadata, on success and on error alike;
 - once the server drains, the call is refused with UNAVAILABLE before any work is done;
@@ -18,9 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import grpc
-
-from .logging_setup import REQUEST_ID_HEADER, request_id_from, request_id_var
+from .logging_setup import request_id_from, request_id_var
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,6 @@ class DrainGate:
         self.streams_must_end = False
 
 
-def code_of(context: grpc.aio.ServicerContext) -> str:
-    code = context.code()
-    if code is None:
-        return "OK"
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return str(code)  # cygrpc may report a bare int on some versions
-
-
 class Telemetry:
     """What the call wrapper (interceptors.py) does first and last on every tracked call."""
 
@@ -117,33 +108,34 @@ class Telemetry:
     def tracks(method: str) -> bool:
         return not method.startswith(UNTRACKED_PREFIXES)
 
-    def enter(self, context: grpc.aio.ServicerContext, method: str) -> int | None:
-        """Sets the call's request id; None while draining (the caller refuses the call with
-        DRAINING_MESSAGE); else tracks the call and returns its sequence number."""
-        supplied = None
-        for key, value in context.invocation_metadata() or ():
-            if key == REQUEST_ID_HEADER:
-                supplied = value
+    @staticmethod
+    def request_id(supplied: str | None) -> str:
+        """The call's request id (the caller's, if usable), set for its log lines."""
         request_id = request_id_from(supplied)
         request_id_var.set(request_id)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        return request_id
+
+    def enter(self, method: str, protocol: str = "grpc") -> int | None:
+        """None while draining (the front end refuses the call with DRAINING_MESSAGE); else
+        tracks the call and returns its sequence number."""
         if self.gate.closed:
-            self._finish(method, "UNAVAILABLE", 0.0)
+            self._finish(method, "UNAVAILABLE", 0.0, protocol)
             return None
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         return self.tracker.begin()
 
-    def exit(self, seq: int, method: str, code: str, started: float) -> None:
+    def exit(self, seq: int, method: str, code: str, started: float,
+             protocol: str = "grpc") -> None:
         # Counted before the in-flight gauge drops: a scrape seeing 0 in flight sees every count.
-        self._finish(method, code, time.perf_counter() - started)
+        self._finish(method, code, time.perf_counter() - started, protocol)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
         self.tracker.end(seq)
 
-    def _finish(self, method: str, code: str, duration_s: float) -> None:
+    def _finish(self, method: str, code: str, duration_s: float, protocol: str) -> None:
         if self.metrics is not None:
-            self.metrics.observe_request(method.lstrip("/"), code, duration_s)
+            self.metrics.observe_request(method.lstrip("/"), code, duration_s, protocol)
         if access_log.isEnabledFor(logging.DEBUG):
             access_log.debug("%s %s %.1f ms", method.rsplit("/", 1)[-1], code, duration_s * 1e3,
                              extra={"method": method, "code": code,

@@ -24,8 +24,9 @@ class BatchOutput:
 
 
 class Backend(abc.ABC):
-    name: str
+    name: str  # the key of this backend's entry in BACKENDS (backends/__init__.py)
     device: str
+    model_file: str  # the file of the artifact this instance runs (logs, model info)
 
     def __init__(self, artifact: Artifact, device: str) -> None:
         self.artifact = artifact
@@ -44,6 +45,11 @@ class Backend(abc.ABC):
         self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray, positions: bool = False
     ) -> BatchOutput:
         """ids (B, T) int64 right-padded, lengths (B,) int64, state (S, B, H) float32."""
+
+    def prepare(self) -> None:
+        """Runs once on the executor thread before the first `run` (a runtime that must load
+        on the thread that will call it does so here). Most runtimes need nothing."""
+        return None
 
     def zero_state(self, batch: int) -> np.ndarray:
         a = self.artifact

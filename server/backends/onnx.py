@@ -13,13 +13,15 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import LOOP_ONNX, Artifact
+from ..artifact import Artifact
 from ..errors import ArtifactError
 from .base import Backend, BatchOutput, DeviceUnavailable
 
 log = logging.getLogger(__name__)
 
 CUDA_EP = "CUDAExecutionProvider"
+LOOP_ONNX = "model_loop.onnx"  # the CPU-fast graph (training/onnx_loop.py), optional
+STANDARD_ONNX = "model.onnx"
 _TRUE, _FALSE = np.array(True), np.array(False)
 
 
@@ -32,8 +34,9 @@ class OnnxBackend(Backend):
         device: str = "cpu",
         workers: int = 0,
         intra_op_threads: int = 0,
-        graph: str = "auto",
+        onnx_graph: str = "auto",
     ) -> None:
+        graph = onnx_graph
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads or 1
         opts.inter_op_num_threads = 1
@@ -48,7 +51,7 @@ class OnnxBackend(Backend):
             )
         providers = [CUDA_EP, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         self.graph = self._choose_graph(artifact, graph, want_cuda)
-        path = artifact.path / LOOP_ONNX if self.graph == "loop" else artifact.file("onnx")
+        path = artifact.path / (LOOP_ONNX if self.graph == "loop" else STANDARD_ONNX)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         # ORT silently falls back to CPU when the CUDA provider cannot start; report the truth.
         on_cuda = self.session.get_providers()[0] == CUDA_EP
@@ -60,8 +63,9 @@ class OnnxBackend(Backend):
         # The Loop graph of this version skips its position-logits GEMM when told to
         # (training/onnx_loop.py); older artifacts' graphs compute it always.
         self._positions_switch = "positions" in {i.name for i in self.session.get_inputs()}
-        log.info("onnx backend (%s graph) on %s, %d worker(s), intra-op %d", self.graph,
-                 self.device, self._workers, opts.intra_op_num_threads)
+        self.model_file = path.name
+        log.info("onnx backend (%s graph, %s) on %s, %d worker(s), intra-op %d", self.graph,
+                 path.name, self.device, self._workers, opts.intra_op_num_threads)
 
     @staticmethod
     def _choose_graph(artifact: Artifact, graph: str, cuda: bool) -> str:

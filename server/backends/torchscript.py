@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 class TorchScriptBackend(Backend):
     name = "torchscript"
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", intra_op_threads: int = 0) -> None:
+    model_file = "model.ts"
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", intra_op_threads: int = 0,
+                 **_: object) -> None:  # workers, onnx_graph: not this runtime's
         import torch  # imported here so the ONNX server never loads it
 
         self.torch = torch
@@ -43,7 +46,7 @@ class TorchScriptBackend(Backend):
         torch = self.torch
         if self.device == "cpu":
             torch.set_num_threads(self._threads)
-        self.module = torch.jit.load(str(self.artifact.file("torchscript")), map_location=self.device)
+        self.module = torch.jit.load(str(self.artifact.path / self.model_file), map_location=self.device)
         self.module.eval()
         log.info("torchscript backend on %s, %d thread(s)", self.device, self._threads)
 

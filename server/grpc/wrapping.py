@@ -1,16 +1,17 @@
-"""Every call's outer layers, wrapped around each method's handler once, at registration.
+"""Every gRPC call's outer layers, wrapped around each method's handler once, at registration.
 
-In order, outermost first (what three grpc.aio ServerInterceptors used to do):
+In order, outermost first:
 
-1. Telemetry (telemetry.py): request id, drain gate, call tracking, metrics and access log; for
-   every method but health and reflection.
-2. Auth (security.py): a call without an accepted bearer token is answered UNAUTHENTICATED,
+1. Telemetry (../telemetry.py, shared with the HTTP front end): request id, drain gate, call
+   tracking, metrics and access log; for every method but health and reflection.
+2. Auth (../security.py): a call without an accepted bearer token is answered UNAUTHENTICATED,
    unless its method is open (health, reflection: settings).
-3. Error mapping, in one place: ServingError subclasses carry their code and a message meant for
-   the caller; anything else is a bug, logged with its traceback and answered INTERNAL with a
-   generic message, so no internal text reaches clients and the server stays up. A request that
-   does not decode (e.g. a string field with invalid UTF-8) is answered INVALID_ARGUMENT instead
-   of gRPC's default INTERNAL "Exception deserializing request!".
+3. Error mapping, for every handler kind (client-streaming ones included): ServingError
+   subclasses carry their code and a message meant for the caller; anything else is a bug,
+   logged with its traceback and answered INTERNAL with a generic message, so no internal text
+   reaches clients and the server stays up. A request that does not decode (e.g. a string field
+   with invalid UTF-8) is answered INVALID_ARGUMENT instead of gRPC's default INTERNAL
+   "Exception deserializing request!", or for a request stream, UNKNOWN.
 
 Why not interceptors: grpc.aio asks every interceptor for the handler on every call (a coroutine
 each), and each wrapped handler added a coroutine layer; together ~40-60 us of the event loop's
@@ -21,6 +22,7 @@ the server while services register, so each handler is wrapped once, in one laye
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -29,9 +31,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import ServingError
-from .security import bearer_token
-from .telemetry import DRAINING_MESSAGE, Telemetry, code_of
+from ..errors import ServingError
+from ..logging_setup import REQUEST_ID_HEADER
+from ..security import bearer_token
+from ..telemetry import DRAINING_MESSAGE, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,61 @@ class Auth:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token not accepted")
 
 
+def code_of(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)  # cygrpc may report a bare int on some versions
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+# Calls that change what the server serves. With auth off they are answered only to loopback
+# peers: an open port must not let anyone reload, load or unload models.
+CONTROL_METHODS = ("/nextchar.v1.Admin/", "/inference.GRPCInferenceService/RepositoryModelLoad",
+                   "/inference.GRPCInferenceService/RepositoryModelUnload")
+NOT_LOOPBACK = ("model control (Admin, RepositoryModelLoad/Unload) is open to loopback callers "
+                "only while auth is off: call from this host, or start the server with "
+                "--auth-tokens-file and send a token")
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """grpc peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000', 'unix:/path'."""
+    if peer.startswith("unix:"):
+        return True
+    host = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Undecodable:
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+class UndecodableRequest(ServingError):
+    """A frame of a request stream does not decode; the stream's handler raises it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose undecodable frames raise UndecodableRequest (INVALID_ARGUMENT)."""
+    async for request in requests:
+        if type(request) is _Undecodable:
+            raise UndecodableRequest(f"request message does not decode: {request.error} "
+                                     f"(strings must be valid UTF-8)")
+        yield request
 
 
 def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -99,37 +154,47 @@ _FACTORIES = {
 }
 
 
+class _LoopbackOnly:
+    """Auth's stand-in for control calls while auth is off."""
+
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if not is_loopback_peer(context.peer()):
+            log.info("refused %s from %s: not loopback and auth is off", method, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_LOOPBACK)
+
+
 class CallWrapper:
-    def __init__(self, telemetry: Telemetry, auth: Auth | None) -> None:
+    def __init__(self, telemetry: Telemetry, auth: Auth | None,
+                 admin_loopback_only: bool = False) -> None:
         self.telemetry = telemetry
         self.auth = auth
+        self.admin_loopback_only = admin_loopback_only
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler` with the layers its method needs (see the module docstring)."""
         tracked = self.telemetry.tracks(method)
-        auth = None if self.auth is None or self.auth.is_open(method) else self.auth
-        # Client-streaming handlers read their own requests: nothing here decodes for them.
-        map_errors = not handler.request_streaming
-        if not (tracked or auth or map_errors):
-            return handler
+        auth: Auth | _LoopbackOnly | None = (
+            None if self.auth is None or self.auth.is_open(method) else self.auth)
+        if auth is None and self.admin_loopback_only and method.startswith(CONTROL_METHODS):
+            auth = _LoopbackOnly()
         # grpc-stubs types handlers for the sync server; under grpc.aio they are coroutines.
         inner: Any = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                       or handler.stream_stream)
         make = self._streaming if handler.response_streaming else self._unary
-        behavior = make(inner, method, tracked, auth, map_errors)
+        behavior = make(inner, method, tracked, auth, bool(handler.request_streaming))
         deserialize = handler.request_deserializer
         return _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))](
             behavior,
-            request_deserializer=_safe_deserializer(deserialize) if map_errors else deserialize,
+            request_deserializer=_safe_deserializer(deserialize),
             response_serializer=handler.response_serializer,
         )
 
-    def _unary(self, inner: Any, method: str, tracked: bool, auth: Auth | None,
-               map_errors: bool) -> Any:
+    def _unary(self, inner: Any, method: str, tracked: bool, auth: Auth | _LoopbackOnly | None,
+               request_streaming: bool) -> Any:
         telemetry = self.telemetry
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            seq = telemetry.enter(context, method) if tracked else None
+            seq = _enter(telemetry, context, method) if tracked else None
             if tracked and seq is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             started = time.perf_counter()
@@ -137,15 +202,15 @@ class CallWrapper:
             try:
                 if auth is not None:
                     await auth.check(context, method)
-                if type(request) is _Undecodable:  # no coroutine on the common path
+                if request_streaming:
+                    request = checked_stream(request)
+                elif type(request) is _Undecodable:  # no coroutine on the common path
                     await _reject_undecodable(context, request)
                 try:
                     return await inner(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
-                    if not map_errors:
-                        raise
                     await _abort_for(context, e, method)
             except grpc.aio.AbortError:
                 code = code_of(context)
@@ -162,13 +227,14 @@ class CallWrapper:
 
         return behavior
 
-    def _streaming(self, inner: Any, method: str, tracked: bool, auth: Auth | None,
-                   map_errors: bool) -> Any:
+    def _streaming(self, inner: Any, method: str, tracked: bool,
+                   auth: Auth | _LoopbackOnly | None,
+                   request_streaming: bool) -> Any:
         telemetry = self.telemetry
         gate = telemetry.gate
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            seq = telemetry.enter(context, method) if tracked else None
+            seq = _enter(telemetry, context, method) if tracked else None
             if tracked and seq is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             started = time.perf_counter()
@@ -176,7 +242,9 @@ class CallWrapper:
             try:
                 if auth is not None:
                     await auth.check(context, method)
-                if type(request) is _Undecodable:
+                if request_streaming:
+                    request = checked_stream(request)
+                elif type(request) is _Undecodable:
                     await _reject_undecodable(context, request)
                 try:
                     async for response in inner(request, context):
@@ -187,8 +255,6 @@ class CallWrapper:
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception as e:
-                    if not map_errors:
-                        raise
                     await _abort_for(context, e, method)
             except grpc.aio.AbortError:
                 code = code_of(context)
@@ -204,6 +270,16 @@ class CallWrapper:
                     telemetry.exit(seq, method, code, started)
 
         return behavior
+
+
+def _enter(telemetry: Telemetry, context: grpc.aio.ServicerContext, method: str) -> int | None:
+    """The request id in (metadata) and out (trailing metadata), then the shared bookkeeping."""
+    supplied = None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            supplied = value
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, telemetry.request_id(supplied)),))
+    return telemetry.enter(method)
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):

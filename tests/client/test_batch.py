@@ -372,7 +372,7 @@ def test_two_servers_both_receive_requests(tmp_path: Path, tiny_artifact: Path,
     summary = run_remote([a.address, b.address], inp, tmp_path / "out.jsonl",
                          JobOptions(texts_per_request=4, concurrency=2, progress=False))
     assert (summary.written, summary.errors) == (400, 0)
-    texts_a, texts_b = a.server.batcher.stats.texts, b.server.batcher.stats.texts
+    texts_a, texts_b = a.server.runtime().batcher.stats.texts, b.server.runtime().batcher.stats.texts
     assert texts_a > 0 and texts_b > 0
     assert texts_a + texts_b == 400
 

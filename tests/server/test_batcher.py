@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from nextchar.server.backends.base import BatchOutput
-from nextchar.server.batcher import Batcher, Item
+from nextchar.server.batcher import HIGH, LOW, Batcher, Item
 from nextchar.server.errors import DeadlineExceeded, Overloaded
+from nextchar.server.predictor import PredictOpts, TextResult
 
 V = 8
 
@@ -40,6 +41,9 @@ class HeldBackend:
     def warmup(self) -> None:
         pass
 
+    def prepare(self) -> None:
+        pass
+
     def run(self, ids, lengths, state, positions=False) -> BatchOutput:
         self.calls.append(len(ids))
         self.started.release()
@@ -49,9 +53,16 @@ class HeldBackend:
         return BatchOutput(logits=logits, state=state, position_logits=None)
 
 
-def items(loop: asyncio.AbstractEventLoop, texts: list[list[int]], deadline=None) -> list[Item]:
-    return [Item(ids=np.array(t, dtype=np.int64), top_k=1, future=loop.create_future(),
-                 deadline=deadline) for t in texts]
+def top1(out: BatchOutput, rows: np.ndarray, its) -> list[TextResult]:
+    """A finish step: each row's argmax (the batcher passes what to do with outputs in)."""
+    return [TextResult(top_ids=out.logits[r].argmax(keepdims=True), top_probs=np.ones(1))
+            for r in rows.tolist()]
+
+
+def items(loop: asyncio.AbstractEventLoop, texts: list[list[int]], deadline=None,
+          lane: int = HIGH) -> list[Item]:
+    return [Item(ids=np.array(t, dtype=np.int64), future=loop.create_future(), finish=top1,
+                 params=PredictOpts(1), deadline=deadline, lane=lane) for t in texts]
 
 
 async def started(backend: HeldBackend, n: int, timeout_s: float = 5.0) -> bool:
@@ -154,7 +165,7 @@ def test_a_full_queue_answers_overloaded_at_once() -> None:
         queued = asyncio.create_task(b.submit(items(loop, [[2]] * 3)))
         await asyncio.sleep(0)
         assert b.queue_depth == 3
-        with pytest.raises(Overloaded, match="3 texts queued, limit 4"):
+        with pytest.raises(Overloaded, match="3 texts queued in the high-priority lane, limit 4"):
             await b.submit(items(loop, [[3]] * 2))
         assert b.stats.rejected == 1
         backend.release.set()
@@ -170,7 +181,7 @@ class OneWorkerBackend(HeldBackend):
 
 
 def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
-    """Generate's steps (submit_job) queued while a batch runs go before the next batch: a
+    """Generate's steps (submit_steps) queued while a batch runs go before the next batch: a
     worker that takes batch after batch itself must not starve them."""
 
     async def main() -> None:
@@ -190,10 +201,130 @@ def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
             order.append(f"job after {len(backend.calls)} calls")
             loop.call_soon_threadsafe(step_ran.set)
 
-        b.submit_job(step)
+        b.submit_steps(step)
         backend.release.set()
         await asyncio.gather(first, second, step_ran.wait())
         assert order == ["job after 1 calls"] and backend.calls == [1, 2]
+        await b.close()
+
+    run(main())
+
+
+def test_the_high_lane_goes_first_and_never_waits_behind_a_batch_job() -> None:
+    """Low-lane (batch job) batches use one of the two workers; a high-lane text queued while
+    one runs starts at once on the other, and queued high texts go before queued low ones."""
+
+    async def main() -> None:
+        backend, b = await held_batcher(parallel_batch_chars=0)
+        assert b.low_lane_workers == 1
+        loop = asyncio.get_running_loop()
+        job = [asyncio.create_task(b.submit(items(loop, [[5]], lane=LOW)))]
+        assert await started(backend, 1)  # the first low text runs ...
+        job += [asyncio.create_task(b.submit(items(loop, [[5]], lane=LOW))) for _ in range(2)]
+        assert not await started(backend, 1, timeout_s=0.2)  # ... the others wait: 1 worker
+        interactive = asyncio.create_task(b.submit(items(loop, [[7]])))
+        assert await started(backend, 1)  # on the reserved worker, with the low call held
+        backend.release.set()
+        assert (await interactive)[0].top_ids[0] == 7
+        await asyncio.gather(*job)
+        assert backend.calls == [1, 1, 2]  # the two queued low texts ran together, after
+        await b.close()
+
+    run(main())
+
+
+def test_queued_high_texts_are_taken_before_queued_low_ones() -> None:
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        low = asyncio.create_task(b.submit(items(loop, [[2], [2]], lane=LOW)))
+        await asyncio.sleep(0.02)
+        high = asyncio.create_task(b.submit(items(loop, [[3, 3, 3]])))
+        await asyncio.sleep(0.02)
+        backend.release.set()
+        await asyncio.gather(first, low, high)
+        assert backend.calls == [1, 1, 2]  # first, then the later high text, then the low ones
+        await b.close()
+
+    run(main())
+
+
+def test_each_lane_has_its_own_queue_bound_and_timeout() -> None:
+    from nextchar.server.batcher import LanePolicy
+
+    async def main() -> None:
+        backend, b = await held_batcher(max_queue_texts=2, parallel_batch_chars=0,
+                                        low_lane=LanePolicy(max_queue_texts=5, timeout_s=0.05))
+        loop = asyncio.get_running_loop()
+        held = await occupy_both_workers(backend, b)
+        low = asyncio.create_task(b.submit(items(loop, [[2]] * 4, lane=LOW)))  # fits 5
+        await asyncio.sleep(0)
+        high = asyncio.create_task(b.submit(items(loop, [[3]] * 2)))  # fits 2
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="high-priority lane, limit 2"):
+            await b.submit(items(loop, [[4]]))
+        with pytest.raises(Overloaded, match="low-priority lane, limit 5"):
+            await b.submit(items(loop, [[4]] * 2, lane=LOW))
+        await asyncio.sleep(0.1)
+        backend.release.set()
+        with pytest.raises(DeadlineExceeded):  # the low lane's 50 ms queue timeout
+            await low
+        await asyncio.gather(*held, high)
+        await b.close()
+
+    run(main())
+
+
+def test_max_batch_delay_still_applies_after_a_worker_took_a_batch() -> None:
+    """The delay flag is cleared by whoever takes the batch, not only by the loop's timer."""
+
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend, parallel_batch_chars=0, max_batch_delay_ms=100)
+        await b.start(warmup=False)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):  # each lone text waits ~the delay: the timer, then its batch
+            started_at = loop.time()
+            await b.submit(items(loop, [[1]]))
+            assert loop.time() - started_at >= 0.09
+        # While a call is held, the timer fires with no free worker; the worker then takes the
+        # batch itself. The next lone text must still wait for a delay.
+        backend.release.clear()
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        second = asyncio.create_task(b.submit(items(loop, [[2]])))
+        await asyncio.sleep(0.15)  # the delay ran out while the worker was busy
+        backend.release.set()
+        await asyncio.gather(first, second)
+        started_at = loop.time()
+        await b.submit(items(loop, [[3]]))
+        assert loop.time() - started_at >= 0.09
+        await b.close()
+
+    run(main())
+
+
+class FailingBackend(HeldBackend):
+    def run(self, ids, lengths, state, positions=False) -> BatchOutput:
+        raise RuntimeError("the runtime failed")
+
+
+def test_a_backend_failure_fails_that_batch_and_the_batcher_goes_on() -> None:
+    async def main() -> None:
+        backend = FailingBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(RuntimeError, match="the runtime failed"):
+            await b.submit(items(loop, [[1], [2]]))
+        assert b.stats.failed == 2
+        with pytest.raises(RuntimeError):
+            await b.submit(items(loop, [[1]]))  # still taking work
         await b.close()
 
     run(main())

@@ -84,7 +84,7 @@ def test_same_seed_same_text_even_with_other_streams_running(
 
         with ThreadPoolExecutor(9) as pool:
             crowd = list(pool.map(one, range(9)))
-    gen = st.server.generator
+    gen = st.server.runtime().generator
     assert alone == again and len(alone) == 300
     assert other_seed != alone
     assert crowd[0] == crowd[3] == crowd[6] == alone
@@ -101,7 +101,7 @@ def test_step_batching_off_gives_the_same_text(start_server, tiny_artifact: Path
             texts.append("".join(c.generate(PROMPT, max_chars=80, seed=5, temperature=0.8)))
     assert texts[0] == texts[1]
     # Off: one model call per stream per character (the last one is never fed to the model).
-    stats = off.server.generator.stats
+    stats = off.server.runtime().generator.stats
     assert (stats.chars, stats.steps, stats.step_rows) == (80, 79, 79)
 
 
@@ -153,7 +153,7 @@ def test_generate_continues_a_state_exactly(
 def test_cancel_mid_stream_frees_the_slot(start_server, tiny_artifact: Path) -> None:
     st = start_server(model=tiny_artifact, backend="onnx", max_streams=1,
                       max_chars_per_text=1_000_000)
-    gen = st.server.generator
+    gen = st.server.runtime().generator
     with NextCharClient(st.address, timeout_s=60) as c:
         stream = c.generate(PROMPT, max_chars=1_000_000, seed=1)
         assert next(stream)  # generating now
@@ -179,7 +179,7 @@ def test_client_deadline_ends_the_stream_and_frees_the_slot(
     start_server, tiny_artifact: Path
 ) -> None:
     st = start_server(model=tiny_artifact, backend="onnx", max_chars_per_text=1_000_000)
-    gen = st.server.generator
+    gen = st.server.runtime().generator
     with NextCharClient(st.address) as c:
         with pytest.raises(NextCharError) as e:
             "".join(c.generate(PROMPT, max_chars=1_000_000, timeout_s=0.5))
@@ -247,7 +247,7 @@ def test_server_stop_ends_open_streams_cleanly(start_server, tiny_artifact: Path
     t.join(30)
     assert len(errors) == 1
     assert errors[0].code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    assert st.server.generator.active_streams == 0
+    assert st.server.runtime().generator.active_streams == 0
 
 
 def test_cli_prints_the_generated_text(client: NextCharClient, tiny_server) -> None:

@@ -123,7 +123,8 @@ def test_live_ready_and_server_metadata(stub) -> None:
     assert stub.ServerLive(pb.ServerLiveRequest()).live is True
     assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
-    assert (meta.name, meta.version, list(meta.extensions)) == ("nextchar", __version__, [])
+    assert (meta.name, meta.version, list(meta.extensions)) == (
+        "nextchar", __version__, ["model_repository", "statistics"])
 
 
 def test_model_ready_by_name_and_version(stub, info) -> None:
@@ -149,19 +150,19 @@ def test_model_metadata(stub, info) -> None:
 def test_unknown_model_is_not_found(stub, info, rpc: str, request_: Any) -> None:
     code, details = _code(getattr(stub, rpc), request_)
     assert code == grpc.StatusCode.NOT_FOUND
-    assert details == f"model 'nope' is not served here; this server serves '{info.name}'"
+    assert details == f"model 'nope' is not served here; models: {info.name}"
 
 
 def test_unknown_version_is_not_found(stub, info) -> None:
     code, details = _code(stub.ModelReady, pb.ModelReadyRequest(name=info.name, version="0"))
     assert code == grpc.StatusCode.NOT_FOUND
-    assert f"has no version '0'; this server serves version '{info.version}'" in details
+    assert f"has no version '0' loaded; it serves version '{info.version}'" in details
 
 
 def test_readiness_follows_the_servers_own_state(stub, info, tiny_server) -> None:
     """The flag the app sets when warm and clears when draining drives both protocols."""
-    servicer = tiny_server.server.servicer
-    servicer.ready = False
+    plane = tiny_server.server.plane
+    plane.accepting = False
     try:
         assert stub.ServerLive(pb.ServerLiveRequest()).live is True
         assert stub.ServerReady(pb.ServerReadyRequest()).ready is False
@@ -170,7 +171,7 @@ def test_readiness_follows_the_servers_own_state(stub, info, tiny_server) -> Non
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "not ready" in details
     finally:
-        servicer.ready = True
+        plane.accepting = True
     assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
 
 
@@ -183,7 +184,7 @@ def test_unready_once_stopped(start_server, tiny_artifact) -> None:
         with pytest.raises(grpc.RpcError) as e:
             s.ServerReady(pb.ServerReadyRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # port closed: nothing answers
-    assert st.server.servicer.ready is False
+    assert st.server.plane.accepting is False
 
 
 def test_reflection_lists_the_service(tiny_server) -> None:
@@ -270,7 +271,7 @@ def test_default_top_k_and_output_selection(stub, info, tiny_server) -> None:
 
 
 def test_requests_go_through_the_shared_batcher(stub, info, tiny_server) -> None:
-    stats = tiny_server.server.batcher.stats
+    stats = tiny_server.server.runtime().batcher.stats
     before = stats.texts
     stub.ModelInfer(_request(info, [_text_input(TEXTS)]))
     assert stats.texts == before + len(TEXTS)

@@ -34,7 +34,9 @@ def scrape(port: int, settled: bool = True) -> dict[tuple[str, tuple[tuple[str, 
 
 
 def value(samples: dict, sample: str, **labels: str) -> float:
-    return samples.get((sample, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the samples named `sample` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (name, have), v in samples.items() if name == sample and want <= set(have))
 
 
 def test_metrics_count_requests_batches_and_model(start_server, tiny_artifact: Path) -> None:
@@ -64,7 +66,7 @@ def test_metrics_count_requests_batches_and_model(start_server, tiny_artifact: P
     assert value(m, "nextchar_active_streams") == 0
     assert value(m, "nextchar_draining") == 0
     assert value(m, "nextchar_model_reloads_total", result="failure") == 0
-    a = st.server.predictor.artifact
+    a = st.server.runtime().predictor.artifact
     assert value(m, "nextchar_model_info", backend="onnx", device="cpu", name=a.name,
                  sha256=a.sha256, version=a.version) == 1
 

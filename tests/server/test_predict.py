@@ -82,12 +82,12 @@ def test_batching_never_changes_an_answer(start_server, tiny_artifact: Path) -> 
     st = start_server(model=tiny_artifact, backend="onnx", max_batch_delay_ms=5)
     with NextCharClient(st.address) as c:
         alone = {t: c.predict([t], top_k=5, per_position=True)[0] for t in texts}
-        batches_before = st.server.batcher.stats.batches
+        batches_before = st.server.runtime().batcher.stats.batches
         with ThreadPoolExecutor(16) as pool:
             merged = list(pool.map(lambda t: c.predict([t], top_k=5, per_position=True)[0], texts))
         many = c.predict(texts, top_k=5, per_position=True)
     # Fewer backend calls than requests proves merging happened.
-    assert st.server.batcher.stats.batches - batches_before < len(texts)
+    assert st.server.runtime().batcher.stats.batches - batches_before < len(texts)
     for t, m, k in zip(texts, merged, many, strict=True):
         for got in (m, k):
             a = alone[t]

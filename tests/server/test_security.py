@@ -160,7 +160,7 @@ def test_tokens_wrong_missing_and_right(start_server, tiny_artifact) -> None:
     for token in (TOKEN, OTHER_TOKEN):
         with NextCharClient(st.address, token=token) as right:
             assert len(right.predict(["abc"], top_k=3)[0].top) == 3
-            assert right.model_info().version == st.server.predictor.artifact.version
+            assert right.model_info().version == st.server.runtime().predictor.artifact.version
             assert right.reload_model().reloaded is False
             assert "".join(right.generate("abc", max_chars=5, seed=1))  # streams too
     # The raw header works without the client class, and scheme case does not matter.

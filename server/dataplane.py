@@ -1,0 +1,254 @@
+"""The transport-free API every front end calls: nextchar.v1 gRPC, KServe V2 gRPC, Admin (and
+the HTTP front ends). Domain types in and out; no protobuf, no JSON, no grpc context.
+
+    plane = DataPlane(registry)
+    answer = await plane.predict(PredictCall(texts=["hello"], top_k=3, model="shakespeare"))
+    session = plane.generate(GenerateCall(GenerateParams(prompt="To be", max_chars=50)))
+    try:
+        async for chunk in session.chunks(): ...
+    finally:
+        session.close()
+
+Each call holds a lease on the model version it started on (registry.acquire/release): a hot
+swap or an unload mid-call never mixes two versions, and the old version is freed when its last
+call ends. `accepting` is the server's own gate: False while starting and draining.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .artifact import Artifact
+from .backends import backend_info
+from .batcher import HIGH
+from .errors import InvalidInput, NotFound, NotReady
+from .generator import GenerateParams
+from .predictor import Limits, TextResult
+from .registry import LoadOutcome, ModelRegistry, ModelSlot, ModelState
+from .runtime import ModelRuntime
+from .stats import ModelStats
+
+NOT_READY = "server is not ready (starting up or shutting down); retry shortly"
+
+
+@dataclass
+class PredictCall:
+    """Texts, or right-padded ids (N, T) with lengths (N,) (KServe's `ids` input)."""
+
+    texts: list[str] | None = None
+    ids: np.ndarray | None = None
+    lengths: np.ndarray | None = None
+    top_k: int = 0  # 0: the model's default
+    per_position: bool = False
+    states: list[bytes] = field(default_factory=list)
+    return_state: bool = False
+    want_probs: bool = False
+    model: str = ""  # empty: the default model
+    version: str = ""  # empty: the served one; else it must be the served one
+    lane: int = HIGH
+    deadline: float | None = None  # loop.time()
+
+
+@dataclass
+class PredictAnswer:
+    results: list[TextResult]
+    model: str
+    version: str
+    top_k: int  # the resolved k
+    vocab: list[str]
+
+
+@dataclass
+class GenerateCall:
+    params: GenerateParams
+    model: str = ""
+    deadline: float | None = None
+
+
+@dataclass
+class GenChunk:
+    text: str
+    stop_reason: str | None = None  # on the last chunk
+    state: bytes = b""  # last chunk, with return_state
+
+
+@dataclass
+class ModelView:
+    """What a front end reports about one served model."""
+
+    name: str
+    version: str
+    artifact: Artifact
+    backend: str
+    platform: str
+    device: str
+    limits: Limits
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    version: str
+    state: ModelState
+    reason: str
+    is_default: bool
+    artifact_version: str = ""
+    backend: str = ""
+    device: str = ""
+
+
+class GenerateSession:
+    """One Generate call: its stream on the version it started on, and that version's lease."""
+
+    def __init__(self, plane: DataPlane, rt: ModelRuntime, call: GenerateCall) -> None:
+        self._registry = plane.registry
+        self.runtime = rt
+        self.model, self.version = rt.name, rt.version
+        self._released = False
+        try:
+            self._stream = rt.generator.open(call.params, call.deadline)
+        except BaseException:
+            self._release()
+            raise
+
+    async def chunks(self) -> AsyncIterator[GenChunk]:
+        codec = self.runtime.predictor.state_codec
+        async for c in self._stream.chunks():
+            state = b"" if c.state is None else codec.encode(c.state)
+            yield GenChunk(c.text, c.stop_reason, state)
+
+    def close(self) -> None:
+        """Idempotent: frees the stream's slot and the version's lease at once."""
+        self._stream.close()
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry.release(self.runtime)
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.accepting = False  # set once warm; False again while draining
+
+    def _check(self) -> None:
+        if not self.accepting:
+            raise NotReady(NOT_READY)
+
+    # -- inference ---------------------------------------------------------------------------
+    async def predict(self, call: PredictCall) -> PredictAnswer:
+        self._check()
+        rt = self.registry.acquire(call.model)
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            if call.version and call.version != rt.version:
+                raise NotFound(f"model '{rt.name}' has no version '{call.version}' loaded; it "
+                               f"serves version '{rt.version}'")
+            p = rt.predictor
+            k = p.resolve_top_k(call.top_k)
+            if call.texts is not None:
+                if call.ids is None and not call.want_probs:  # nextchar.v1's Predict
+                    results = await p.predict(call.texts, k, call.per_position, call.deadline,
+                                              states=call.states, return_state=call.return_state,
+                                              lane=call.lane)
+                    ok = True
+                    return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
+                rows = p.encode_texts(call.texts)
+            elif call.ids is not None and call.lengths is not None:
+                rows = p.check_ids(call.ids, call.lengths)
+            else:
+                raise InvalidInput("no texts: send at least one text")
+            results = await p.predict_ids(rows, k, call.deadline, want_probs=call.want_probs,
+                                          lane=call.lane)
+            ok = True
+            return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
+        finally:
+            n = len(call.texts) if call.texts is not None else (
+                len(call.lengths) if call.lengths is not None else 0)
+            rt.stats.request_done(ok, n, started)
+            self.registry.release(rt)
+
+    def generate(self, call: GenerateCall) -> GenerateSession:
+        """Validates and admits the stream; the caller must close() the session."""
+        self._check()
+        return GenerateSession(self, self.registry.acquire(call.model), call)
+
+    # -- metadata and readiness --------------------------------------------------------------
+    def model(self, name: str = "", version: str = "") -> ModelView:
+        rt = self._served(name, version)
+        b = rt.backend
+        return ModelView(rt.name, rt.version, rt.artifact, b.name, backend_info(b.name).platform,
+                         b.device, rt.predictor.limits)
+
+    def _served(self, name: str, version: str) -> ModelRuntime:
+        slot = self.registry.slot(name)
+        rt = slot.current
+        if rt is None:
+            raise self.registry._not_serving(slot)
+        if version and version != rt.version:
+            raise NotFound(f"model '{rt.name}' has no version '{version}' loaded; it serves "
+                           f"version '{rt.version}'")
+        return rt
+
+    def server_ready(self) -> bool:
+        return self.accepting and self.registry.all_ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """NOT_FOUND for a name the server does not know; False while not serving it."""
+        slot = self.registry.slot(name)
+        rt = slot.current
+        if rt is not None and version and version != rt.version:
+            raise NotFound(f"model '{rt.name}' has no version '{version}' loaded; it serves "
+                           f"version '{rt.version}'")
+        return rt is not None and self.accepting
+
+    def list_models(self) -> list[ModelStatus]:
+        out = []
+        default = self.registry.default_name
+        for name, slot in sorted(self.registry.slots.items()):
+            out.append(self._status(slot, name == default))
+        return out
+
+    @staticmethod
+    def _status(slot: ModelSlot, is_default: bool) -> ModelStatus:
+        rt = slot.current
+        if rt is None:
+            return ModelStatus(slot.name, "", slot.state, slot.reason, is_default)
+        return ModelStatus(slot.name, rt.version, slot.state, slot.reason, is_default,
+                           rt.artifact.version, rt.backend.name, rt.backend.device)
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
+        """(model, version, stats) for one model, or every known model when name is empty."""
+        if name:
+            slot = self.registry.slot(name)
+            slots = [slot]
+        else:
+            slots = [s for _, s in sorted(self.registry.slots.items())]
+        out = []
+        for slot in slots:
+            served = slot.current.version if slot.current is not None else ""
+            if version and version != served:
+                raise NotFound(f"model '{slot.name}' has no version '{version}' loaded")
+            out.append((slot.name, served, slot.stats))
+        return out
+
+    # -- control -----------------------------------------------------------------------------
+    async def load_model(self, name: str) -> LoadOutcome:
+        self._check()
+        return await self.registry.load(name)
+
+    async def unload_model(self, name: str) -> str:
+        if not name:
+            raise InvalidInput("name the model to unload")
+        return await self.registry.unload(name)
+
+    async def reload_model(self, name: str = "") -> LoadOutcome:
+        self._check()
+        return await self.registry.slot(name).load(retry_failed=True, reason="Admin.ReloadModel")

@@ -1,0 +1,495 @@
+"""The models being served: name -> slot (current version, state, in-flight calls), and how a
+slot changes: load, reload (hot swap), unload, polling.
+
+    registry = ModelRegistry(settings, metrics)
+    registry.open()                       # blocking: finds models, verifies and opens files
+    await registry.start()                # warm-up + probe each; READY ones serve
+    rt = registry.acquire("shakespeare")  # a lease: rt.calls += 1; NotFound / NotReady / ...
+    try: ... finally: registry.release(rt)
+
+A version is swapped in only after it passed every check: checksums, its backend, warm-up, a
+fixed probe (outputs finite and well-shaped) and, when config, vocabulary and model files equal
+the served version's, the probe's logits equal to the served version's. The swap is one
+assignment. A replaced or unloaded version is closed when its last lease ends (reference
+counted: a stream that began before the swap keeps its own version, and only that, alive), so
+its memory is freed then and not later.
+
+A version that fails is logged, counted (nextchar_model_reloads_total{result="failure"}) and
+not tried again until its manifest changes or RETRY_AFTER_S passed (Admin calls included: a
+broken newest version cannot be used to make the server re-verify it in a loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .artifact import Artifact, sha256_file
+from .backends import Backend
+from .errors import ArtifactError, FailedPrecondition, InvalidInput, NotFound, NotReady
+from .repository import ModelSource, model_settings, scan_repository
+from .runtime import ModelRuntime, open_model
+from .settings import ServerSettings
+from .stats import ModelStats
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-6
+RETRY_AFTER_S = 30.0  # a failed version (same manifest) is re-verified at most this often
+
+
+class ModelState(enum.Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # known, not loaded (unloaded, or never)
+    FAILED = "FAILED"  # its last load failed; `reason` says why
+    UNLOADING = "UNLOADING"  # unloaded; its last calls are still running
+
+
+class ReloadFailed(FailedPrecondition):
+    """A version failed a check; what was served is unchanged (FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    model: str
+    loaded: bool  # False: the newest version was already the one served
+    previous_version: str
+    version: str
+    artifact_sha256: str
+    reason: str = ""  # why nothing was loaded
+
+
+def same_weights(a: Artifact, b: Artifact) -> bool:
+    """Same model config, vocabulary and model files (by sha256): the answers must be equal."""
+    def sums(x: Artifact) -> dict[str, object]:
+        return {name: entry.get("sha256") for name, entry in x.manifest["files"].items()}
+
+    return a.model_config == b.model_config and a.vocab == b.vocab and sums(a) == sums(b)
+
+
+def _manifest_sha(path: Path) -> str:
+    try:
+        return sha256_file(path / "manifest.json")
+    except OSError:
+        return ""
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ArtifactError | ReloadFailed | FailedPrecondition):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class ModelSlot:
+    """One model name: its source directory, settings, and the version served now."""
+
+    def __init__(self, registry: ModelRegistry, name: str, source: ModelSource,
+                 settings: ServerSettings, has_config: bool = False) -> None:
+        self.registry = registry
+        self.name = name
+        self.source = source
+        self.base_settings = settings
+        self.settings = settings
+        self.has_config = has_config  # a repository model: its config.json applies
+        self.stats = ModelStats()  # across versions, since the first load
+        self.current: ModelRuntime | None = None
+        self.state = ModelState.UNAVAILABLE
+        self.reason = ""
+        self.wanted = True  # should be loaded: not unloaded by an operator
+        self._lock = asyncio.Lock()
+        self._failed: dict[tuple[Path, str], tuple[float, str]] = {}  # -> (when, why)
+        self._opened: tuple[Path, Artifact, Backend] | None = None  # from open_initial()
+        self._last_problem = ""
+
+    # -- start-up (blocking part, before the port opens) -----------------------------------
+    def open_initial(self, fail_fast: bool) -> None:
+        """Opens the highest version that loads (a broken newest one falls back to the next).
+
+        fail_fast: a plain artifact's error propagates (`--model` fails the start).
+        """
+        try:
+            self._read_config()
+            candidates = self.source.candidates()
+        except ArtifactError as e:
+            if fail_fast:
+                raise
+            self._fail(str(e))
+            return
+        first_error: Exception | None = None
+        for path in candidates:
+            try:
+                artifact, backend = open_model(path, self.settings)
+                self._opened = (path, artifact, backend)
+                return
+            except Exception as e:  # ArtifactError, or a runtime refusing the model file
+                if fail_fast and not self.source.versioned:
+                    raise
+                first_error = first_error or e
+                self._failed[(path, _manifest_sha(path))] = (time.monotonic(), _reason(e))
+                self.registry.count_reload(self.name, "failure")
+                log.error("model %s: version %s not loaded, trying an older one: %s",
+                          self.name, path.name, e)
+        message = f"{self.source.root}: no version loads (newest: {first_error})"
+        if fail_fast:
+            raise ArtifactError(message)
+        self._fail(message)
+
+    async def start_initial(self) -> bool:
+        """Warms up and probes what open_initial() opened; True when it serves."""
+        if self._opened is None:
+            return False
+        path, artifact, backend = self._opened
+        self._opened = None
+        self.state = ModelState.LOADING
+        try:
+            rt = await self._start(path, artifact, backend, None)
+        except Exception as e:
+            self._fail(f"version {path.name} not loaded ({_reason(e)})")
+            raise
+        self._swap(rt)
+        return True
+
+    # -- load / reload / unload ------------------------------------------------------------
+    async def load(self, *, retry_failed: bool = True, reason: str = "admin") -> LoadOutcome:
+        """Loads the newest version if it is not the one served (and the model if it is not
+        loaded, falling back to older versions then). ReloadFailed when nothing new serves."""
+        async with self._lock:
+            self.wanted = True
+            current = self.current
+            served = current.version if current is not None else ""
+            served_sha = current.artifact.sha256 if current is not None else ""
+            try:
+                self._read_config()
+                candidates = self.source.candidates()
+            except ArtifactError as e:
+                if current is None:
+                    self._fail(str(e))
+                    raise ReloadFailed(str(e)) from e
+                self._problem(f"{e}; still serving version {served}")
+                return LoadOutcome(self.name, False, served, served, served_sha, str(e))
+            if current is not None:
+                newest = candidates[0]
+                if newest == current.artifact.path and _manifest_sha(newest) == served_sha:
+                    return LoadOutcome(self.name, False, served, served, served_sha,
+                                       f"version {served} is already the newest")
+                candidates = candidates[:1]  # a running model never falls back to older ones
+            errors = []
+            for path in candidates:
+                key = (path, _manifest_sha(path))
+                failed = self._failed.get(key)
+                if failed is not None and (not retry_failed
+                                           or time.monotonic() - failed[0] < RETRY_AFTER_S):
+                    errors.append(f"version {path.name} failed {time.monotonic() - failed[0]:.0f}s "
+                                  f"ago ({failed[1]}); not re-verified before {RETRY_AFTER_S:.0f}s "
+                                  f"or a changed manifest")
+                    continue
+                log.info("%s: loading model %s from %s (serving %s)", reason, self.name, path,
+                         served or "nothing")
+                if current is None:
+                    self.state = ModelState.LOADING
+                try:
+                    artifact, backend = await asyncio.to_thread(open_model, path, self.settings)
+                    rt = await self._start(path, artifact, backend, current)
+                except Exception as e:
+                    why = _reason(e)
+                    self._failed[key] = (time.monotonic(), why)
+                    self.registry.count_reload(self.name, "failure")
+                    log.error("%s: model %s version %s not loaded: %s", reason, self.name,
+                              path.name, why, exc_info=not isinstance(e, ArtifactError | FailedPrecondition))
+                    errors.append(f"version {path.name} not loaded ({why})")
+                    continue
+                self._failed.pop(key, None)
+                self._swap(rt)
+                self.registry.count_reload(self.name, "success")
+                log.info("%s: now serving model %s version %s (artifact %s, sha256 %s…), was %s",
+                         reason, self.name, rt.version, artifact.version, artifact.sha256[:12],
+                         served or "nothing")
+                self._last_problem = ""
+                return LoadOutcome(self.name, True, served, rt.version, artifact.sha256)
+            message = "; ".join(errors)
+            if current is None:
+                self._fail(message)
+                raise ReloadFailed(f"model {self.name}: {message}")
+            if not retry_failed:
+                return LoadOutcome(self.name, False, served, served, served_sha, message)
+            raise ReloadFailed(f"model {self.name}: {message}; still serving version {served}")
+
+    async def unload(self) -> str:
+        """Stops serving: new calls get NOT_FOUND; returns the version that was served."""
+        async with self._lock:
+            self.wanted = False
+            rt, self.current = self.current, None
+            if rt is None:
+                self.state, self.reason = ModelState.UNAVAILABLE, "not loaded"
+                return ""
+            self.state, self.reason = ModelState.UNLOADING, "unloaded; last calls finishing"
+            self.registry.on_unserved(self.name)
+            self.registry.changed()
+            self.registry.retire(rt)
+            log.info("model %s version %s unloaded (%d call(s) still running)", self.name,
+                     rt.version, rt.calls)
+            return rt.version
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _read_config(self) -> None:
+        """Re-reads config.json: an operator fixes it, then loads the model again."""
+        if self.has_config:
+            self.settings = model_settings(self.base_settings, self.source.root)
+
+    async def _start(self, path: Path, artifact: Artifact, backend: Backend,
+                     served: ModelRuntime | None) -> ModelRuntime:
+        version = self.source.version_of(path, artifact.version)
+        rt = ModelRuntime.assemble(self.name, version, artifact, backend, self.settings,
+                                   self.registry.metrics, self.stats)
+        try:
+            await rt.start(warmup=True if served is not None else None)
+            if served is not None and served.probe_logits is not None \
+                    and same_weights(artifact, served.artifact):
+                assert rt.probe_logits is not None
+                diff = float(np.max(np.abs(rt.probe_logits - served.probe_logits)))
+                if diff > PARITY_ATOL:
+                    raise ReloadFailed(f"parity: same weights as the served version but probe "
+                                       f"logits differ by {diff:.3g} > {PARITY_ATOL}")
+        except BaseException:
+            await rt.close()
+            raise
+        return rt
+
+    def _swap(self, rt: ModelRuntime) -> None:
+        """Points new calls at `rt` in one step; the old version closes after its last call."""
+        old, self.current = self.current, rt
+        self.state, self.reason = ModelState.READY, ""
+        self.registry.on_served(rt)
+        self.registry.changed()
+        if old is not None:
+            self.registry.retire(old)
+
+    def _fail(self, message: str) -> None:
+        if self.current is None:
+            self.state, self.reason = ModelState.FAILED, message
+            self.registry.changed()
+
+    def _problem(self, message: str) -> None:
+        if message != self._last_problem:  # once per distinct problem, not every poll
+            log.warning("model %s: %s", self.name, message)
+            self._last_problem = message
+
+
+class ModelRegistry:
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.slots: dict[str, ModelSlot] = {}
+        self.default_name = ""
+        self.retiring: set[ModelRuntime] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poll_task: asyncio.Task[None] | None = None
+        self._single = settings.model_repository is None or "model" in settings.model_fields_set
+        self.on_change: Callable[[], None] | None = None  # readiness may have changed
+
+    # -- start-up --------------------------------------------------------------------------
+    def open(self) -> None:
+        """Blocking: finds the models and opens each one's newest loadable version.
+
+        `--model` fails fast (its error propagates); a repository model that fails is FAILED
+        and the others serve."""
+        s = self.settings
+        if self._single:
+            slot = ModelSlot(self, "", ModelSource(s.model), s)
+            slot.open_initial(fail_fast=True)
+            assert slot._opened is not None
+            slot.name = slot._opened[1].name
+            self.slots[slot.name] = slot
+            self.default_name = slot.name
+        if s.model_repository is not None:
+            for name, path in scan_repository(s.model_repository).items():
+                if name in self.slots:
+                    raise ArtifactError(f"model name {name!r} is both --model's manifest name "
+                                        f"and a folder of --model-repository")
+                self._add_slot(name, path).open_initial(fail_fast=False)
+            if not self.slots:
+                raise ArtifactError(f"--model-repository {s.model_repository}: no model folders")
+        if s.default_model:
+            if s.default_model not in self.slots:
+                raise ArtifactError(f"--default-model {s.default_model!r} is not a model here "
+                                    f"({', '.join(self.slots)})")
+            self.default_name = s.default_model
+        elif not self.default_name and len(self.slots) == 1:
+            self.default_name = next(iter(self.slots))
+
+    def _add_slot(self, name: str, path: Path) -> ModelSlot:
+        slot = ModelSlot(self, name, ModelSource(path), self.settings, has_config=True)
+        self.slots[name] = slot
+        return slot
+
+    async def start(self) -> None:
+        """Warm-up and probe of every opened model; `--model`'s failure fails the start."""
+        for name, slot in list(self.slots.items()):
+            try:
+                await slot.start_initial()
+            except Exception as e:
+                if self._single and name == self.default_name:
+                    raise ArtifactError(f"{slot.source.root}: {_reason(e)}") from e
+                log.error("model %s not served: %s", name, _reason(e))
+
+    # -- leases (the hot path: no await, no lock) --------------------------------------------
+    def acquire(self, name: str) -> ModelRuntime:
+        """The runtime serving `name` (empty: the default model), with one more call on it."""
+        slot = self.slots.get(name or self.default_name)
+        if slot is None:
+            raise self._unknown(name)
+        rt = slot.current
+        if rt is None:
+            raise self._not_serving(slot)
+        rt.calls += 1
+        return rt
+
+    def release(self, rt: ModelRuntime) -> None:
+        rt.calls -= 1
+        if rt.retired and rt.calls == 0:
+            self._close_soon(rt)
+
+    def slot(self, name: str) -> ModelSlot:
+        slot = self.slots.get(name or self.default_name)
+        if slot is None:
+            raise self._unknown(name)
+        return slot
+
+    def _unknown(self, name: str) -> Exception:
+        names = ", ".join(sorted(self.slots)) or "none"
+        if not name:
+            return InvalidInput(f"no model named and this server has no default model: set the "
+                                f"model name (one of: {names})")
+        return NotFound(f"model '{name}' is not served here; models: {names}")
+
+    @staticmethod
+    def _not_serving(slot: ModelSlot) -> Exception:
+        if slot.state is ModelState.LOADING:
+            return NotReady(f"model '{slot.name}' is loading; retry shortly")
+        if slot.state is ModelState.FAILED:
+            return FailedPrecondition(f"model '{slot.name}' failed to load: {slot.reason}")
+        return NotFound(f"model '{slot.name}' is not loaded ({slot.reason or 'unloaded'}); "
+                        f"load it with Admin.LoadModel (nextchar load {slot.name})")
+
+    # -- retiring ----------------------------------------------------------------------------
+    def retire(self, rt: ModelRuntime) -> None:
+        rt.retired = True
+        self.retiring.add(rt)
+        if rt.calls == 0:
+            self._close_soon(rt)
+
+    def _close_soon(self, rt: ModelRuntime) -> None:
+        async def close() -> None:
+            await rt.close()
+            self.retiring.discard(rt)
+            slot = self.slots.get(rt.name)
+            if slot is not None and slot.current is None and slot.state is ModelState.UNLOADING:
+                slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def old_versions(self) -> list[str]:
+        """Versions replaced or unloaded whose calls are still running."""
+        return sorted(rt.version for rt in self.retiring)
+
+    def runtimes(self) -> list[ModelRuntime]:
+        """Every runtime still open: served ones and retiring ones."""
+        served = [s.current for s in self.slots.values() if s.current is not None]
+        return [*served, *self.retiring]
+
+    # -- readiness ---------------------------------------------------------------------------
+    def all_ready(self) -> bool:
+        wanted = [s for s in self.slots.values() if s.wanted]
+        ready = [s for s in wanted if s.state is ModelState.READY]
+        if self.settings.strict_readiness:
+            return len(ready) == len(wanted)
+        return bool(ready)
+
+    # -- polling and explicit control --------------------------------------------------------
+    async def load(self, name: str, reason: str = "admin") -> LoadOutcome:
+        if name and name not in self.slots and self.settings.model_repository is not None:
+            path = self.settings.model_repository / name
+            if path.is_dir() and not name.startswith("."):
+                self._add_slot(name, path)
+        return await self.slot(name).load(retry_failed=True, reason=reason)
+
+    async def unload(self, name: str) -> str:
+        return await self.slot(name).unload()
+
+    def start_polling(self) -> None:
+        if self.settings.poll_s > 0 and self._poll_task is None:
+            self._poll_task = asyncio.create_task(self._poll(), name="nextchar-model-poll")
+
+    async def stop_polling(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+            self._poll_task = None
+
+    async def poll_once(self, reason: str = "poll") -> None:
+        repo = self.settings.model_repository
+        if repo is not None:
+            try:
+                found = scan_repository(repo)
+            except ArtifactError as e:
+                log.warning("%s", e)
+                found = {}
+            for name, path in found.items():
+                if name not in self.slots:
+                    log.info("%s: new model folder %s", reason, path)
+                    self._add_slot(name, path)
+        for slot in list(self.slots.values()):
+            if not slot.wanted:
+                continue
+            try:
+                await slot.load(retry_failed=False, reason=reason)
+            except ReloadFailed:
+                pass  # logged and counted by load()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_s)
+            try:
+                await self.poll_once()
+            except Exception:  # never let the poller die silently
+                log.exception("poll: model check failed")
+
+    async def close(self) -> None:
+        await self.stop_polling()
+        for task in list(self._tasks):
+            await asyncio.gather(task, return_exceptions=True)
+        for rt in self.runtimes():
+            await rt.close()
+        self.retiring.clear()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def count_reload(self, model: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reloads.labels(model, result).inc()
+
+    def on_served(self, rt: ModelRuntime) -> None:
+        if self.metrics is not None:
+            self.metrics.set_model(rt)
+
+    def on_unserved(self, name: str) -> None:
+        if self.metrics is not None:
+            self.metrics.clear_model(name)

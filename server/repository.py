@@ -1,0 +1,112 @@
+"""Where models come from: a model repository, each model's versions, its config.json.
+
+    --model-repository models/          --model models/shakespeare   (one model)
+      shakespeare/                        1/  manifest.json model.onnx model_loop.onnx model.ts
+        config.json   (optional)          2/  ...   <- served: the highest version
+        1/  manifest.json model.onnx ...
+        2/  ...
+      tiny-gru/
+        manifest.json model.onnx ...     (a model directory may also be one plain artifact)
+
+A model's name is its folder name (as in Triton and MLServer); for `--model DIR` it is the
+artifact's manifest name. A version is its folder name, ordered naturally (2 < 10 <
+20261127-1015); a plain artifact directory has one version, the artifact's own stamp. Names
+starting with '.' and folders without manifest.json are ignored, so a new version is copied in
+under a hidden name and renamed into place (`cp -r v3 .tmp-3 && mv .tmp-3 3`).
+
+`config.json` overrides server settings for that model only, as Triton's config.pbtxt and
+MLServer's model-settings.json do: `{"backend": "torchscript", "max_batch_size": 64}`. The keys
+are those of MODEL_SETTINGS; anything else is refused with the list of allowed keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ArtifactError
+from .settings import ServerSettings
+
+CONFIG_FILE = "config.json"
+# Server settings a model's config.json may override: what runs the model and how its queue
+# and limits behave. Transport, security and lifecycle settings stay server-wide.
+MODEL_SETTINGS = frozenset({
+    "backend", "device", "onnx_graph", "backend_workers", "intra_op_threads", "warmup",
+    "batching", "max_batch_size", "max_batch_chars", "max_batch_delay_ms", "max_queue_texts",
+    "parallel_batch_chars", "low_max_queue_texts", "high_timeout_s", "low_timeout_s",
+    "low_lane_workers", "max_texts_per_request", "max_chars_per_text", "max_top_k",
+    "default_top_k", "max_streams", "step_batching", "generate_flush_ms",
+})
+
+
+def version_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: digit runs compare as numbers, so '2' < '10' and '1.9' < '1.10'."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.findall(r"\d+|\D+", name))
+
+
+class ModelSource:
+    """One model's directory: a plain artifact, or a directory of versions DIR/<version>/."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def versioned(self) -> bool:
+        return not (self.root / "manifest.json").is_file()
+
+    def candidates(self) -> list[Path]:
+        """Loadable-looking versions, highest first (just the root for a plain artifact)."""
+        if not self.versioned:
+            return [self.root]
+        if self.root.is_file():
+            raise ArtifactError(f"{self.root}: is a file, not a directory (an artifact "
+                                f"directory or a directory of <version>/ artifact directories)")
+        if not self.root.is_dir():
+            raise ArtifactError(f"{self.root}: no such directory (an artifact directory or a "
+                                f"directory of <version>/ artifact directories)")
+        versions = [p for p in self.root.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file()]
+        if not versions:
+            raise ArtifactError(f"{self.root}: neither an artifact (no manifest.json) nor a "
+                                f"model with versions (no <version>/manifest.json below it)")
+        return sorted(versions, key=lambda p: version_key(p.name), reverse=True)
+
+    def version_of(self, path: Path, artifact_version: str) -> str:
+        return path.name if self.versioned else artifact_version
+
+
+def scan_repository(root: Path) -> dict[str, Path]:
+    """Model name -> model directory, for every non-hidden folder of the repository."""
+    if not root.is_dir():
+        raise ArtifactError(f"--model-repository {root}: no such directory (a directory of "
+                            f"<model>/ folders, each an artifact or <version>/ artifacts)")
+    return {p.name: p for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(".")}
+
+
+def model_settings(base: ServerSettings, model_dir: Path) -> ServerSettings:
+    """`base` with the model's config.json applied (a copy; `base` unchanged)."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return base
+    try:
+        overrides: Any = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(overrides, dict):
+        raise ArtifactError(f"{path}: must be a JSON object of settings")
+    unknown = sorted(set(overrides) - MODEL_SETTINGS)
+    if unknown:
+        raise ArtifactError(f"{path}: unknown setting(s) {', '.join(unknown)}; a model may set "
+                            f"{', '.join(sorted(MODEL_SETTINGS))}")
+    try:
+        return ServerSettings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ArtifactError(f"{path}: {where}: {first['msg']}") from e
