@@ -29,7 +29,7 @@ proto-check: proto
 	git diff --exit-code -- proto || (echo "generated protobuf code is stale: run 'make proto' and commit" >&2; exit 1)
 
 lint: setup
-	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench
+	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench deploy
 	$(BIN)/mypy
 
 # Thin installs prove the packaging: the plain client has no torch/onnxruntime/numpy, the
@@ -51,7 +51,7 @@ PKG_SOURCES := pyproject.toml $(shell find proto server client training -name '*
 thin-venvs: .venv-client/.installed .venv-serve/.installed
 
 test: setup thin-venvs triton-venv
-	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench
+	$(BIN)/ruff check proto/nextchar/__init__.py server client training tests scripts bench deploy
 	$(BIN)/mypy
 	NEXTCHAR_CLIENT_VENV=$(CURDIR)/.venv-client NEXTCHAR_SERVE_VENV=$(CURDIR)/.venv-serve \
 	  $(BIN)/python -m pytest -q -ra
