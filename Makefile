@@ -133,12 +133,13 @@ bench: setup
 
 # `nextchar batch` over 100k lines: one server, two server processes, --local (docs/benchmarks.md).
 bench-batch: setup
-	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/batch_bench.py
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/batch_bench.py --out docs/batch_bench.json
 
 # 64 Generate streams x 200 chars: step batching vs batching off vs re-sending the prefix
 # (docs/benchmarks.md "Streaming generation"); about 3 minutes.
 bench-generate: setup
-	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/generate_bench.py --out runs/bench-generate
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/generate_bench.py --out runs/bench-generate \
+	  --json docs/generate_bench.json
 
 # docker-compose.yml for real (docs/deploy.md): engine, base image, wheels, build, train, serve,
 # Predict from host and network, 2 replicas, batch job, teardown. Needs root; not in `make test`.

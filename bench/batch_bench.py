@@ -24,7 +24,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -121,6 +121,14 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} ({cpu}), no GPU used, {platform.system()}"
 
 
+def commit() -> str:
+    """The commit the server code came from, marked when server/client/proto differ from it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "server", "client", "proto")
+    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if dirty else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lines", type=int, default=100_000)
@@ -128,7 +136,10 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--texts-per-request", type=int, default=64)
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "batch-bench")
+    p.add_argument("--out", type=Path, help="write the runs here as JSON (make bench-batch: "
+                   "docs/batch_bench.json)")
     args = p.parse_args()
+    load_start = os.getloadavg()[0]
     args.workdir.mkdir(parents=True, exist_ok=True)
     artifact = build_artifact(args.workdir)
     inp = args.workdir / f"in-{args.lines}x{args.chars}.txt"
@@ -161,7 +172,16 @@ def main() -> int:
                               ["--concurrency", str(c), *tpr], args.lines))
 
     print(f"\n{args.lines} lines x {args.chars} chars; model {MODEL} V={len(VOCAB84)}; "
-          f"{date}; {machine()}\n")
+          f"{date}; {machine()}; commit {commit()}; load average (1 min) {load_start:.2f} at "
+          f"the start, {os.getloadavg()[0]:.2f} at the end\n")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "date_utc": date, "machine": machine(), "commit": commit(),
+            "command": " ".join(["bench/batch_bench.py", *sys.argv[1:]]),
+            "lines": args.lines, "chars": args.chars, "model": {"vocab": len(VOCAB84), **MODEL},
+            "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "runs": [{**asdict(r), "cores_used": round(r.cores_used, 2)} for r in runs],
+        }, indent=1) + "\n", encoding="utf-8")
     print("| run | lines/s (end to end) | job items/s | wall s | CLI CPU s | server CPU s "
           "| cores used | command |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")

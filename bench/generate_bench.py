@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import string
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from serve_process import ServeProcess
 
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB84 = "\n " + string.ascii_letters + string.digits + "!\"&'(),-.:;?$%*/[]_@"
 MODEL = {"cell": "rnn", "embed_dim": 64, "hidden_size": 256, "num_layers": 2}
@@ -141,6 +145,14 @@ async def drive(address: str, variant: str, streams: int, chars: int) -> dict[st
     }
 
 
+def commit() -> str:
+    """The commit the server code came from, marked when server/client/proto differ from it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "server", "client", "proto")
+    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if dirty else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the artifact and results")
@@ -148,7 +160,10 @@ def main() -> int:
     ap.add_argument("--chars", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="16 streams of 50 chars, 1 repeat")
+    ap.add_argument("--json", type=Path, help="also write the report here (make bench-generate: "
+                    "docs/generate_bench.json)")
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]
     if args.quick:
         args.streams, args.chars, args.repeats = 16, 50, 1
     args.out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +194,8 @@ def main() -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                    f"{platform.python_implementation()} {platform.python_version()}",
+        "commit": commit(), "command": " ".join(["bench/generate_bench.py", *sys.argv[1:]]),
+        "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "model": {"vocab": 84, **MODEL}, "backend": "onnx (cpu)",
         "streams": args.streams, "chars": args.chars, "repeats": args.repeats,
         "median_chars_per_s": median,
@@ -188,6 +205,8 @@ def main() -> int:
         "runs": runs,
     }
     (args.out / "generate_bench.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(json.dumps({k: report[k] for k in ("date", "machine", "median_chars_per_s",
                                              "speedup_vs_resend", "speedup_vs_solo",
                                              "texts_differing_from_first_stream_run")}, indent=2))
