@@ -143,8 +143,10 @@ bench-generate: setup
 
 # docker-compose.yml for real (docs/deploy.md): engine, base image, wheels, build, train, serve,
 # Predict from host and network, 2 replicas, batch job, teardown. Needs root; not in `make test`.
+# -o: the lock's descriptor is not passed on, so the dockerd the smoke may start does not hold the
+# lock after the smoke ends (it did once and blocked every benchmark).
 compose-smoke: setup
-	flock -s /tmp/nextchar-cpu.lock scripts/compose_smoke.sh
+	flock -s -o /tmp/nextchar-cpu.lock scripts/compose_smoke.sh
 
 # Reliability figures (docs/reliability.md): >= 10k fuzzed requests against a live server, then
 # overload at 2x capacity, SIGTERM under load, hot reload under load. Alone on the CPUs.

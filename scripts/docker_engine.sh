@@ -26,7 +26,15 @@ start() {
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null
   fi
-  setsid dockerd >"$log" 2>&1 < /dev/null &
+  # A daemon outlives this script: it must not inherit the caller's descriptors (a benchmark
+  # lock taken with `flock FILE make ...` would stay held by dockerd and containerd for good).
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      ((fd > 2)) && eval "exec $fd>&-"
+    done
+    exec setsid dockerd >"$log" 2>&1 < /dev/null
+  ) &
   echo $! >"$pidfile"
   for _ in $(seq 60); do
     if docker info >/dev/null 2>&1; then
