@@ -106,12 +106,12 @@ class Predictor:
 
     def resolve_top_k(self, top_k: int) -> int:
         lim = self.limits
-        if top_k == 0:
-            return min(lim.default_top_k, self.artifact.vocab_size)
         bound = min(lim.max_top_k, self.artifact.vocab_size)
+        if top_k == 0:
+            return min(lim.default_top_k, bound)
         if not 1 <= top_k <= bound:
             raise InvalidInput(f"top_k must be between 1 and {bound} (or 0 for the default "
-                               f"{lim.default_top_k}), got {top_k}")
+                               f"{min(lim.default_top_k, bound)}), got {top_k}")
         return top_k
 
     def encode_texts(self, texts: list[str]) -> list[np.ndarray]:

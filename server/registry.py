@@ -233,6 +233,7 @@ class ModelSlot:
             rt, self.current = self.current, None
             if rt is None:
                 self.state, self.reason = ModelState.UNAVAILABLE, "not loaded"
+                self.registry.changed()
                 return ""
             self.state, self.reason = ModelState.UNLOADING, "unloaded; last calls finishing"
             self.registry.on_unserved(self.name)

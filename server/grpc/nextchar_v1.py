@@ -85,7 +85,7 @@ class NextCharServicer(pb_grpc.NextCharServicer):
                 max_chars_per_text=lim.max_chars_per_text,
                 max_message_bytes=lim.max_message_bytes,
                 max_top_k=min(lim.max_top_k, a.vocab_size),
-                default_top_k=lim.default_top_k,
+                default_top_k=min(lim.default_top_k, lim.max_top_k, a.vocab_size),
                 max_queue_texts=lim.max_queue_texts,
                 max_streams=lim.max_streams,
             ),
