@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz reliability
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench bench-ab bench-priority clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz reliability
 
 setup: $(STAMP)
 
@@ -130,6 +130,17 @@ demo: setup
 # The serving benchmark (issue 4), alone on the CPUs; ~8 min. Writes docs/serving_bench.{md,json,png}.
 bench: setup
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/serving_bench.py --out docs
+
+# The serving core against the code this session started from (issue 13's no-regression A/B):
+# nextchar.v1 and KServe loads, interleaved, alone on the CPUs; ~6 min. Writes docs/ab_core.json.
+AB_BASE ?= be64680
+bench-ab: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/ab_core.py --base $(AB_BASE) --out docs/ab_core.json
+
+# Priority lanes: interactive Predict p99 idle vs under a `nextchar batch` job in the low lane and
+# in the high lane (no lanes); ~3 min. Writes docs/priority_bench.json.
+bench-priority: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/priority_bench.py --out docs/priority_bench.json
 
 # `nextchar batch` over 100k lines: one server, two server processes, --local (docs/benchmarks.md).
 bench-batch: setup

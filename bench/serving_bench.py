@@ -193,9 +193,9 @@ class Server:
     def batch_stats(self) -> tuple[float, float]:
         """(sum, count) of the server's batch-size histogram."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        def grab(name: str) -> float:
-            m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
-            return float(m.group(1)) if m else 0.0
+        def grab(name: str) -> float:  # summed over label sets (e.g. one per model)
+            return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$",
+                                                     text, re.M))
         return grab("nextchar_batch_size_texts_sum"), grab("nextchar_batch_size_texts_count")
 
     def stop(self) -> None:
