@@ -30,7 +30,6 @@ import time
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               "base_commit": base, "head_commit": head, "head_dirty_server": dirty,
               "repeats": args.repeats, "seconds": args.seconds, "rows": rows, "samples": samples}
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n| workload | old req/s | new req/s | new/old | old p99 ms | new p99 ms | new/old |")
+    print("\n| workload | old req/s | new req/s | new/old | old p99 ms | new p99 ms | new/old |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['old']['rps']:.0f} | {r['new']['rps']:.0f} | "

@@ -76,6 +76,7 @@ class Item:
 class LanePolicy:
     max_queue_texts: int = 8192
     timeout_s: float = 0.0  # queue timeout for items without a deadline; 0: none
+    max_queue_chars: int = 1 << 20  # characters waiting: the queue's compute, bounded
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Batcher:
         max_batch_chars: int = 65536,
         max_batch_delay_ms: float = 0.0,
         max_queue_texts: int = 8192,
+        max_queue_chars: int = 1 << 20,
         parallel_batch_chars: int = 0,
         low_lane: LanePolicy | None = None,
         high_timeout_s: float = 0.0,
@@ -127,8 +129,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_chars = max_batch_chars
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
-        self.lanes = (LanePolicy(max_queue_texts, high_timeout_s),
-                      low_lane or LanePolicy(max_queue_texts))
+        self.lanes = (LanePolicy(max_queue_texts, high_timeout_s, max_queue_chars),
+                      low_lane or LanePolicy(max_queue_texts, max_queue_chars=max_queue_chars))
         self.max_queue_texts = max_queue_texts
         self.parallel_batch_chars = parallel_batch_chars
         workers = backend.workers
@@ -139,6 +141,7 @@ class Batcher:
         self.executor = backend.make_executor()
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # by lane
         self._pending_chars = 0  # characters in both queues (live or not yet dropped)
+        self._lane_chars = [0, 0]  # the same, per lane
         self._running = 0  # workers busy with batches
         self._running_high = 0  # of those, batches holding high-lane items
         # Guards _queues, _pending_chars, _running(_high) and _closed, which the loop and the
@@ -170,6 +173,7 @@ class Batcher:
             for q in self._queues:
                 q.clear()
             self._pending_chars = 0
+            self._lane_chars = [0, 0]
         if self._delay is not None:
             self._delay.cancel()
         for it in queued:
@@ -233,6 +237,13 @@ class Batcher:
                 f"server overloaded: {queued} texts queued in the {LANE_NAMES[lane]}-priority "
                 f"lane, limit {policy.max_queue_texts}; retry with backoff"
             )
+        chars = sum(len(it.ids) for it in items)
+        if self._lane_chars[lane] and self._lane_chars[lane] + chars > policy.max_queue_chars:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"server overloaded: {self._lane_chars[lane]} characters queued in the "
+                f"{LANE_NAMES[lane]}-priority lane, limit {policy.max_queue_chars}; retry with "
+                f"backoff")
         if policy.timeout_s > 0:
             limit = asyncio.get_running_loop().time() + policy.timeout_s
             for it in items:
@@ -242,7 +253,8 @@ class Batcher:
             return await self._run_unbatched(items)
         with self._lock:
             self._queues[lane].extend(items)
-            self._pending_chars += sum(len(it.ids) for it in items)
+            self._pending_chars += chars
+            self._lane_chars[lane] += chars
         if not self._dispatch_soon:  # once per loop pass: requests arriving together batch
             self._dispatch_soon = True
             asyncio.get_running_loop().call_soon(self._dispatch)
@@ -357,7 +369,9 @@ class Batcher:
                 live, dead = self._split_dead([it], now)
                 if not live:
                     expired += dead
-                    self._pending_chars -= len(queue.popleft().ids)
+                    n = len(queue.popleft().ids)
+                    self._pending_chars -= n
+                    self._lane_chars[lane] -= n
                     continue
                 t = max(longest, len(it.ids))
                 if taken and t * (len(taken) + 1) > self.max_batch_chars:
@@ -365,6 +379,7 @@ class Batcher:
                 longest = t
                 taken.append(queue.popleft())
                 self._pending_chars -= len(it.ids)
+                self._lane_chars[lane] -= len(it.ids)
             if taken:
                 return taken, expired, int(lane == HIGH)
         return taken, expired, 0

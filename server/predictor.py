@@ -58,6 +58,7 @@ class Limits:
     default_top_k: int
     max_queue_texts: int
     max_streams: int = 256
+    max_chars_per_request: int = 262144
 
     @classmethod
     def from_settings(cls, s: ServerSettings) -> Limits:
@@ -69,6 +70,7 @@ class Limits:
             default_top_k=s.default_top_k,
             max_queue_texts=s.max_queue_texts,
             max_streams=s.max_streams,
+            max_chars_per_request=s.max_chars_per_request,
         )
 
 
@@ -79,6 +81,28 @@ class Predictor:
         self.batcher = batcher
         self.limits = limits
         self.state_codec = StateCodec.for_artifact(artifact)
+        # Upper bound of one CharProb message: tags and lengths, the widest character's UTF-8,
+        # a float, an id of up to 3 varint bytes.
+        self._char_prob_bytes = 12 + max((len(c.encode()) for c in artifact.vocab), default=1)
+
+    def check_answer_size(self, lengths: list[int], k: int, per_position: bool,
+                          want_state: bool, want_probs: bool = False) -> None:
+        """Refuses, before any compute, a request whose answer cannot fit max_message_bytes
+        (the gRPC send cap would refuse it only after the work was done)."""
+        per_text = 4 + k * self._char_prob_bytes
+        if want_state:
+            per_text += 4 + self.state_codec.size_bytes
+        if want_probs:
+            per_text += 4 * self.artifact.vocab_size
+        size = len(lengths) * per_text
+        if per_position:
+            size += sum(lengths) * (self._char_prob_bytes + 4)  # positions + argmax_text
+        limit = self.limits.max_message_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"the answer would be about {size} bytes > max_message_bytes {limit}: send "
+                f"fewer or shorter texts{', per_position off' if per_position else ''}, or a "
+                f"smaller top_k")
 
     def finish_predict(self, out: BatchOutput, rows: np.ndarray,
                        items: Sequence[Item]) -> list[TextResult]:
@@ -121,6 +145,10 @@ class Predictor:
         if len(texts) > lim.max_texts_per_request:
             raise InvalidInput(f"too many texts: {len(texts)} > max_texts_per_request "
                                f"{lim.max_texts_per_request}; split the request")
+        total = sum(map(len, texts))
+        if total > lim.max_chars_per_request:
+            raise InvalidInput(f"the request has {total} characters > max_chars_per_request "
+                               f"{lim.max_chars_per_request}; split it into smaller requests")
         encoded = []
         for i, text in enumerate(texts):
             if not text:
@@ -156,6 +184,10 @@ class Predictor:
             i = int(over[0])
             raise InvalidInput(f"texts[{i}] has {int(lengths[i])} characters > "
                                f"max_chars_per_text {lim.max_chars_per_text}")
+        total = int(lengths.sum())
+        if total > lim.max_chars_per_request:
+            raise InvalidInput(f"the request has {total} characters > max_chars_per_request "
+                               f"{lim.max_chars_per_request}; split it into smaller requests")
         v = self.artifact.vocab_size
         rows = []
         for i in range(n):
@@ -184,6 +216,7 @@ class Predictor:
         """
         k = self.resolve_top_k(top_k)
         encoded = self.encode_texts(texts)
+        self.check_answer_size([len(e) for e in encoded], k, per_position, return_state)
         start_states = self.decode_states(states or [], len(texts))
         loop = asyncio.get_running_loop()
         opts = PredictOpts(k, per_position, return_state)
@@ -217,6 +250,7 @@ class Predictor:
         want_probs: every result also carries the whole next-char distribution (`probs`).
         """
         k = self.resolve_top_k(top_k)
+        self.check_answer_size([len(r) for r in rows], k, False, False, want_probs)
         loop = asyncio.get_running_loop()
         opts = PredictOpts(k, want_probs=want_probs)
         finish = self.finish_predict

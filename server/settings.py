@@ -50,6 +50,9 @@ class ServerSettings(BaseSettings):
 
     # Limits, advertised by GetModelInfo and enforced.
     max_texts_per_request: int = Field(1024, ge=1, description="Texts in one Predict.")
+    max_chars_per_request: int = Field(
+        262144, ge=1, description="Characters in one request, all texts together: no one call "
+        "holds the model for seconds (a batch job splits its work into many requests).")
     max_chars_per_text: int = Field(4096, ge=1, description="Characters in one text.")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message cap, both ways.")
     max_top_k: int = Field(64, ge=1, description="Largest top_k a caller may ask for.")
@@ -65,6 +68,10 @@ class ServerSettings(BaseSettings):
     max_queue_texts: int = Field(
         8192, ge=1, description="High-priority texts waiting for the model; beyond it "
         "RESOURCE_EXHAUSTED."
+    )
+    max_queue_chars: int = Field(
+        1 << 20, ge=1, description="Characters waiting per priority lane; beyond it "
+        "RESOURCE_EXHAUSTED (bounds the queue's compute, not just its text count)."
     )
     low_max_queue_texts: int = Field(
         65536, ge=1, description="Low-priority (batch job) texts waiting; beyond it "

@@ -328,3 +328,23 @@ def test_a_backend_failure_fails_that_batch_and_the_batcher_goes_on() -> None:
         await b.close()
 
     run(main())
+
+
+def test_each_lane_bounds_the_characters_it_queues() -> None:
+    async def main() -> None:
+        backend, b = await held_batcher(max_queue_chars=25, parallel_batch_chars=10**6)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(items(loop, [[1] * 10])))
+        assert await started(backend, 1)
+        queued = asyncio.create_task(b.submit(items(loop, [[2] * 20])))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="20 characters queued in the high-priority lane, "
+                                             "limit 25"):
+            await b.submit(items(loop, [[3] * 10]))
+        low = asyncio.create_task(b.submit(items(loop, [[4] * 10], lane=LOW)))  # its own bound
+        await asyncio.sleep(0)
+        backend.release.set()
+        await asyncio.gather(first, queued, low)
+        await b.close()
+
+    run(main())
