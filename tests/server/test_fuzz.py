@@ -1,4 +1,5 @@
-"""Property-based fuzzing of every request field against a real `nextchar serve` subprocess.
+"""Property-based fuzzing of every request field of both gRPC services (nextchar.v1 and KServe V2
+`inference.GRPCInferenceService`, streaming included) against a real `nextchar serve` subprocess.
 
 Each request must end in a documented status code (never UNKNOWN or INTERNAL), an OK answer
 must be well-formed, and afterwards the server must be alive, SERVING and within a memory bound.
@@ -31,6 +32,8 @@ from conftest import TINY_VOCAB, ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nextchar.kserve import grpc_predict_v2_pb2 as kpb
+from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
 from nextchar.v1 import admin_pb2
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
@@ -46,18 +49,32 @@ MAX_CHARS = 256
 MAX_TEXTS = 64
 RSS_GROWTH_BOUND_KIB = 200 * 1024
 
-# The documented codes (nextchar.proto); oversized messages add RESOURCE_EXHAUSTED everywhere.
+# The documented codes (nextchar.proto, docs/kserve.md); oversized messages add
+# RESOURCE_EXHAUSTED everywhere, a `model` name the server does not know NOT_FOUND.
+_CALL = {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "NOT_FOUND"}
 ALLOWED = {
-    "Predict": {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"},
-    "Generate": {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"},
-    "GetModelInfo": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
-    "ReloadModel": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "Predict": _CALL,
+    "Generate": _CALL,
+    "GetModelInfo": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"},
+    "ListModels": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "ReloadModel": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"},
+    **{f"kserve.{m}": _CALL for m in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+        "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex")},
 }
 METHODS = {
     "Predict": "/nextchar.v1.NextChar/Predict",
     "GetModelInfo": "/nextchar.v1.NextChar/GetModelInfo",
+    "ListModels": "/nextchar.v1.NextChar/ListModels",
     "ReloadModel": "/nextchar.v1.Admin/ReloadModel",
+    # KServe V2 (load/unload are left out: a random body naming the model would unload it).
+    **{f"kserve.{m}": f"/inference.GRPCInferenceService/{m}" for m in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+        "ModelInfer", "ModelStatistics", "RepositoryIndex")},
 }
+# In-band errors of ModelStreamInfer: "<CODE>: <message>", with the same documented codes.
+STREAM_CODES = _CALL - {"OK"}
+MODEL = "random-rnn"  # the tiny artifact's name
 codes: Counter[str] = Counter()
 
 
@@ -74,6 +91,9 @@ class Target:
                             info.config.hidden_size)
         self.raw = {name: channel.unary_unary(path) for name, path in METHODS.items()}
         self.raw_generate = channel.unary_stream("/nextchar.v1.NextChar/Generate")
+        self.kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        self.raw_stream_infer = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer")
         answer = self.stub.Predict(pb.PredictRequest(texts=["warm up"] * 8, return_state=True),
                                    timeout=30)
         self.real_state = answer.predictions[0].state
@@ -345,11 +365,96 @@ def test_invalid_utf8_is_invalid_argument_with_a_message(target: Target) -> None
 
 def test_a_response_larger_than_the_message_cap_is_refused_cleanly(target: Target) -> None:
     # 64 texts x 256 characters with per-position answers: far over the 64 KiB send cap.
+    # Refused before any compute: the answer's size is known from the request.
     request = pb.PredictRequest(texts=["hello world " * 21] * MAX_TEXTS, per_position=True,
                                 top_k=50)
-    code, _ = target.outcome("Predict", lambda: target.stub.Predict(request, timeout=60))
-    assert code == "RESOURCE_EXHAUSTED"
+    with pytest.raises(grpc.RpcError) as e:
+        target.stub.Predict(request, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "> max_message_bytes 65536" in e.value.details()
 
 
 def test_admin_message_is_empty() -> None:
     assert admin_pb2.ReloadModelRequest().ByteSize() == 0
+
+
+
+# -- KServe V2 ---------------------------------------------------------------------------------
+DTYPES = st.sampled_from(["BYTES", "INT64", "FP32", "INT32", "bytes", ""])
+SHAPE = mostly(st.lists(st.integers(1, 4), min_size=1, max_size=2),
+               st.lists(st.integers(-2, 2**40), max_size=3))
+
+
+@st.composite
+def infer_tensor(draw: st.DrawFn) -> tuple[kpb.ModelInferRequest.InferInputTensor, bytes | None]:
+    name = draw(mostly(st.sampled_from(["text", "ids", "lengths"]), st.text(max_size=8)))
+    t = kpb.ModelInferRequest.InferInputTensor(name=name, datatype=draw(DTYPES),
+                                               shape=draw(SHAPE))
+    raw = None
+    how = draw(st.integers(0, 2))
+    if how == 0:
+        t.contents.bytes_contents.extend(s.encode() for s in draw(st.lists(TEXT, max_size=5)))
+    elif how == 1:
+        t.contents.int64_contents.extend(draw(st.lists(st.integers(-2**63, 2**63 - 1),
+                                                       max_size=12)))
+    else:
+        raw = draw(st.binary(max_size=64))
+    return t, raw
+
+
+@st.composite
+def infer_request(draw: st.DrawFn) -> kpb.ModelInferRequest:
+    r = kpb.ModelInferRequest(model_name=draw(mostly(st.just(MODEL), st.text(max_size=12))),
+                              model_version=draw(mostly(st.just(""), st.text(max_size=4))),
+                              id=draw(st.text(max_size=8)))
+    tensors = draw(st.lists(infer_tensor(), min_size=0, max_size=3))
+    raws = [raw for _, raw in tensors]
+    for t, _ in tensors:
+        r.inputs.append(t)
+    if any(raw is not None for raw in raws) and draw(st.booleans()):
+        r.raw_input_contents.extend(raw or b"" for raw in raws)
+    for name in draw(st.lists(st.text(max_size=10) | st.sampled_from(
+            ["probs", "top_ids", "top_chars", "top_probs"]), max_size=3)):
+        r.outputs.add(name=name)
+    for key in draw(st.lists(st.sampled_from(["top_k", "priority", "other"]), max_size=2,
+                             unique=True)):
+        kind = draw(st.sampled_from(["int64_param", "string_param", "bool_param",
+                                     "double_param", "uint64_param"]))
+        value = {"int64_param": st.integers(-2**63, 2**63 - 1), "string_param": st.text(max_size=4),
+                 "bool_param": st.booleans(), "double_param": st.floats(allow_nan=True),
+                 "uint64_param": st.integers(0, 2**64 - 1)}[kind]
+        setattr(r.parameters[key], kind, draw(value))
+    return r
+
+
+def _check_infer(r: kpb.ModelInferResponse) -> None:
+    assert r.model_name == MODEL and r.outputs
+    for out in r.outputs:
+        assert out.name in ("probs", "top_ids", "top_chars", "top_probs")
+
+
+@given(data=st.data())
+@FUZZ
+def test_kserve_infer_fields(target: Target, data: st.DataObject) -> None:
+    request = data.draw(infer_request())
+    code, response = target.outcome("kserve.ModelInfer",
+                                    lambda: target.kserve.ModelInfer(request, timeout=30))
+    if code == "OK":
+        _check_infer(response)
+
+
+@given(frames=st.lists(st.one_of(infer_request().map(lambda r: r.SerializeToString()),
+                                 wire_message(), st.binary(max_size=100)), min_size=1,
+                       max_size=4))
+@FUZZ
+def test_kserve_stream_infer_frames(target: Target, frames: list[bytes]) -> None:
+    code, responses = target.outcome(
+        "kserve.ModelStreamInfer", lambda: list(target.raw_stream_infer(iter(frames), timeout=30)))
+    for body in responses or []:
+        r = kpb.ModelStreamInferResponse.FromString(body)
+        if r.error_message:
+            in_band = r.error_message.split(":", 1)[0]
+            codes[f"kserve.ModelStreamInfer in-band {in_band}"] += 1
+            assert in_band in STREAM_CODES, r.error_message
+        else:
+            _check_infer(r.infer_response)
