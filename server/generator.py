@@ -120,11 +120,14 @@ class _Lane:
     driving: bool = False  # a step of this lane is queued or running
 
 
-def finish_prefill(out: BatchOutput, rows: np.ndarray,
-                   items: Sequence[Item]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """On the worker thread: (next-char logits (V,), state (S, H)) after each prompt."""
-    return [(out.logits[r].astype(np.float32, copy=True), out.state[:, r, :].copy())
-            for r in rows.tolist()]
+def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) -> list[None]:
+    """On the worker thread, right after the prompts' model call: each stream takes its logits
+    and state and joins its lane here, so its first step needs no trip through the event loop
+    (which, with many streams open, is busy sending their text)."""
+    for r, it in zip(rows.tolist(), items, strict=True):
+        stream: GenerationStream = it.params
+        stream.prefilled(out.logits[r].astype(np.float32, copy=True), out.state[:, r, :].copy())
+    return [None] * len(items)
 
 
 def sample_ids(
@@ -203,8 +206,7 @@ class GenerationStream:
     # -- consumer side (event loop) ----------------------------------------------------------
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The text as it is produced; the last chunk carries the stop reason (and state)."""
-        await self._prefill()
-        self._gen._join(self)
+        await self._prefill()  # the stream has joined its lane (finish_prefill)
         loop = asyncio.get_running_loop()
         while True:
             await self._event.wait()
@@ -231,10 +233,16 @@ class GenerationStream:
     async def _prefill(self) -> None:
         loop = asyncio.get_running_loop()
         item = Item(ids=self.prompt_ids, future=loop.create_future(), finish=finish_prefill,
-                    deadline=self.deadline, state=self.start_state, lane=self.params.lane)
-        ((self.logits, self.state),) = await self._gen.batcher.submit([item])
+                    params=self, deadline=self.deadline, state=self.start_state,
+                    lane=self.params.lane)
+        await self._gen.batcher.submit([item])
+
+    def prefilled(self, logits: np.ndarray, state: np.ndarray) -> None:
+        """Worker thread: the model read the prompt; the stream joins its lane."""
+        self.logits, self.state = logits, state
         if self._history is not None:
-            self._history.append(self.state)
+            self._history.append(state)
+        self._gen._join(self)
 
     def close(self) -> None:
         """Idempotent. Frees the slot at once; the next step drops the stream."""
@@ -433,7 +441,9 @@ class Generator:
                 self.stats.closed_early += 1
 
     def _join(self, stream: GenerationStream) -> None:
-        """A prefilled stream enters its lane; the lane's next step takes it."""
+        """A prefilled stream enters its lane; the lane's next step takes it. Called on the
+        worker thread that ran the prefill (everything it touches is under the lock or set
+        once: `closed` may turn True meanwhile, which the next step sees)."""
         if stream.closed or self._closed:
             return
         lane = self._lane if self.step_batching else _Lane()
