@@ -29,14 +29,20 @@ from .model import CharRNN, CharRNNConfig
 
 FORMAT = "nextchar-checkpoint"
 FORMAT_VERSION = 1
-FILENAME = "checkpoint.pt"
+FILENAME = "checkpoint.pt"  # the last state of a run: what --resume continues
+BEST_FILENAME = "best.pt"  # the lowest validation loss the run saw: what export ships
 REQUIRED = ("model_config", "vocab", "model_state")
 
 
-def checkpoint_path(run_or_file: str | Path) -> Path:
-    """A run folder's checkpoint, or the file itself."""
+def checkpoint_path(run_or_file: str | Path, which: str = "last") -> Path:
+    """A run folder's checkpoint (`last`: checkpoint.pt, `best`: best.pt, falling back to
+    checkpoint.pt for runs that have none, like the hello preset), or the file itself."""
     path = Path(run_or_file)
-    return path / FILENAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if which == "best" and (path / BEST_FILENAME).exists():
+        return path / BEST_FILENAME
+    return path / FILENAME
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -78,9 +84,9 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def load_checkpoint(run_or_file: str | Path) -> dict[str, Any]:
+def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, Any]:
     """The checkpoint's dict; CheckpointError with one clear line for anything wrong with it."""
-    path = checkpoint_path(run_or_file)
+    path = checkpoint_path(run_or_file, which)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -12,14 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
-def save_run_curve(history: Mapping, path: str | Path, title: str) -> Path:
-    """Training (averaged per logging interval) and validation loss against steps."""
+def save_run_curve(history: Mapping, path: str | Path, title: str,
+                   best_step: int | None = None) -> Path:
+    """Training (averaged per logging interval) and validation loss against steps; a dotted
+    line at the best checkpoint's step."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     train, val = history.get("train", {}), history.get("val", {})
     if train.get("step"):
         ax.plot(train["step"], train["nats"], lw=1, alpha=0.8, label="train")
     if val.get("step"):
         ax.plot(val["step"], val["nats"], "o-", ms=3, label="validation")
+    if best_step is not None:
+        ax.axvline(best_step, ls=":", color="gray", label=f"best (step {best_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("nats per char")
     _bits_axis(ax)

@@ -355,8 +355,12 @@ class StreamBatches:
         streams = batch_size * world
         self.stream_len = (len(ids) - bptt) // streams
         if self.stream_len < bptt + 1:
+            need = streams * (bptt + 1) + bptt
+            per_process = f" per process x {world} processes" if world > 1 else ""
             raise CorpusError(
-                f"training text too short ({len(ids)} chars) for {streams} streams of {bptt}+1"
+                f"training text too short ({len(ids)} chars) for {streams} streams of "
+                f"{bptt}+1: --batch-size {batch_size}{per_process} with --bptt {bptt} needs at "
+                f"least {need} chars; lower --batch-size or --bptt (or leave both on auto)"
             )
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
         self.rank, self.streams = rank, streams
@@ -406,7 +410,8 @@ class RandomWindows:
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int, seed: int,
                  rank: int = 0, world: int = 1) -> None:
         if len(ids) < bptt + 2:
-            raise CorpusError(f"training text too short ({len(ids)} chars) for windows of {bptt}")
+            raise CorpusError(f"training text too short ({len(ids)} chars) for windows of "
+                              f"{bptt}: needs at least {bptt + 2} chars; lower --bptt")
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
         self.seed, self.rank, self.batch_index = seed, rank, 0
 

@@ -6,22 +6,25 @@ Writes model.ts (torch.jit.trace), model.onnx (legacy exporter, opset 17, dynami
 every input and output) and manifest.json into a temporary folder beside the target, runs the
 parity gate there, and only then renames it into place: a failed export leaves nothing behind.
 
-The gate runs eager PyTorch, the TorchScript file and the ONNX file under ONNX Runtime on the
-same random batches (mixed lengths including 1, batch 1, zero and random initial state) and
-refuses the artifact if `onnx.checker` fails or any logits/state_out/position_logits differ by
-more than 1e-4.
+The gate runs eager PyTorch, the TorchScript file and both ONNX files under ONNX Runtime on
+the same random batches (mixed lengths including 1, batch 1, zero and random initial state) and
+compares what the server returns: log-probabilities (next character and every position), the
+top-5 order, and the state, within 1e-4 + 2e-5 x the case's max |logit| (or |state|). A graph
+that fails (or fails `onnx.checker`) is left out of the artifact with a warning; the export is
+refused only when no graph passes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import FILENAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import (
+    BEST_FILENAME,
+    FILENAME,
+    checkpoint_path,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from .data import sha256_file
 from .errors import ExportError, ParityError
 from .model import CharRNN, CharRNNConfig
@@ -40,7 +50,13 @@ FORMAT = "nextchar-artifact"
 FORMAT_VERSION = 1
 OPSET = 17
 LOOP_ONNX = "model_loop.onnx"  # the server's artifact reader knows this name too
-TOLERANCE = 1e-4
+# The gate's bound on log-probabilities and state: ABS + REL * magnitude (tolerance_for).
+ABS_TOLERANCE = 1e-4
+REL_TOLERANCE = 2e-5
+TOP_K = 5  # the ranking the server's top-k answers show must agree this deep
+# Each graph by the name the gate and the manifest's parity use, and its file.
+GRAPH_FILES = {"torchscript": "model.ts", "onnxruntime": "model.onnx",
+               "onnxruntime_loop": LOOP_ONNX}
 INPUT_NAMES = ["ids", "lengths", "state"]
 OUTPUT_NAMES = ["logits", "state_out", "position_logits"]
 DYNAMIC_AXES = {
@@ -53,6 +69,8 @@ DYNAMIC_AXES = {
 }
 # (batch, time) of each parity case; lengths are drawn in [1, T] with 1 and T always present.
 PARITY_SHAPES = [(1, 1), (1, 9), (2, 1), (3, 5), (4, 17), (8, 33), (5, 64), (16, 12)]
+
+log = logging.getLogger(__name__)
 
 
 def _version(package: str) -> str:
@@ -123,53 +141,143 @@ def _check_onnx(path: Path) -> None:
             from None
 
 
-def parity_gate(model: CharRNN, ts_path: Path, onnx_path: Path, seed: int = 0,
-                tolerance: float = TOLERANCE, loop_path: Path | None = None) -> dict[str, Any]:
-    """Max |difference| of TorchScript and ONNX Runtime (the standard graph and, when given, the
-    Loop graph) against eager over the parity cases; ParityError if any output of any case is
-    off by more than the tolerance."""
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def tolerance_for(magnitude: float) -> float:
+    """Allowed |difference| for values of this magnitude (max |logit| or |state|): float32
+    sums of H products in another order differ by a relative ~1e-6, so a fixed absolute
+    bound fails trained models with large logits while a real defect is orders above it."""
+    return ABS_TOLERANCE + REL_TOLERANCE * magnitude
+
+
+def _ranking_error(want_lp: np.ndarray, have_lp: np.ndarray, tol: float, k: int) -> str | None:
+    """The top-k characters must come out in the same order, except where eager's own
+    log-probabilities of the swapped characters are within tol (a numerical tie)."""
+    k = min(k, want_lp.shape[-1])
+    want_top = np.argsort(-want_lp, axis=-1, kind="stable")[..., :k]
+    have_top = np.argsort(-have_lp, axis=-1, kind="stable")[..., :k]
+    rows_w, rows_h = want_top.reshape(-1, k), have_top.reshape(-1, k)
+    flat = want_lp.reshape(-1, want_lp.shape[-1])
+    for r in np.nonzero((rows_w != rows_h).any(axis=1))[0]:
+        gap = np.abs(flat[r, rows_w[r]] - flat[r, rows_h[r]]).max()
+        if gap > tol:
+            return f"top-{k} ranking differs (eager log-prob gap {gap:.3g} > {tol:.3g})"
+    return None
+
+
+def _compare(backend: str, expected: list[np.ndarray], got: list[np.ndarray],
+             lengths: np.ndarray, batch: int, time: int) -> tuple[float, float, float]:
+    """(log-prob diff, state diff, tolerance) of one case; ParityError when off."""
+    where = f"(batch {batch}, time {time})"
+    for name, want, have in zip(OUTPUT_NAMES, expected, got, strict=False):
+        if want.shape != have.shape:
+            raise ParityError(f"{backend} {name} has shape {have.shape}, eager {want.shape} "
+                              f"{where}")
+    logits, state, positions = expected[0], expected[1], expected[2] if len(got) > 2 else None
+    valid = np.arange(time)[None, :] < lengths[:, None]  # (B, T)
+    magnitude = float(np.abs(logits).max()) if logits.size else 0.0
+    if positions is not None and valid.any():
+        magnitude = max(magnitude, float(np.abs(positions[valid]).max()))
+    tol = tolerance_for(magnitude)
+    pairs = [("logits", _log_softmax(logits), _log_softmax(got[0]))]
+    if positions is not None and valid.any():
+        pairs.append(("position_logits", _log_softmax(positions[valid]),
+                      _log_softmax(got[2][valid])))
+    lp_diff = 0.0
+    for name, want_lp, have_lp in pairs:
+        diff = float(np.max(np.abs(want_lp - have_lp))) if want_lp.size else 0.0
+        if not diff <= tol:  # also catches nan
+            raise ParityError(f"{backend} {name}: log-probabilities differ from eager by "
+                              f"{diff:.3g} > {tol:.3g} (max |logit| {magnitude:.3g}) {where}")
+        ranking = _ranking_error(want_lp, have_lp, tol, TOP_K)
+        if ranking:
+            raise ParityError(f"{backend} {name}: {ranking} {where}")
+        lp_diff = max(lp_diff, diff)
+    # The state goes back to callers who continue a text (Generate, continuation state).
+    state_tol = tolerance_for(float(np.abs(state).max()) if state.size else 0.0)
+    state_diff = float(np.max(np.abs(state - got[1]))) if state.size else 0.0
+    if not state_diff <= state_tol:
+        raise ParityError(f"{backend} state_out differs from eager by {state_diff:.3g} > "
+                          f"{state_tol:.3g} {where}")
+    return lp_diff, state_diff, tol
+
+
+def parity_gate(model: CharRNN, graphs: dict[str, Path], seed: int = 0) -> dict[str, Any]:
+    """Runs each graph (`torchscript`, `onnxruntime`, `onnxruntime_loop` -> its file) against
+    eager over the parity cases, comparing what the server returns: log-probabilities of the
+    next character and of every position, the top-k order, and the state. A graph's first
+    failing case excludes it; the others go on.
+
+    Returns {"max_abs_diff": {graph: worst log-prob diff}, "max_state_diff": {...},
+    "failed": {graph: reason}, "tolerance": loosest bound applied, "max_abs_logit", "cases"}.
+    """
     import onnxruntime as ort
 
-    scripted = torch.jit.load(str(ts_path))
+    runners: dict[str, Callable[[tuple[torch.Tensor, ...]], list[list[np.ndarray]]]] = {}
+    failed: dict[str, str] = {}
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    sessions = {"onnxruntime": ort.InferenceSession(str(onnx_path), options,
-                                                    providers=["CPUExecutionProvider"])}
-    if loop_path is not None:
-        sessions["onnxruntime_loop"] = ort.InferenceSession(str(loop_path), options,
-                                                            providers=["CPUExecutionProvider"])
+    for graph, path in graphs.items():
+        try:
+            if graph == "torchscript":
+                scripted = torch.jit.load(str(path))
+
+                def run_ts(inputs, scripted=scripted):
+                    with torch.no_grad():
+                        return [[t.numpy() for t in scripted(*inputs)]]
+                runners[graph] = run_ts
+            else:
+                session = ort.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
+
+                def run_ort(inputs, session=session, loop=graph == "onnxruntime_loop"):
+                    feeds = dict(zip(INPUT_NAMES, (t.numpy() for t in inputs), strict=False))
+                    if not loop:
+                        return [session.run(OUTPUT_NAMES, feeds)]
+                    # With and without positions, as the server runs it.
+                    return [session.run(OUTPUT_NAMES, {**feeds, "positions": np.array(True)}),
+                            session.run(OUTPUT_NAMES[:2],
+                                        {**feeds, "positions": np.array(False)})]
+                runners[graph] = run_ort
+        except Exception as e:
+            failed[graph] = f"{graph} does not load: {type(e).__name__}: " \
+                            f"{(str(e).splitlines() or [''])[0][:200]}"
     generator = torch.Generator().manual_seed(seed)
-    worst = {"torchscript": 0.0, **{name: 0.0 for name in sessions}}
-    cases = 0
+    worst_lp = dict.fromkeys(graphs, 0.0)
+    worst_state = dict.fromkeys(graphs, 0.0)
+    loosest, max_logit, cases = ABS_TOLERANCE, 0.0, 0
     for batch, time in PARITY_SHAPES:
         for random_state in (True, False):
             inputs = example_inputs(model.config, batch, time, generator, random_state)
             with torch.no_grad():
                 expected = [t.numpy() for t in model(*inputs)]
-                got_ts = [t.numpy() for t in scripted(*inputs)]
-            feeds = dict(zip(INPUT_NAMES, (t.numpy() for t in inputs), strict=False))
-            got_all = [("torchscript", got_ts)]
-            got_all.append(("onnxruntime", sessions["onnxruntime"].run(OUTPUT_NAMES, feeds)))
-            if loop_path is not None:  # with and without positions, as the server runs it
-                loop = sessions["onnxruntime_loop"]
-                for positions in (True, False):  # false: no position_logits to compare
-                    names = OUTPUT_NAMES if positions else OUTPUT_NAMES[:2]
-                    got_all.append(("onnxruntime_loop", loop.run(
-                        names, {**feeds, "positions": np.array(positions)})))
-            for backend, got in got_all:
-                for name, want, have in zip(OUTPUT_NAMES, expected, got, strict=False):
-                    if want.shape != have.shape:
-                        raise ParityError(
-                            f"parity gate: {backend} {name} has shape {have.shape}, eager "
-                            f"{want.shape} (batch {batch}, time {time})")
-                    diff = float(np.max(np.abs(want - have))) if want.size else 0.0
-                    if not diff <= tolerance:  # also catches nan
-                        raise ParityError(
-                            f"parity gate: {backend} {name} differs from eager by {diff:.3g} > "
-                            f"{tolerance:g} (batch {batch}, time {time}); artifact not written")
-                    worst[backend] = max(worst[backend], diff)
+            max_logit = max(max_logit, float(np.abs(expected[0]).max()))
+            for graph, run in runners.items():
+                if graph in failed:
+                    continue
+                try:
+                    for got in run(inputs):
+                        lp, st, tol = _compare(graph, expected, got, inputs[1].numpy(),
+                                               batch, time)
+                        worst_lp[graph] = max(worst_lp[graph], lp)
+                        worst_state[graph] = max(worst_state[graph], st)
+                        loosest = max(loosest, tol)
+                except ParityError as e:
+                    failed[graph] = str(e)
+                except Exception as e:  # a graph that crashes on some shape is as unusable
+                    failed[graph] = (f"{graph} fails on batch {batch}, time {time}: "
+                                     f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             cases += 1
-    return {"max_abs_diff": worst, "tolerance": tolerance, "cases": cases}
+    return {"max_abs_diff": {g: worst_lp[g] for g in graphs if g not in failed},
+            "max_state_diff": {g: worst_state[g] for g in graphs if g not in failed},
+            "failed": failed, "tolerance": loosest,
+            "tolerance_rule": f"{ABS_TOLERANCE:g} + {REL_TOLERANCE:g} x max|logit| (or "
+                              f"|state|) per case, on log-probabilities, state and top-{TOP_K}",
+            "max_abs_logit": max_logit, "cases": cases}
 
 
 def _io_spec(config: CharRNNConfig) -> tuple[list[dict], list[dict]]:
@@ -223,13 +331,41 @@ def _prepare_target(out_dir: Path) -> None:
                           "refusing to replace it")
 
 
+def _checkpoint_choice(source: str | Path, which: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint to export and what the manifest says about the choice: which file, its
+    step and validation loss, and the run's last step."""
+    path = checkpoint_path(source, which)
+    ckpt = load_checkpoint(path)
+    metrics = ckpt.get("metrics") or {}
+    choice: dict[str, Any] = {
+        "file": path.name,
+        "selected": "best" if path.name == BEST_FILENAME else
+                    ("last" if path.name == FILENAME else "file"),
+        "step": ckpt.get("step"),
+        "val_nats_per_char": metrics.get("val_nats_per_char"),
+    }
+    last_path = path.parent / FILENAME
+    if path.name == BEST_FILENAME and last_path.exists():
+        last = load_checkpoint(last_path)
+        choice["last_step"] = last.get("step")
+        choice["last_val_nats_per_char"] = (last.get("metrics") or {}).get("val_nats_per_char")
+    elif Path(source).is_dir() and which == "best":
+        choice["note"] = f"no {BEST_FILENAME} in the run (the hello preset, or a run from " \
+                         f"before best tracking): exported {FILENAME}"
+    return ckpt, choice
+
+
 def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
                     version: str | None = None, *, name: str | None = None,
-                    seed: int = 0) -> Path:
-    """Exports a run's checkpoint to out_dir (replacing an earlier artifact there) and returns
-    out_dir. Raises CheckpointError, ExportError or ParityError; on error out_dir is untouched."""
-    ckpt = load_checkpoint(run_dir_or_checkpoint_path)
-    model = model_from_checkpoint(ckpt, run_dir_or_checkpoint_path)
+                    seed: int = 0, checkpoint: str = "best") -> Path:
+    """Exports a run's best checkpoint (`checkpoint="last"`: its last one; a file: that file)
+    to out_dir, replacing an earlier artifact there, and returns out_dir.
+
+    Graphs that fail the parity gate or onnx.checker are left out (the manifest's
+    `parity.failed` says why, and a warning is logged); ParityError when none passes.
+    Raises CheckpointError, ExportError or ParityError; on error out_dir is untouched."""
+    ckpt, choice = _checkpoint_choice(run_dir_or_checkpoint_path, checkpoint)
+    model = model_from_checkpoint(ckpt, choice["file"])
     config = model.config
     out_dir = Path(out_dir)
     _prepare_target(out_dir)
@@ -239,20 +375,34 @@ def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         example = example_inputs(config, 3, 7, torch.Generator().manual_seed(seed))
-        ts_path, onnx_path = tmp / "model.ts", tmp / "model.onnx"
-        loop_path = tmp / LOOP_ONNX
+        graphs = {g: tmp / f for g, f in GRAPH_FILES.items()}
         try:
-            _trace(model, example).save(str(ts_path))
-            _export_onnx(model, example, onnx_path)
+            _trace(model, example).save(str(graphs["torchscript"]))
+            _export_onnx(model, example, graphs["onnxruntime"])
             # The CPU-fast graph (training/onnx_loop.py); the server prefers it on CPU.
-            loop_path.write_bytes(build_loop_graph(model, OPSET).SerializeToString())
+            graphs["onnxruntime_loop"].write_bytes(
+                build_loop_graph(model, OPSET).SerializeToString())
         except ExportError:
             raise
         except Exception as e:
             raise ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0]}") \
                 from None
-        _check_onnx(onnx_path)
-        parity = parity_gate(model, ts_path, onnx_path, seed=seed, loop_path=loop_path)
+        unchecked = {}
+        for graph in ("onnxruntime", "onnxruntime_loop"):
+            try:
+                _check_onnx(graphs[graph])
+            except ExportError as e:
+                unchecked[graph] = f"{GRAPH_FILES[graph]}: {e}"
+        parity = parity_gate(model, {g: p for g, p in graphs.items() if g not in unchecked},
+                             seed=seed)
+        parity["failed"] = {**unchecked, **parity["failed"]}
+        for graph, reason in parity["failed"].items():
+            graphs[graph].unlink(missing_ok=True)
+            log.warning("%s left out of the artifact: %s", GRAPH_FILES[graph], reason)
+        kept = [g for g in graphs if g not in parity["failed"]]
+        if not kept:
+            first = next(iter(parity["failed"].values()))
+            raise ParityError(f"parity gate: no graph passed ({first}); artifact not written")
 
         inputs, outputs = _io_spec(config)
         manifest = {
@@ -268,8 +418,9 @@ def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
             "inputs": inputs,
             "outputs": outputs,
             "files": {
-                f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-                for f in (onnx_path, loop_path, ts_path)
+                graphs[g].name: {"sha256": sha256_file(graphs[g]),
+                                 "bytes": graphs[g].stat().st_size}
+                for g in ("onnxruntime", "onnxruntime_loop", "torchscript") if g in kept
             },
             "onnx_opset": OPSET,
             "versions": {
@@ -279,7 +430,8 @@ def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
                 "nextchar": _version("nextchar"),
             },
             "training": _plain(ckpt.get("metrics") or {}),
-            "parity": parity,
+            "checkpoint": _plain(choice),
+            "parity": _plain(parity),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False)
                                            + "\n", encoding="utf-8")

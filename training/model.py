@@ -33,13 +33,16 @@ class CharRNNConfig:
     hidden_size: int = 256
     num_layers: int = 2
     cell: str = "rnn"  # rnn (tanh, the seed's) | gru | lstm
-    dropout: float = 0.0
+    dropout: float = 0.0  # training only: between layers and on the top layer's output
+    embed_dropout: float = 0.0  # training only: on the embedded input characters
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if min(self.vocab_size, self.embed_dim, self.hidden_size, self.num_layers) < 1:
             raise ValueError(f"sizes must be >= 1: {self}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1): {self}")
 
     @property
     def state_layers(self) -> int:
@@ -67,7 +70,16 @@ class CharRNN(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         self.drop = nn.Dropout(config.dropout)
+        self.embed_drop = nn.Dropout(config.embed_dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def set_dropout(self, dropout: float, embed_dropout: float) -> None:
+        """Changes the training-time dropout in place (no weights depend on it): the trainer
+        settles it once it has measured how many epochs the budget allows."""
+        self.config.dropout, self.config.embed_dropout = dropout, embed_dropout
+        self.drop.p, self.embed_drop.p = dropout, embed_dropout
+        if self.num_layers > 1:
+            self.rnn.dropout = dropout
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
         p = self.head.weight
@@ -116,7 +128,7 @@ class CharRNN(nn.Module):
         """
         if state is None:
             state = self.initial_state(ids.shape[0])
-        out, state_out = self._run(self.embed(ids), state, None)  # (B, T, H)
+        out, state_out = self._run(self.embed_drop(self.embed(ids)), state, None)  # (B, T, H)
         return self.head(self.drop(out)), state_out  # (B, T, V), (S, B, H)
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,59 +30,105 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data, hello
-from .checkpoint import FILENAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from . import autoconfig, data, hello
+from .checkpoint import (
+    BEST_FILENAME,
+    FILENAME,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from .device import precision_name, resolve_device, resolve_precision
 from .errors import CheckpointError, TrainingError
 from .model import CharRNN, CharRNNConfig
 
 LN2 = math.log(2)
 
 
+AUTO_FIELDS = ("hidden_size", "num_layers", "dropout", "embed_dropout", "batch_size", "bptt",
+               "lr", "weight_decay", "eval_every")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_THREADS = 1024
+
+
 @dataclass
 class TrainConfig:
-    """Everything a language-model run depends on; saved in its checkpoint."""
+    """Everything a language-model run depends on; saved in its checkpoint. `None` in a field
+    of AUTO_FIELDS means auto: chosen from the corpus size and the budget (autoconfig.py), and
+    the checkpoint records the value chosen."""
 
     out: str = "runs/lm"
     corpus: list[str] = field(default_factory=list)  # empty: the default Shakespeare corpus
     name: str | None = None  # artifact name; default "<corpus>-<cell>"
     resume: bool = False
+    resume_from: str = "last"  # last: checkpoint.pt | best: best.pt
     overwrite: bool = False
     seed: int = 1337
     max_minutes: float | None = None  # training time; validation pauses the clock
     max_steps: int | None = None
     threads: int | None = None
+    device: str = "auto"  # auto: cuda when available
     # model
     cell: str = "lstm"
     embed_dim: int = 64
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.0
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    dropout: float | None = None
+    embed_dropout: float | None = None
     # optimisation
-    batch_size: int = 128  # per process
-    bptt: int = 64
+    batch_size: int | None = None  # per process
+    bptt: int | None = None
     state: str = "carry"  # carry: contiguous streams, state kept | reset: random windows
-    lr: float = 8e-3
+    lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    weight_decay: float = 0.01
+    weight_decay: float | None = None
     grad_clip: float = 1.0  # 0: off
-    bf16: bool = True  # bf16 autocast for the training steps; weights stay float32
+    precision: str = "auto"  # autocast dtype of the training steps; weights stay float32
     # validation
     val_fraction: float = 0.1
-    eval_every: int = 250  # steps
+    eval_every: int | None = None  # steps
     eval_chars: int = 1_000_000  # periodic validation reads at most this much; the last, all
+    patience: int = 0  # stop after this many validations without a new best (0: never)
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.state not in ("carry", "reset"):
             raise TrainingError(f"--state must be carry or reset, got {self.state!r}")
-        for key in ("batch_size", "bptt", "eval_every"):
-            if getattr(self, key) < 1:
-                raise TrainingError(f"--{key.replace('_', '-')} must be >= 1")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise TrainingError("--max-minutes must be > 0")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            raise TrainingError(f"--device must be one of {', '.join(DEVICES)}")
+        if self.resume_from not in ("last", "best"):
+            raise TrainingError(f"--resume takes last or best, got {self.resume_from!r}")
+        for key in ("batch_size", "bptt", "eval_every", "embed_dim", "hidden_size",
+                    "num_layers", "eval_chars"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise TrainingError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        for key in ("dropout", "embed_dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise TrainingError(f"--{key.replace('_', '-')} must be in [0, 1), got {value}")
+        for key in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "warmup_steps",
+                    "patience", "seed"):
+            value = getattr(self, key)
+            if value is not None and not (0 <= value < math.inf):  # also refuses nan
+                raise TrainingError(f"--{key.replace('_', '-')} must be >= 0 and finite, "
+                                    f"got {value}")
+        if self.lr is not None and self.lr == 0:
+            raise TrainingError("--lr must be > 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainingError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise TrainingError(f"--max-minutes must be > 0 and finite, got {self.max_minutes}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainingError("--max-steps must be >= 1")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise TrainingError(f"--threads must be in 1..{MAX_THREADS}, got {self.threads}")
+        if self.seed >= 2**63:
+            raise TrainingError(f"--seed must be < 2**63, got {self.seed}")
         if self.max_minutes is None and self.max_steps is None:
             self.max_minutes = 5.0
 
@@ -94,6 +140,8 @@ class TrainConfig:
 class Dist:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where the collectives' tensors live
 
     @property
     def main(self) -> bool:
@@ -106,19 +154,25 @@ class Dist:
     def max(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
 
-def init_distributed() -> Dist:
-    """DDP over gloo when started by torchrun (WORLD_SIZE > 1), else a single process."""
+def init_distributed(requested_device: str) -> tuple[Dist, torch.device]:
+    """DDP when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU; else one
+    process. Returns the process group and this process's training device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
     if world <= 1:
-        return Dist()
+        return Dist(device=device), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # float64 collectives: NCCL needs them on the GPU, gloo on the CPU.
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device), device
 
 
 class _TrainStep(nn.Module):
@@ -138,6 +192,7 @@ class _TrainStep(nn.Module):
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warmup over warmup_steps, then cosine from lr to min_lr_ratio * lr as the step or
     time budget (whichever is further along) runs out."""
+    assert cfg.lr is not None  # resolved before training starts
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
@@ -146,11 +201,14 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: torch.Tensor, streams: int = 32, bptt: int = 256) -> float:
-    """Mean nats per predicted character over ids, state carried through each stream, float32."""
+    """Mean nats per predicted character over ids, state carried through each stream, float32,
+    on the model's device."""
     was_training = model.training
     model.eval()
+    device = model.head.weight.device
     total, count, state = 0.0, 0, None
     for x, y in data.eval_windows(ids, streams, bptt):
+        x, y = x.to(device), y.to(device)
         logits, state = model.forward_train(x, state)  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
@@ -170,8 +228,9 @@ def _corpus(cfg: TrainConfig, d: Dist) -> tuple[str, list[data.Document]]:
 
 
 # What a resumed run takes from the command line; everything else comes from its checkpoint.
-_RESUME_OVERRIDES = ("out", "corpus", "resume", "overwrite", "max_minutes", "max_steps",
-                     "threads", "eval_every", "eval_chars", "progress")
+_RESUME_OVERRIDES = ("out", "corpus", "resume", "resume_from", "overwrite", "max_minutes",
+                     "max_steps", "threads", "device", "eval_every", "eval_chars", "patience",
+                     "progress")
 
 
 def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> TrainConfig:
@@ -180,7 +239,11 @@ def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> Train
         raise CheckpointError(f"{path} is not a language-model run; cannot resume it")
     known = {f.name for f in fields(TrainConfig)}
     merged = {k: v for k, v in saved.items() if k in known}
+    if "precision" not in saved and "bf16" in saved:  # checkpoints from before --precision
+        merged["precision"] = "bf16" if saved["bf16"] else "fp32"
     merged.update({k: getattr(cfg, k) for k in _RESUME_OVERRIDES})
+    if merged.get("eval_every") is None:
+        merged["eval_every"] = saved.get("eval_every")
     if cfg.name:
         merged["name"] = cfg.name
     try:
@@ -189,41 +252,80 @@ def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> Train
         raise CheckpointError(f"{path} holds an unusable training config: {e}") from None
 
 
+def _resolve_sizes(cfg: TrainConfig, train_chars: int, world: int) -> list[str]:
+    """Fills the auto size fields in place from the corpus size; returns the names filled."""
+    sizes = autoconfig.choose_sizes(train_chars)
+    filled = []
+    for key in ("hidden_size", "num_layers", "lr", "bptt", "eval_every"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, getattr(sizes, key))
+            filled.append(key)
+    if cfg.batch_size is None:
+        cfg.batch_size = autoconfig.choose_batch_size(train_chars, cfg.bptt, world)
+        filled.append("batch_size")
+    return filled
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     return (f"{metrics['steps']} steps, {metrics['train_time_s']:.0f} s: val "
             f"{metrics['val_nats_per_char']:.4f} nats/char "
             f"({metrics['val_bits_per_char']:.4f} bits/char)")
 
 
+def _cpu(value: Any) -> Any:
+    """A copy with every tensor on the CPU: checkpoints do not depend on the training device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm:
+    """On a terminal a live bar; in a log (stderr not a terminal) one line per ~30 s, as
+    `nextchar batch` does, instead of a redraw per step."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not enabled, file=sys.stderr, mininterval=0.5 if tty else 30.0,
+                ascii=not tty)
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Trains (or resumes) a language model; returns its final metrics."""
-    d = init_distributed()
+    """Trains (or resumes) a language model; returns its final metrics, with `best` (step and
+    validation loss of the best checkpoint, best.pt)."""
+    d, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, d, log)
+        return _train(cfg, d, device, log)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: Dist, device: torch.device,
+           log: Callable[[str], None] | None) -> dict[str, Any]:
     say = (log or tqdm.write) if d.main else (lambda _msg: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    elif d.world > 1:
+    elif d.world > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
     out = Path(cfg.out)
-    ckpt_path = out / FILENAME
+    ckpt_path, best_path = out / FILENAME, out / BEST_FILENAME
     if d.main and ckpt_path.exists() and not (cfg.resume or cfg.overwrite):
         raise TrainingError(
             f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to replace it"
         )
 
-    resumed = load_checkpoint(out) if cfg.resume else None
+    resume_path = best_path if cfg.resume_from == "best" else ckpt_path
+    resumed = load_checkpoint(resume_path) if cfg.resume else None
     if resumed:
-        cfg = _resumed_config(cfg, resumed, ckpt_path)
+        cfg = _resumed_config(cfg, resumed, resume_path)
+    else:
+        cfg = replace(cfg)  # the auto fields are filled in below; the caller's stays as given
     corpus_name, docs = _corpus(cfg, d)
     split = data.split_corpus(docs, cfg.val_fraction)
     vocab = resumed["vocab"] if resumed else data.build_vocab(split.train)
@@ -240,83 +342,147 @@ def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict
         "val_dropped": dict(val_dropped.most_common(20)),
     }
     if resumed and resumed.get("corpus", {}).get("sha256") != corpus_info["sha256"]:
-        raise CheckpointError(f"{ckpt_path} was trained on a different corpus; cannot resume")
+        raise CheckpointError(f"{resume_path} was trained on a different corpus; cannot resume")
     if train_dropped:  # the vocabulary of a resumed run may miss characters of new text
         raise CheckpointError("the corpus has characters outside the run's vocabulary")
     if len(val_ids) < 2:
-        say("warning: no validation text; val loss is reported as nan")
+        say("warning: no validation text; val loss is reported as nan, and the best "
+            "checkpoint is the last")
+
+    auto = list((resumed or {}).get("auto", {}).get("fields", [])) if resumed else []
+    auto += _resolve_sizes(cfg, len(train_ids), d.world)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    chars_per_step = cfg.batch_size * cfg.bptt * d.world
+    default_rate = (autoconfig.CUDA_CHARS_PER_S if device.type == "cuda"
+                    else autoconfig.CPU_CHARS_PER_S)
+    auto_reg = [k for k in ("dropout", "embed_dropout", "weight_decay") if getattr(cfg, k) is None]
+
+    def settle_regularization(chars_per_s: float) -> float:
+        """Fills (or refills) the auto dropout and weight decay for the epochs the budget
+        allows at this speed; returns that number of epochs."""
+        epochs = autoconfig.planned_epochs(len(train_ids), chars_per_step, cfg.max_steps,
+                                           cfg.max_minutes, chars_per_s)
+        reg = autoconfig.choose_regularization(epochs)
+        for key in auto_reg:
+            setattr(cfg, key, getattr(reg, key))
+        return epochs
+
+    epochs_planned = settle_regularization(default_rate)
+    auto += [k for k in auto_reg if k not in auto]
 
     torch.manual_seed(cfg.seed)
     if resumed:
-        model = model_from_checkpoint(resumed, ckpt_path).train()
+        model = model_from_checkpoint(resumed, resume_path).train()
+        model.set_dropout(cfg.dropout or 0.0, cfg.embed_dropout or 0.0)
     else:
         model = CharRNN(CharRNNConfig(len(vocab), cfg.embed_dim, cfg.hidden_size,
-                                      cfg.num_layers, cfg.cell, cfg.dropout)).train()
+                                      cfg.num_layers, cfg.cell, cfg.dropout or 0.0,
+                                      cfg.embed_dropout or 0.0)).train()
+    model.to(device)
     mcfg = model.config
     params = sum(p.numel() for p in model.parameters())
     runner: nn.Module = _TrainStep(model)
     if d.world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner)
+        runner = nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fp16 needs loss scaling (its range cannot hold small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batches_cls = data.StreamBatches if cfg.state == "carry" else data.RandomWindows
     batches = batches_cls(train_ids, cfg.batch_size, cfg.bptt, cfg.seed, d.rank, d.world)
 
     step, train_time_s, chars_seen = 0, 0.0, 0
     history: dict[str, Any] = {"train": {"step": [], "time_s": [], "nats": []},
                                "val": {"step": [], "time_s": [], "nats": []}}
+    best: dict[str, Any] = {"step": None, "val_nats_per_char": math.inf, "file": BEST_FILENAME}
+    evals_since_best = 0
     if resumed:
         try:
             optimizer.load_state_dict(resumed["optimizer_state"])
             batches.load_state_dict(resumed["data_state"])
             step, train_time_s = int(resumed["step"]), float(resumed["train_time_s"])
             chars_seen, history = int(resumed["chars_seen"]), resumed["history"]
+            if resumed.get("best"):
+                best = dict(resumed["best"])
+                best["val_nats_per_char"] = float(best["val_nats_per_char"])
+            evals_since_best = int(resumed.get("evals_since_best", 0))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{ckpt_path} cannot be resumed: {e}") from None
-        say(f"resuming {ckpt_path} at step {step} ({train_time_s:.0f} s trained)")
+            raise CheckpointError(f"{resume_path} cannot be resumed: {e}") from None
+        say(f"resuming {resume_path} at step {step} ({train_time_s:.0f} s trained; best so "
+            f"far step {best['step']}, val {best['val_nats_per_char']:.4f})")
+    for group in optimizer.param_groups:  # auto weight decay may differ from the saved one
+        group["weight_decay"] = cfg.weight_decay
 
     name = cfg.name or (resumed or {}).get("name") or f"{corpus_name}-{mcfg.cell}"
     say(f"{name}: {mcfg.cell} {mcfg.num_layers}x{mcfg.hidden_size} embed {mcfg.embed_dim}, "
         f"{params:,} params, vocab {len(vocab)}; train {len(train_ids):,} chars, val "
         f"{len(val_ids):,} (dropped {corpus_info['val_chars_dropped']}); batch "
-        f"{cfg.batch_size}x{cfg.bptt} x {d.world} proc, {torch.get_num_threads()} threads")
+        f"{cfg.batch_size}x{cfg.bptt} x {d.world} proc on {device}, "
+        f"{precision_name(amp_dtype)}, {torch.get_num_threads()} threads; lr {cfg.lr:g}, "
+        f"dropout {cfg.dropout:g}/{cfg.embed_dropout:g} (output/embedding), weight decay "
+        f"{cfg.weight_decay:g}; ~{epochs_planned:.1f} epochs planned"
+        + (f" (auto: {', '.join(auto)})" if auto else ""))
 
     def progress_of(step: int, train_time_s: float) -> float:
         by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
         by_time = train_time_s / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
         return max(by_steps, by_time)
 
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        if not d.main:
-            return
-        save_checkpoint(ckpt_path, {
+    def payload(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
             "name": name,
             "model_config": mcfg.to_dict(),
             "vocab": list(vocab),
             "unk_id": None,
-            "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(),
+            "model_state": _cpu(model.state_dict()),
+            "optimizer_state": _cpu(optimizer.state_dict()),
             "data_state": batches.state_dict(),
             "train_config": asdict(cfg),
+            "auto": {"fields": auto, "planned_epochs": round(epochs_planned, 2)},
             "step": step,
             "train_time_s": train_time_s,
             "chars_seen": chars_seen,
             "metrics": metrics,
+            "best": {**best, "val_nats_per_char": _finite(best["val_nats_per_char"])},
+            "evals_since_best": evals_since_best,
             "history": history,
             "corpus": corpus_info,
             "versions": {"torch": torch.__version__},
-        })
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        }
+
+    def checkpoint(metrics: dict[str, Any], improved: bool) -> None:
+        """checkpoint.pt is the last state (for --resume); best.pt the lowest validation
+        loss so far (what `nextchar export` ships). Both are complete checkpoints."""
+        if not d.main:
+            return
+        body = payload(metrics)
+        save_checkpoint(ckpt_path, body)
+        if improved or not best_path.exists():
+            save_checkpoint(best_path, body)
+        (out / "metrics.json").write_text(json.dumps({**metrics, "best": body["best"]},
+                                                     indent=1) + "\n")
         from .curves import save_run_curve  # matplotlib: only the process that writes needs it
 
-        save_run_curve(history, out / "loss.png", f"{name}: {_summary(metrics)}")
+        save_run_curve(history, out / "loss.png", f"{name}: {_summary(metrics)}",
+                       best_step=best["step"])
 
-    def validate(final: bool) -> dict[str, Any]:
+    def validate(final: bool) -> tuple[dict[str, Any], bool]:
+        """Scores the model; returns its metrics and whether it is a new best."""
+        nonlocal evals_since_best
         ids = val_ids if final else val_ids[: cfg.eval_chars]
         nats = evaluate(model, ids) if d.main else float("nan")
         d.barrier()
         history["val"]["step"].append(step)
         history["val"]["time_s"].append(train_time_s)
         history["val"]["nats"].append(nats)
+        # nan (no validation text) never improves, so the best is then the first checkpoint
+        # written; `not nats >= best` would rank nan first.
+        improved = nats < best["val_nats_per_char"]
+        if improved:
+            best.update(step=step, val_nats_per_char=nats, train_time_s=round(train_time_s, 2))
+            evals_since_best = 0
+        else:
+            evals_since_best += 1
         train_nats = history["train"]["nats"][-1] if history["train"]["nats"] else float("nan")
         return {
             "val_nats_per_char": nats, "val_bits_per_char": nats / LN2,
@@ -326,38 +492,57 @@ def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict
             "params": params, "world_size": d.world, "corpus": corpus_info["name"],
             "corpus_sha256": corpus_info["sha256"],
             "val_chars_dropped": corpus_info["val_chars_dropped"],
-        }
+            "device": device.type, "precision": precision_name(amp_dtype),
+        }, improved
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     state = model.initial_state(cfg.batch_size)
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (d.main and cfg.progress), file=sys.stderr)
+    bar = progress_bar(cfg.max_steps, step, d.main and cfg.progress)
     window_loss, window_n = 0.0, 0
     progress = progress_of(step, train_time_s)
+    start_step, start_time_s, stopped_early = step, train_time_s, False
     while progress < 1.0:
         t0 = time.perf_counter()
         lr = lr_at(cfg, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, fresh = batches.next()  # (B, T) each
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         if fresh or cfg.state == "reset":
             state = model.initial_state(cfg.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
             logits, state = runner(x, state)  # (B, T, V), (S, B, H)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         state = state.detach().float()
+        loss_value = loss.item()  # also waits for the GPU, so the step time below is real
         step += 1
         chars_seen += x.numel() * d.world
         train_time_s = d.max(train_time_s + time.perf_counter() - t0)
         progress = progress_of(step, train_time_s)
+        if (auto_reg and cfg.max_minutes and not resumed
+                and step == start_step + autoconfig.CALIBRATION_STEPS):
+            # The first estimate of the epochs used a nominal speed; now the run knows its
+            # own (on this machine, under this load), so settle dropout and decay for it.
+            rate = (step - start_step) * chars_per_step / max(1e-9, train_time_s - start_time_s)
+            epochs_planned = settle_regularization(rate)
+            model.set_dropout(cfg.dropout, cfg.embed_dropout)
+            for group in optimizer.param_groups:
+                group["weight_decay"] = cfg.weight_decay
+            say(f"step {step}: {rate / 1000:.1f} k chars/s -> ~{epochs_planned:.1f} epochs: "
+                f"dropout {cfg.dropout:g}/{cfg.embed_dropout:g}, weight decay "
+                f"{cfg.weight_decay:g}")
 
-        window_loss, window_n = window_loss + loss.item(), window_n + 1
+        window_loss, window_n = window_loss + loss_value, window_n + 1
         if step % 10 == 0 or progress >= 1.0:
             nats = window_loss / window_n
             history["train"]["step"].append(step)
@@ -365,19 +550,32 @@ def _train(cfg: TrainConfig, d: Dist, log: Callable[[str], None] | None) -> dict
             history["train"]["nats"].append(nats)
             window_loss, window_n = 0.0, 0
             bar.set_postfix(loss=f"{nats:.3f}", bpc=f"{nats / LN2:.3f}", lr=f"{lr:.1e}",
-                            min=f"{train_time_s / 60:.1f}")
+                            min=f"{train_time_s / 60:.1f}", refresh=False)
         bar.update(1)
         if step % cfg.eval_every == 0 and progress < 1.0:
-            metrics = validate(final=False)
+            metrics, improved = validate(final=False)
             say(f"step {step}: val {metrics['val_nats_per_char']:.4f} nats/char "
                 f"({metrics['val_bits_per_char']:.4f} bits/char), train "
-                f"{metrics['train_nats_per_char']:.4f}, {train_time_s:.0f} s")
-            checkpoint(metrics)
+                f"{metrics['train_nats_per_char']:.4f}, {train_time_s:.0f} s"
+                + (" (best)" if improved else f" (best {best['val_nats_per_char']:.4f} at "
+                   f"step {best['step']})"))
+            checkpoint(metrics, improved)
+            if cfg.patience and d.max(float(evals_since_best >= cfg.patience)) > 0:
+                stopped_early = True
+                say(f"early stop: {evals_since_best} validations without a new best "
+                    f"(--patience {cfg.patience})")
+                break
     bar.close()
-    metrics = validate(final=True)
-    checkpoint(metrics)
-    say(f"done: {_summary(metrics)}; checkpoint {ckpt_path}")
-    return metrics
+    metrics, improved = validate(final=True)
+    metrics["stopped_early"] = stopped_early
+    checkpoint(metrics, improved)
+    say(f"done: {_summary(metrics)}; checkpoint {ckpt_path}; best {best_path}: step "
+        f"{best['step']}, val {best['val_nats_per_char']:.4f} nats/char")
+    return {**metrics, "best": {**best, "val_nats_per_char": _finite(best["val_nats_per_char"])}}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 # --- the seed's task -----------------------------------------------------------------------

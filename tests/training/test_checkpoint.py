@@ -50,7 +50,7 @@ def test_damaged_checkpoint_is_one_line(kind: str, good_checkpoint: Path, tmp_pa
     code = cli.main(["export", str(bad.parent), "-o", str(tmp_path / "art")])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith(f"error: {bad}") and err.count("\n") == 1, err
+    assert err.startswith(f"nextchar export: {bad}") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert not (tmp_path / "art").exists()
 
@@ -82,4 +82,4 @@ def test_real_process_exit_status(good_checkpoint: Path, tmp_path: Path) -> None
                            str(bad), "-o", str(tmp_path / "art")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("nextchar export: ") and "Traceback" not in proc.stderr

@@ -65,14 +65,14 @@ def test_same_seed_same_weights(tiny_corpus: Path, tmp_path: Path) -> None:
 def test_missing_corpus_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert _train("--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "r")) == 1
     err = capsys.readouterr().err
-    assert err == f"error: corpus path not found: {tmp_path / 'nope'}\n"
+    assert err == f"nextchar train: corpus path not found: {tmp_path / 'nope'}\n"
 
 
 def test_resume_without_a_checkpoint(tiny_corpus: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture) -> None:
     assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--resume",
                   *TINY) == 1
-    assert capsys.readouterr().err.startswith("error: no checkpoint at")
+    assert capsys.readouterr().err.startswith("nextchar train: no checkpoint at")
 
 
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -1,0 +1,84 @@
+"""Defaults that fit the corpus and the budget: the options `nextchar train` leaves on `auto`.
+
+    sizes = choose_sizes(train_chars=966_000)                 # before the model exists
+    reg = choose_regularization(planned_epochs=25.0)          # dropout, weight decay
+    epochs = planned_epochs(train_chars, chars_per_step, max_steps, max_minutes, chars_per_s)
+
+Why these rules (the measurements are in docs/training.md, "Defaults"): a character LSTM on a
+few MB of text is compute-bound on a CPU, so width is what the time buys; on a small corpus
+the same budget is many passes over the text, and then the model memorises it unless it is
+regularised. So the model's size follows the corpus size, and dropout and weight decay follow
+the number of epochs the budget will run (corpus size and time together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Below this many training characters the model is narrower (fewer parameters to memorise
+# with, faster steps, more of them in the budget).
+SMALL_CORPUS_CHARS = 300_000
+# A rough training speed for the first estimate of the epochs a time budget allows, before the
+# run has measured its own (2 cores, LSTM 512, bf16: ~36 k chars/s; a GPU is far faster, and
+# the trainer replaces this with the measured rate after CALIBRATION_STEPS steps).
+CPU_CHARS_PER_S = 35_000.0
+CUDA_CHARS_PER_S = 1_000_000.0
+CALIBRATION_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    hidden_size: int
+    num_layers: int
+    lr: float
+    bptt: int
+    eval_every: int
+
+
+@dataclass(frozen=True)
+class Regularization:
+    dropout: float
+    embed_dropout: float
+    weight_decay: float
+
+
+def choose_sizes(train_chars: int) -> Sizes:
+    """Model size, learning rate, BPTT and validation interval from the corpus size."""
+    eval_every = 100 if train_chars < 2_000_000 else 250  # small corpora turn sooner
+    if train_chars < SMALL_CORPUS_CHARS:
+        return Sizes(hidden_size=256, num_layers=1, lr=8e-3, bptt=64, eval_every=eval_every)
+    return Sizes(hidden_size=512, num_layers=1, lr=8e-3, bptt=64, eval_every=eval_every)
+
+
+def choose_regularization(planned_epochs: float) -> Regularization:
+    """Dropout and weight decay from how many times the budget will show the model its text.
+
+    A few epochs: none (dropout only slows a model that cannot memorise yet; the 5 MB default
+    corpus sees ~5 in 10 minutes). Many: dropout on the output and the input embedding.
+    """
+    if planned_epochs < 6:
+        return Regularization(dropout=0.0, embed_dropout=0.0, weight_decay=0.01)
+    if planned_epochs < 12:
+        return Regularization(dropout=0.1, embed_dropout=0.0, weight_decay=0.01)
+    if planned_epochs < 40:
+        return Regularization(dropout=0.25, embed_dropout=0.05, weight_decay=0.05)
+    return Regularization(dropout=0.35, embed_dropout=0.1, weight_decay=0.1)
+
+
+def choose_batch_size(train_chars: int, bptt: int, world: int = 1) -> int:
+    """128 rows per process (big matrix products are what a CPU does fastest), fewer when the
+    text cannot fill 128 streams of at least 8 windows each."""
+    per_stream = 8 * (bptt + 1)
+    return max(1, min(128, (train_chars - bptt) // (per_stream * world)))
+
+
+def planned_epochs(train_chars: int, chars_per_step: int, max_steps: int | None,
+                   max_minutes: float | None, chars_per_s: float) -> float:
+    """Passes over the training text the budget allows (whichever of steps and time ends
+    first)."""
+    budgets = []
+    if max_steps:
+        budgets.append(max_steps * chars_per_step)
+    if max_minutes:
+        budgets.append(max_minutes * 60.0 * chars_per_s)
+    return min(budgets) / max(1, train_chars)
