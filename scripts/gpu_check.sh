@@ -32,6 +32,23 @@ if u.find_spec("onnxruntime"):
     print("onnxruntime", ort.__version__, providers)
     if "CUDAExecutionProvider" not in providers:
         print("onnxruntime has no CUDAExecutionProvider: the onnx cuda tests skip (make gpu-venv)")
+    else:
+        # onnxruntime-gpu finds the CUDA/cuDNN libraries of the nvidia-* wheels only after
+        # onnxruntime.preload_dlls(directory='') (or with them on LD_LIBRARY_PATH), which the server
+        # does not call: say what each way loads here (no GPU: libcuda.so.1, the driver, is missing).
+        import glob, re, subprocess, sys
+        model = sorted(glob.glob("runs/**/model.onnx", recursive=True))
+        probe = ("import sys, onnxruntime as o\n"
+                 "if sys.argv[2] == 'preload': o.preload_dlls(directory='')\n"
+                 "s = o.InferenceSession(sys.argv[1], providers=['CUDAExecutionProvider'])\n"
+                 "print(s.get_providers()[0])")
+        for how in ("plain", "preload"):
+            if not model:
+                break
+            r = subprocess.run([sys.executable, "-c", probe, model[0], how], capture_output=True, text=True)
+            missing = re.findall(r"with error: (\S+?):", r.stderr)
+            print(f"CUDA session ({how}): runs on {r.stdout.strip() or 'nothing'}"
+                  + (f"; cannot load {missing[0]}" if missing else ""))
 PYEOF
 timeout 240 "$PY" -m pytest -q -m cuda -ra tests/ -p no:cacheprovider
 timeout 120 "$PY" bench/gpu_bench.py
