@@ -37,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per settings field, generated so flags, env vars and docs never drift apart."""
     p = argparse.ArgumentParser(
         prog="nextchar serve",
-        description="Serve a nextchar artifact over gRPC. Every flag also reads NEXTCHAR_<NAME>.",
+        description="Serve nextchar models over gRPC (nextchar.v1, KServe V2, Admin on one "
+        "port): one artifact (--model DIR), or every model of a repository "
+        "(--model-repository DIR). Every flag also reads NEXTCHAR_<NAME>.",
+        epilog="Model repository (docs/models.md): DIR/<model>/<version>/ artifacts (or "
+        "DIR/<model>/ as one artifact), optional DIR/<model>/config.json of per-model "
+        "settings; a model's name is its folder, its version the version folder (highest "
+        "served). Requests name a model (empty: the default model) and a priority: high "
+        "(interactive, the default) or low (batch jobs; nextchar batch's default), each lane "
+        "with its own queue bound and timeout.",
         argument_default=argparse.SUPPRESS,  # unset flags leave env/default values alone
     )
     for name, field in ServerSettings.model_fields.items():
