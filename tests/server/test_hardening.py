@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+import nextchar.server.registry as registry_module
 from nextchar.client import NextCharClient, NextCharError
 from nextchar.kserve import grpc_predict_v2_pb2 as kpb
 from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
@@ -207,3 +208,43 @@ def test_a_batch_job_request_in_the_low_lane_is_answered(start_server, tiny_arti
         low = c.predict(["hello"], top_k=3, priority="low")
         high = c.predict(["hello"], top_k=3, priority="high")
     assert [x.id for x in low[0].top] == [x.id for x in high[0].top]
+
+
+def test_metrics_bind_loopback_even_when_the_server_binds_everywhere(start_server,
+                                                                     tiny_artifact) -> None:
+    st = start_server(model=tiny_artifact, host="0.0.0.0", metrics_port=0)
+    assert st.server.metrics._http.server_address[0] == "127.0.0.1"
+    opened = start_server(model=tiny_artifact, metrics_port=0, metrics_host="0.0.0.0")
+    assert opened.server.metrics._http.server_address[0] == "0.0.0.0"
+
+
+def test_a_failed_version_is_not_reverified_on_every_admin_call(start_server, tiny_artifact,
+                                                                 tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "model"
+    shutil.copytree(tiny_artifact, repo / "1")
+    st = start_server(model=repo)
+    shutil.copytree(tiny_artifact, repo / "2")
+    (repo / "2" / "model_loop.onnx").write_bytes(b"broken")
+    opened: list[str] = []
+    with NextCharClient(st.address) as c:
+        code, details = _code(c.reload_model)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "version 2 not loaded" in details and "does not match the manifest" in details
+        real_open = registry_module.open_model
+
+        def counting_open(path, settings):
+            opened.append(path.name)
+            return real_open(path, settings)
+
+        registry_module.open_model = counting_open
+        try:
+            for _ in range(5):
+                code, details = _code(c.reload_model)
+                assert code == grpc.StatusCode.FAILED_PRECONDITION
+                assert "not re-verified before 30s or a changed manifest" in details
+        finally:
+            registry_module.open_model = real_open
+        assert opened == []  # the broken version was not opened again
+        assert c.model_info().version == "1"
