@@ -19,9 +19,9 @@ from dataclasses import dataclass
 # with, faster steps, more of them in the budget).
 SMALL_CORPUS_CHARS = 300_000
 # A rough training speed for the first estimate of the epochs a time budget allows, before the
-# run has measured its own (2 cores, LSTM 512, bf16: ~36 k chars/s; a GPU is far faster, and
-# the trainer replaces this with the measured rate after CALIBRATION_STEPS steps).
-CPU_CHARS_PER_S = 35_000.0
+# run has measured its own (2 cores, LSTM 512, float32: ~15 k chars/s, bf16 ~36 k; a GPU is
+# far faster; the trainer replaces this with the measured rate after CALIBRATION_STEPS steps).
+CPU_CHARS_PER_S = 15_000.0
 CUDA_CHARS_PER_S = 1_000_000.0
 CALIBRATION_STEPS = 20
 
@@ -53,16 +53,18 @@ def choose_sizes(train_chars: int) -> Sizes:
 def choose_regularization(planned_epochs: float) -> Regularization:
     """Dropout and weight decay from how many times the budget will show the model its text.
 
-    A few epochs: none (dropout only slows a model that cannot memorise yet; the 5 MB default
-    corpus sees ~5 in 10 minutes). Many: dropout on the output and the input embedding.
+    Up to ~3 epochs: none (dropout only slows a model that cannot memorise yet; the 5 MB
+    default corpus sees ~2 in 10 CPU minutes). The issue's 1.1 MB run without dropout was best
+    after 4-8 epochs and then memorised; from there on, dropout on the output and the input
+    embedding, more the more epochs.
     """
-    if planned_epochs < 6:
+    if planned_epochs < 3:
         return Regularization(dropout=0.0, embed_dropout=0.0, weight_decay=0.01)
-    if planned_epochs < 12:
+    if planned_epochs < 6:
         return Regularization(dropout=0.1, embed_dropout=0.0, weight_decay=0.01)
-    if planned_epochs < 40:
-        return Regularization(dropout=0.25, embed_dropout=0.05, weight_decay=0.05)
-    return Regularization(dropout=0.35, embed_dropout=0.1, weight_decay=0.1)
+    if planned_epochs < 30:
+        return Regularization(dropout=0.25, embed_dropout=0.05, weight_decay=0.01)
+    return Regularization(dropout=0.35, embed_dropout=0.1, weight_decay=0.05)
 
 
 def choose_batch_size(train_chars: int, bptt: int, world: int = 1) -> int:

@@ -73,3 +73,20 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_panels(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float],
+                                                            Sequence[float]]]]],
+                path: str | Path) -> Path:
+    """Several save_comparison plots side by side: (title, [(label, times_s, nats)]) each."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110,
+                             squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels, strict=True):
+        for label, times_s, nats in curves:
+            ax.plot([t / 60 for t in times_s], nats, "o-", ms=2.5, label=label)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel("validation nats per char")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
