@@ -298,6 +298,7 @@ class ModelRegistry:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll_task: asyncio.Task[None] | None = None
         self._single = settings.model_repository is None or "model" in settings.model_fields_set
+        self._primary = ""  # --model's name: its failure fails the start
         self.on_change: Callable[[], None] | None = None  # readiness may have changed
 
     # -- start-up --------------------------------------------------------------------------
@@ -311,7 +312,7 @@ class ModelRegistry:
             slot = ModelSlot(self, "", ModelSource(s.model), s)
             slot.open_initial(fail_fast=True)
             assert slot._opened is not None
-            slot.name = slot._opened[1].name
+            slot.name = self._primary = slot._opened[1].name
             self.slots[slot.name] = slot
             self.default_name = slot.name
         if s.model_repository is not None:
@@ -341,7 +342,7 @@ class ModelRegistry:
             try:
                 await slot.start_initial()
             except Exception as e:
-                if self._single and name == self.default_name:
+                if name == self._primary:
                     raise ArtifactError(f"{slot.source.root}: {_reason(e)}") from e
                 log.error("model %s not served: %s", name, _reason(e))
 

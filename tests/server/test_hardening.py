@@ -248,3 +248,43 @@ def test_a_failed_version_is_not_reverified_on_every_admin_call(start_server, ti
             registry_module.open_model = real_open
         assert opened == []  # the broken version was not opened again
         assert c.model_info().version == "1"
+
+
+def test_closing_a_model_with_a_call_still_running_keeps_the_event_loop_free(
+        start_server, tiny_artifact) -> None:
+    """A drain past its grace closes models whose calls still run; the executor's shutdown
+    waits for them on a helper thread, not on the event loop (issue 16 item 8)."""
+    import asyncio
+    import threading
+
+    st = start_server(model=tiny_artifact)
+    backend = st.server.runtime().backend
+    real_run = backend.run
+    entered = threading.Event()
+
+    def slow(ids, lengths, state, positions=False):
+        entered.set()
+        time.sleep(2.0)
+        return real_run(ids, lengths, state, positions=positions)
+
+    backend.run = slow
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.05)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.run_coroutine_threadsafe(ticker(), st.loop)
+    with NextCharClient(st.address, timeout_s=30) as c:
+        caller = threading.Thread(target=lambda: _code(c.predict, ["hello"]), daemon=True)
+        caller.start()
+        assert entered.wait(10)
+        st.call(st.server.stop(grace_s=0.1))  # closes the model while its call still runs
+    tick.cancel()
+    caller.join(10)
+    assert gaps and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f}s"
