@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,34 @@ def test_reloaded_versions_are_freed_even_while_another_stream_runs(
         gc.collect()
         assert old() is None
         stream.close()
+
+
+def test_a_version_is_its_folder_and_the_artifact_stamp_is_its_own_field(
+        start_server, tmp_path: Path, artifacts) -> None:
+    """Issue 18 item 11: folder 2 is version 2 everywhere, whatever stamp its manifest has."""
+    src = artifacts["rnn-en"]
+    stamp = json.loads((src / "manifest.json").read_text())["version"]
+    repo = tmp_path / "rnn"
+    shutil.copytree(src, repo / "1")
+    st = start_server(model=repo, metrics_port=0)
+    shutil.copytree(src, repo / "2")  # the same stamp as folder 1
+    with NextCharClient(st.address) as c, grpc.insecure_channel(st.address) as ch:
+        assert c.reload_model().version == "2"
+        info = c.model_info()
+        assert (info.version, info.artifact_version) == ("2", stamp)
+        meta = kpb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+            kpb.ModelMetadataRequest(name="rnn-en"))
+        assert list(meta.versions) == ["2"]
+        assert c.predict_response(pb.PredictRequest(texts=["abc"])).model_version == "2"
+        shutil.copytree(src, repo / "3")
+        (repo / "3" / "model_loop.onnx").write_bytes(b"broken")
+        code, details = _code(c.reload_model)
+        assert "version 3 not loaded" in details and details.endswith("still serving version 2")
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics").read()
+    assert f'artifact_version="{stamp}"' in body.decode() and 'version="2"' in body.decode()
+    single = start_server(model=src)  # a plain artifact folder: nothing newer, and it says why
+    with NextCharClient(single.address) as c:
+        outcome = c.reload_model()
+        assert outcome.reloaded is False
+        assert outcome.reason == f"version {stamp} is already the newest"
