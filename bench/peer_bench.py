@@ -147,9 +147,19 @@ class Summary:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all bound at once, so two calls cannot hand out the same one."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Server:
@@ -214,10 +224,10 @@ def start_mlserver(venv: Path, artifact: Path, workers: int, configs: list[tuple
                    workdir: Path) -> Server:
     """One MLServer process (parallel_workers `workers`) with one model per (config, graph)."""
     folder = Path(tempfile.mkdtemp(prefix=f"mlserver-w{workers}-", dir=workdir))
-    port = free_port()
+    port, http_port, metrics_port = free_ports(3)
     settings = json.loads((RUNTIME_DIR / "settings.json").read_text())
-    settings.update(host="127.0.0.1", grpc_port=port, http_port=free_port(),
-                    metrics_port=free_port(), parallel_workers=workers, metrics_endpoint=None,
+    settings.update(host="127.0.0.1", grpc_port=port, http_port=http_port,
+                    metrics_port=metrics_port, parallel_workers=workers, metrics_endpoint=None,
                     model_repository_root=str(folder))
     (folder / "settings.json").write_text(json.dumps(settings, indent=2))
     template = json.loads((RUNTIME_DIR / "model-settings.json").read_text())
@@ -244,9 +254,9 @@ def start_triton(venv: Path, artifact: Path, configs: list[tuple[PeerConfig, str
     script = str(BENCH / "pytriton_server.py")
     subprocess.run([str(venv / "bin" / "python"), script, "--install-sitecustomize"], check=True,
                    stdout=subprocess.DEVNULL)
-    port = free_port()
+    port, http_port = free_ports(2)
     argv = [str(venv / "bin" / "python"), script, "--artifact", str(artifact),
-            "--grpc-port", str(port), "--http-port", str(free_port())]
+            "--grpc-port", str(port), "--http-port", str(http_port)]
     for cfg, graph in configs:
         argv += ["--model", f"{cfg.model_name(graph)}:{graph}:{cfg.workers}:"
                             f"{cfg.max_batch_size}:{cfg.max_batch_time_us}"]
