@@ -151,8 +151,20 @@ def run_leg(name: str, title: str, corpus: list[str], minutes: float,
     return leg
 
 
+def write_small(path: Path, chars: int = 100_000) -> Path:
+    """The first `chars` characters (cut at a line end) of the default corpus's first file."""
+    doc = sorted(data.load_default_corpus(), key=lambda d: d.name)[0]
+    text = doc.text[:chars]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return path
+
+
 def run_small(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from .sample import sample_text
+
+    if path == "auto":
+        path = str(write_small(Path(args.out) / "small-100k.txt"))
 
     run = Path(args.out) / "small" / "ours"
     # `nextchar train --corpus FILE` exactly: its own default budget, everything on auto.
@@ -200,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--legs", default="1mb,1mb-short,default",
                    help="which legs, in order (default: 1mb,1mb-short,default)")
     p.add_argument("--small", default=None, metavar="FILE",
-                   help="also `nextchar train --corpus FILE` on its defaults, then sample")
+                   help="also `nextchar train --corpus FILE` on its defaults, then sample; "
+                        "auto: the first 100 KB of the default corpus's first file")
     p.add_argument("--small-minutes", type=float, default=None,
                    help="budget of the --small run (default: train's own, 5 minutes)")
     p.add_argument("--out", default="runs/quality")
