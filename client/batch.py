@@ -76,6 +76,9 @@ RETRYABLE = frozenset({
 })
 
 
+MAX_CONCURRENCY = 1024  # requests in flight, one worker thread each
+
+
 class JobAborted(Exception):
     """The job stopped part-way; OUTPUT holds a clean prefix and a rerun resumes it."""
 
@@ -532,6 +535,11 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     input_path, output = Path(input_path), Path(output_path)
     if opts.concurrency < 1 or opts.texts_per_request < 1 or opts.max_retries < 0:
         raise JobError("--concurrency and --texts-per-request must be >= 1, --max-retries >= 0")
+    if opts.concurrency > MAX_CONCURRENCY:
+        raise JobError(f"--concurrency {opts.concurrency}: at most {MAX_CONCURRENCY} requests in "
+                       f"flight (one thread each; 2 to 4 per replica keep a server busy)")
+    if not str(output_path) or output.is_dir():
+        raise JobError(f"-o {str(output_path)!r}: the output must be a file path, not a folder")
     if opts.input_format not in ("auto", "text", "jsonl"):
         raise JobError(f"--format {opts.input_format!r}: expected auto, text or jsonl")
     if not input_path.is_file():

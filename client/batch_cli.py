@@ -82,7 +82,7 @@ def run(args: argparse.Namespace,
         make_client: Callable[[argparse.Namespace], NextCharClient]) -> int:
     log = logging.getLogger("nextchar.client.batch")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("nextchar batch: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -122,6 +122,15 @@ def run(args: argparse.Namespace,
         target.close()
     print(f"nextchar batch: {summary.line()}", file=sys.stderr)
     return 0
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged, not when the handler was made
+    (a redirected or captured stderr, as in-process CLI tests do, stays right)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _local_target(path: str, model: str, priority: str) -> Target:

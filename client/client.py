@@ -197,11 +197,17 @@ def _resolve(server: str) -> tuple[str, list[str]]:
 
 
 def _read(path: str | Path, what: str) -> bytes:
+    """A PEM file's bytes; one that is not PEM fails here, in one line, rather than as gRPC
+    core log lines and an UNAVAILABLE "Failed to create security handshaker"."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"{what} {path}: cannot read ({e.strerror})") from e
+    if b"-----BEGIN " not in data:
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{what} {path}: not a PEM file (no -----BEGIN line)")
+    return data
 
 
 def channel_credentials(

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nextchar serve",
         description="Serve nextchar models over gRPC (nextchar.v1, KServe V2, Admin on one "
-        "port): one artifact (--model DIR), or every model of a repository "
+        "port) and HTTP (KServe V2 REST, OpenAI-compatible completions, nextchar JSON on "
+        "--http-port; --no-http turns it off): one artifact (--model DIR), or every model of a repository "
         "(--model-repository DIR). Every flag also reads NEXTCHAR_<NAME>.",
         epilog="Model repository (docs/models.md): DIR/<model>/<version>/ artifacts (or "
         "DIR/<model>/ as one artifact), optional DIR/<model>/config.json of per-model "
@@ -96,6 +97,9 @@ async def _serve(settings: ServerSettings) -> None:
     print(f"nextchar serving on {settings.host}:{port}", flush=True)
     if server.metrics_port is not None:
         print(f"nextchar metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
+    if server.http_port is not None:  # a later line: readers of the lines above are unchanged
+        scheme = "https" if settings.tls_cert is not None else "http"
+        print(f"nextchar http on {scheme}://{settings.host}:{server.http_port}", flush=True)
     await server.wait()
     await asyncio.gather(*stopping)
 
@@ -181,6 +185,10 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1
+    if not isinstance(logging.getLevelName(str(settings.log_level).upper()), int):
+        print(f"nextchar serve: invalid --log-level {settings.log_level!r}: expected DEBUG, "
+              f"INFO, WARNING, ERROR or CRITICAL", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
         loop_factory = event_loop_factory(settings.event_loop)
