@@ -44,7 +44,8 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Train the seed's hello preset, or a character-level language model on the "
                     "default Shakespeare corpus or on --corpus. Options marked auto are chosen "
                     "from the corpus size and the budget; the run prints what it chose.")
-    t.add_argument("--preset", choices=["hello"], help="the seed tutorial's hello -> ohlol task")
+    t.add_argument("--preset", choices=["hello"],
+                   help="the seed tutorial's hello -> ohlol task (default: none, a language model)")
     t.add_argument("--corpus", nargs="+", metavar="PATH", default=[],
                    help="UTF-8 files or folders (default: the Shakespeare corpus, cached)")
     t.add_argument("--out", default=None,

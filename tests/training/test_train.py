@@ -3,6 +3,7 @@ with two processes under torchrun."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -95,4 +96,130 @@ def test_ddp_two_processes(tiny_corpus: Path, tmp_path: Path) -> None:
     assert ckpt["metrics"]["world_size"] == 2 and ckpt["step"] == 3
     assert ckpt["chars_seen"] == 3 * 2 * 4 * 16
     assert proc.stdout.count("done: 3 steps") == 1  # only rank 0 reports and writes
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "checkpoint.pt", "loss.png",
+                                                     "metrics.json"]
+
+
+def test_help_shows_each_default_once() -> None:
+    """Issue 18 item 9: no `(default 5 unless ...) (default: None)`, and every option that
+    has a default says it."""
+    parser = cli.build_parser()
+    for name, sub in cli._subparsers(parser):
+        text = sub.format_help()
+        assert "(default: None)" not in text, name
+        for action in sub._actions:
+            if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+                continue
+            if action.nargs == 0 or action.required:
+                continue  # switches, --help, -o
+            assert action.help.count("default") == 1, (name, action.option_strings, action.help)
+    train_help = dict(cli._subparsers(parser))["train"].format_help()
+    for flag in ("--seed", "--cell", "--hidden-size", "--lr", "--max-steps", "--max-minutes"):
+        block = train_help.split(flag, 1)[1].split("\n  -", 1)[0]
+        assert "default" in block, flag
+
+
+def test_too_short_text_says_what_to_change(tiny_corpus: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Issue 18 item 7."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "1",
+                  "--batch-size", "128", "--bptt", "64", "--hidden-size", "8", "--embed-dim", "4",
+                  "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nextchar train: training text too short (") and err.count("\n") == 1
+    assert "for 128 streams of 64+1: --batch-size 128 with --bptt 64 needs at least 8384 chars; " \
+           "lower --batch-size or --bptt" in err
+
+
+def test_progress_in_a_log_is_not_a_redraw_per_step(tiny_corpus: Path, tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture) -> None:
+    """Issue 18 item 8: stderr not a terminal -> a line per ~30 s, not one per step."""
+    args = [a for a in TINY if a != "--no-progress"]
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "40",
+                  *args) == 0
+    err = capfd.readouterr().err
+    assert err.count("\r") <= 3, err
+
+
+def test_small_corpus_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What `nextchar train --corpus FILE` picks for a ~100 KB text: a narrower model, the
+    full 128 x 64 batch, and (for the default 5-minute budget's ~50 epochs) heavy dropout."""
+    from nextchar.training import autoconfig
+
+    sizes = autoconfig.choose_sizes(90_000)
+    assert (sizes.hidden_size, sizes.num_layers, sizes.bptt, sizes.eval_every) == (256, 1, 64, 100)
+    assert autoconfig.choose_batch_size(90_000, 64) == 128
+    epochs = autoconfig.planned_epochs(90_000, 128 * 64, None, 5.0, autoconfig.CPU_CHARS_PER_S)
+    assert epochs > 30
+    assert autoconfig.choose_regularization(epochs).dropout >= 0.3
+    assert autoconfig.choose_regularization(2.0).dropout == 0.0  # 5 MB in 10 minutes
+    assert autoconfig.choose_sizes(4_500_000).hidden_size == 512
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(("Now is the winter of our discontent made glorious summer.\n" * 1800)[:100_000])
+    run = tmp_path / "r"
+    assert _train("--corpus", str(corpus), "--out", str(run), "--max-steps", "1", "--threads", "1",
+                  "--no-progress") == 0
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    cfg = ckpt["train_config"]
+    assert (cfg["hidden_size"], cfg["batch_size"], cfg["bptt"]) == (256, 128, 64)
+    assert {"hidden_size", "dropout", "lr", "weight_decay"} <= set(ckpt["auto"]["fields"])
+    assert "auto: hidden_size" in capsys.readouterr().out
+
+
+def test_tiny_text_gets_a_batch_that_fits(tiny_corpus: Path, tmp_path: Path) -> None:
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "2",
+                  "--hidden-size", "8", "--embed-dim", "4", "--threads", "1",
+                  "--no-progress") == 0
+    cfg = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["train_config"]
+    assert 1 <= cfg["batch_size"] < 128
+
+
+def test_resume_of_a_checkpoint_from_before_precision(tiny_corpus: Path, tmp_path: Path) -> None:
+    from nextchar.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "2", *TINY) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ckpt["train_config"]["precision"]
+    ckpt["train_config"]["bf16"] = False
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "3",
+                  "--resume", *TINY) == 0
+    after = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 3 and after["train_config"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--device", "cuda", "--device cuda: no CUDA device is available"),
+    ("--precision", "bf16", "--precision bf16: this CPU has no bf16 support"),
+])
+def test_unusable_device_or_precision_is_one_line(flag: str, value: str, message: str,
+                                                  tiny_corpus: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from nextchar.training.device import cpu_bf16_supported
+
+    if (flag == "--device" and torch.cuda.is_available()) or (
+            flag == "--precision" and cpu_bf16_supported()):
+        pytest.skip(f"{flag} {value} works here")
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "1",
+                  flag, value, *TINY) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nextchar train: {message}") and err.count("\n") == 1
+
+
+# `backend` ties the conftest's CUDA skip to torch alone (not onnxruntime-gpu).
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torchscript"])
+def test_cuda_training_is_device_independent(backend: str, tiny_corpus: Path,
+                                             tmp_path: Path) -> None:
+    """Trains on the GPU (fp16 autocast, cuDNN LSTM), then resumes and exports on the CPU."""
+    run = tmp_path / "run"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "4",
+                  "--device", "cuda", *TINY) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["metrics"]["device"] == "cuda" and ckpt["metrics"]["precision"] == "fp16"
+    assert all(t.device.type == "cpu" for t in ckpt["model_state"].values())
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "6",
+                  "--resume", "--device", "cpu", *TINY) == 0
+    assert cli.main(["export", str(run), "-o", str(tmp_path / "art")]) == 0
