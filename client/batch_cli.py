@@ -12,7 +12,6 @@ Exit status: 0 done (error records included), 1 stopped part-way (rerun to resum
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace,
     target: Target
     if args.local is not None:
         try:
-            target = _local_target(args.local, args.model, args.priority)
+            target = LocalTarget(args.local, model=args.model, priority=args.priority)
         except ImportError as e:
             return _refuse(f"--local needs 'pip install nextchar[serve]' ({e})")
         except Exception as e:  # ArtifactError, DeviceUnavailable, bad NEXTCHAR_* settings
@@ -131,16 +130,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
-
-
-def _local_target(path: str, model: str, priority: str) -> Target:
-    # LocalTarget(path, *, model=, priority=) is the shared serving core's; an older one takes
-    # the path alone.
-    if "model" in inspect.signature(LocalTarget).parameters:
-        return LocalTarget(path, model=model, priority=priority)  # type: ignore[call-arg]
-    if model:
-        raise ValueError("--model needs the multi-model serving core")
-    return LocalTarget(path)
 
 
 def _refuse(message: str) -> int:

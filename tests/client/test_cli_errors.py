@@ -62,9 +62,6 @@ BASE: dict[str, list[str]] = {
     "train": ["--corpus", "{tmp}/no-such-corpus", "--out", "{tmp}/run", "--max-steps", "1"],
     "export": ["{tmp}/no-such-run", "-o", "{tmp}/artifact"],
 }
-# TEMPORARY: training's CLI still prints `error: ...` (being fixed with issue 18 item 15).
-PENDING = {c: pytest.mark.xfail(reason="training CLI error prefix, issue 18 item 15", strict=False)
-           for c in ("train", "export")}
 # Subcommands that talk to a server (and so are swept against a live one).
 CLIENT_COMMANDS = ["predict", "info", "models", "health", "reload", "load", "unload", "generate",
                    "batch"]
@@ -109,7 +106,7 @@ def sweep_cases() -> Iterator[Any]:
             for value in values:
                 shown = value.replace("{tmp}/", "")
                 yield pytest.param(command, flag, value, _numeric(command, action),
-                                   id=f"{command} {flag} {shown!r}", marks=PENDING.get(command, ()))
+                                   id=f"{command} {flag} {shown!r}")
 
 
 def _fill(args: list[str], **paths: str) -> list[str]:
@@ -186,7 +183,7 @@ def test_the_sweep_covers_every_subcommand() -> None:
     assert covered == set(parsers()), set(parsers()) - covered
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, marks=PENDING.get(c, ())) for c in sorted(BASE)])
+@pytest.mark.parametrize("command", sorted(BASE))
 def test_unknown_flag_names_the_subcommand(command: str, isolated: Path,
                                            capfd: pytest.CaptureFixture[str]) -> None:
     base = _fill(BASE[command], tmp=str(isolated), input="in.txt", output="out.jsonl")
