@@ -58,11 +58,12 @@ test: setup thin-venvs triton-venv
 
 # KServe V2 compatibility is proven with the real Triton client. tritonclient pins protobuf<7
 # (nextchar needs 7), so it lives in its own venv; tests/server/test_kserve.py runs
-# tests/compat/triton_client_check.py in it against a live server (and builds it if missing).
+# tests/compat/triton_client_check.py in it against a live server (and builds it if missing),
+# tests/server/test_http_clients.py tests/compat/triton_http_check.py (V2 REST).
 TRITON_VENV ?= .venv-triton
 $(TRITON_VENV)/.installed:
 	test -x $(TRITON_VENV)/bin/python || $(PY) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/python -m pip install -q 'tritonclient[grpc]==2.73.0' 'numpy>=1.26'
+	$(TRITON_VENV)/bin/python -m pip install -q 'tritonclient[grpc,http]==2.73.0' 'numpy>=1.26'
 	touch $@
 
 triton-venv: $(TRITON_VENV)/.installed

@@ -37,6 +37,10 @@ from peer_bench import VOCAB, Server, free_port, make_payloads, peer_artifact
 
 from nextchar.v1 import nextchar_pb2 as pb
 
+# nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
+# one, so they never collide with each other or with a server already on 8000.
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 PREDICT = "/nextchar.v1.NextChar/Predict"
 INFER = "/inference.GRPCInferenceService/ModelInfer"

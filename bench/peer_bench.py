@@ -63,6 +63,10 @@ import numpy as np
 from nextchar.kserve import grpc_predict_v2_pb2 as pb
 from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 
+# nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
+# one, so they never collide with each other or with a server already on 8000.
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 RUNTIME_DIR = BENCH / "mlserver_runtime"

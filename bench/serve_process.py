@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import IO
 
+# nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
+# one, so they never collide with each other or with a server already on 8000.
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
+
 
 class ServeProcess:
     def __init__(self, args: list[str], *, stderr: IO[str] | None = None, what: str = "server") -> None:

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import peer_bench as pb
 
+# nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
+# one, so they never collide with each other or with a server already on 8000.
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
+
 
 def thread_times(pid: int) -> dict[str, tuple[str, float, float]]:
     """tid -> (name, CPU seconds, run-queue wait seconds)."""

@@ -30,7 +30,7 @@ def run(args: list[str]) -> None:
 
 
 def serve(artifact: Path, backend: str) -> tuple[subprocess.Popen[str], str]:
-    args = ["serve", "--model", str(artifact), "--backend", backend, "--port", "0"]
+    args = ["serve", "--model", str(artifact), "--backend", backend, "--port", "0", "--http-port", "0"]
     print("$ nextchar " + shlex.join(args) + " &", flush=True)
     proc = subprocess.Popen(NEXTCHAR + args, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None

@@ -55,6 +55,8 @@ class NextCharServer:
         self.health = HealthServicer()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the HTTP front end's (server/http/), when on
+        self._http: Any = None
         self.tracker = CallTracker()  # accepted calls: drain waits on them
         self.gate = DrainGate()
         self.registry = ModelRegistry(settings, self.metrics)
@@ -94,8 +96,8 @@ class NextCharServer:
         # Every handler registered through `wrapped` gets telemetry, auth and error mapping,
         # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).
         auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s))
-        wrapper = CallWrapper(Telemetry(self.tracker, self.gate, self.metrics), auth,
-                              admin_loopback_only=tokens is None)
+        telemetry = Telemetry(self.tracker, self.gate, self.metrics)  # shared with HTTP
+        wrapper = CallWrapper(telemetry, auth, admin_loopback_only=tokens is None)
         wrapped: Any = WrappingServer(server, wrapper)
         nextchar_pb2_grpc.add_NextCharServicer_to_server(NextCharServicer(self.plane), wrapped)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane), wrapped)
@@ -114,6 +116,15 @@ class NextCharServer:
         if not self.port:
             raise OSError(f"cannot bind {address}")
         warn_if_exposed(s, credentials is not None, tokens)
+        if s.http:
+            # Imported here: FastAPI and uvicorn cost start-up time only when HTTP is on.
+            from .http.app import build_app
+            from .http.server import HttpServer
+
+            self._http = HttpServer(build_app(self.plane, telemetry, tokens, s), s)
+            self.http_port = await self._http.start()  # on this loop; answers 503 until ready
+            log.info("HTTP on %s:%d (%s): KServe V2 REST, OpenAI /v1, nextchar JSON", s.host,
+                     self.http_port, "TLS" if self._http.tls else "plaintext")
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -185,6 +196,8 @@ class NextCharServer:
         self.gate.streams_must_end = True
         if self._server is not None:
             await self._server.stop(0)
+        if self._http is not None:
+            self._http.cancel_calls()
         await self.stop()
 
     async def _drain(self, grace_s: float, prestop_s: float) -> None:
@@ -216,6 +229,10 @@ class NextCharServer:
         # Answers already computed still need a moment to reach the wire; other calls (health
         # Watch streams, refused calls) are cancelled after it.
         await self._server.stop(min(FLUSH_S, max(0.0, deadline - loop.time())) if finished else 0)
+        if self._http is not None:
+            if not finished:
+                self._http.cancel_calls()
+            await self._http.stop()
         tasks = list(self._reload_tasks)
         for task in tasks:
             task.cancel()

@@ -47,6 +47,10 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Bind address; containers set 0.0.0.0.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http: bool = Field(
+        True, description="Serve HTTP on --http-port too (KServe V2 REST, OpenAI-compatible "
+        "/v1/completions, nextchar JSON; docs/http.md), same host, TLS and tokens as gRPC.")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
 
     # Limits, advertised by GetModelInfo and enforced.
     max_texts_per_request: int = Field(1024, ge=1, description="Texts in one Predict.")

@@ -7,6 +7,7 @@ users run (`nextchar.training.export`), so the server is always tested on real e
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,12 @@ from typing import Any
 import pytest
 
 TINY_VOCAB = "\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# The HTTP front end's default port is 8000: every server a test starts (in-process, or a
+# `nextchar serve` subprocess, which inherits this) picks a free one instead, so tests never
+# collide with each other or with a server someone runs on this machine. A test that needs HTTP
+# off passes --no-http (http=False).
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
 
 
 def _cuda_device() -> bool:
@@ -125,6 +132,8 @@ class ServerThread:
         self._thread.start()
         self.server = NextCharServer(self.settings)
         self.port = self.call(self.server.start())
+        http_port = self.server.http_port
+        self.http_url = None if http_port is None else f"http://127.0.0.1:{http_port}"
         return self
 
     def call(self, coro: Any, timeout_s: float = 120) -> Any:
@@ -181,7 +190,8 @@ class ServerProcess:
     """`nextchar serve` as a subprocess in its own session, started with `--port 0`.
 
     stderr goes to a file (`log()`), so a chatty server never blocks on a full pipe; `address`
-    is read from the "nextchar serving on HOST:PORT" line printed once SERVING.
+    is read from the "nextchar serving on HOST:PORT" line printed once SERVING, `http_url` from
+    the "nextchar http on URL" line after it (and after the metrics URL, with --metrics-port).
     """
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
@@ -205,6 +215,11 @@ class ServerProcess:
         self.metrics_url: str | None = None
         if any(a.startswith("--metrics-port") for a in args):
             self.metrics_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        # "nextchar http on http://HOST:PORT" follows, unless HTTP is off.
+        self.http_url: str | None = None
+        if "--no-http" not in args and (env or {}).get("NEXTCHAR_HTTP", "1").lower() not in (
+                "0", "false"):
+            self.http_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
 
     def log(self) -> str:
         self._log.flush()

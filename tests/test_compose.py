@@ -111,9 +111,11 @@ def test_servers_wait_for_training_and_check_health(config: dict[str, Any], name
     assert [(v["source"], v["target"], v["read_only"]) for v in server["volumes"]] == [
         ("models", "/models", True)
     ]
-    # Published on the host's loopback only.
-    [port] = server["ports"]
-    assert (port["host_ip"], port["target"]) == ("127.0.0.1", 50051)
+    # Published on the host's loopback only: gRPC, then HTTP.
+    grpc_port, http_port = server["ports"]
+    assert (grpc_port["host_ip"], grpc_port["target"]) == ("127.0.0.1", 50051)
+    assert (http_port["host_ip"], http_port["target"]) == ("127.0.0.1", 8000)
+    assert server["environment"]["NEXTCHAR_HTTP_PORT"] in (8000, "8000")
 
 
 def test_server_is_cpu_and_scalable(config: dict[str, Any]) -> None:
@@ -122,6 +124,7 @@ def test_server_is_cpu_and_scalable(config: dict[str, Any]) -> None:
     assert server["environment"]["NEXTCHAR_DEVICE"] == "cpu"
     assert server["deploy"]["replicas"] == 1
     assert server["ports"][0]["published"] == "50051"
+    assert server["ports"][1]["published"] == "8000"
     assert "profiles" not in server
 
 

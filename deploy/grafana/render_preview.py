@@ -45,6 +45,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
+# one, so they never collide with each other or with a server already on 8000.
+os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "nextchar.json"
 VOCAB = "\n !',.;:?-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -1,0 +1,186 @@
+"""Every HTTP call's outer layer, one pure ASGI middleware (no per-call task or body copy), in
+order:
+
+1. request id: the caller's `x-request-id` (or a fresh one) is set for the call's log lines and
+   sent back as the `x-request-id` response header, errors included;
+2. health (`/v2/health/*`) is answered as it is, untracked, so probes see not-ready during a
+   drain; every other call goes through the shared telemetry (../telemetry.py): refused with
+   503 + Retry-After once the drain gate closes, tracked until it ends (drain and hot reload
+   wait for it), counted in the metrics with protocol="http" and written to the access log;
+3. bearer tokens (../security.py TokenSet), health open unless --no-auth-open-health; 401;
+4. limits: a body over max_message_bytes is 413 (Content-Length, or counted as it arrives);
+5. deadline: `x-request-timeout-ms` becomes the call's deadline on the loop's clock, as a gRPC
+   deadline does (handlers read `request.state.deadline`);
+6. anything that escapes the app is logged once and answered 500 without internal text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..logging_setup import REQUEST_ID_HEADER
+from ..security import TokenSet
+from ..telemetry import DRAINING_MESSAGE, Telemetry
+from .errors import INTERNAL, BodyTooLarge, error_body, error_headers
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TIMEOUT_HEADER = b"x-request-timeout-ms"
+HEALTH_PREFIX = "/v2/health/"
+MISSING_TOKEN = "missing bearer token: send the header 'Authorization: Bearer <token>'"
+BAD_TOKEN = "bearer token not accepted"
+
+# Metric and access-log names: the route's template, never the raw path (bounded labels).
+_ROUTES = [(re.compile(p), t) for p, t in (
+    (r"/v2", "/v2"),
+    (r"/v2/health/(live|ready)", r"/v2/health/\1"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?", "/v2/models/{name}"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?/(ready|infer)", r"/v2/models/{name}/\2"),
+    (r"/v2/repository/index", "/v2/repository/index"),
+    (r"/v1/models", "/v1/models"),
+    (r"/v1/models/[^/]+", "/v1/models/{model}"),
+    (r"/v1/(completions|chat/completions)", r"/v1/\1"),
+    (r"/nextchar/v1/(predict|generate|models)", r"/nextchar/v1/\1"),
+    (r"/nextchar/v1/models/[^/]+", "/nextchar/v1/models/{model}"),
+    (r"/openapi.json", "/openapi.json"),
+)]
+
+
+def route_label(method: str, path: str) -> str:
+    for pattern, template in _ROUTES:
+        m = pattern.fullmatch(path)
+        if m is not None:
+            return f"{method} {m.expand(template)}"
+    return f"{method} (unknown)"
+
+
+def _bearer(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class CallLayer:
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, tokens: TokenSet | None,
+                 open_health: bool, max_body_bytes: int) -> None:
+        self.app = app
+        self.telemetry = telemetry
+        self.tokens = tokens
+        self.open_health = open_health
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        telemetry = self.telemetry
+        request_id = telemetry.request_id(
+            headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1") or None)
+        id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+        status = [0]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        health = path.startswith(HEALTH_PREFIX)
+        if health and (self.tokens is None or self.open_health):
+            await self._run(scope, receive, send_with_id, status)
+            return
+        method = route_label(scope["method"], path)
+        seq = None if health else telemetry.enter(method, "http")
+        if seq is None and not health:
+            await _answer(send_with_id, path, 503, DRAINING_MESSAGE)
+            return
+        started = time.perf_counter()
+        try:
+            refusal = self._refusal(headers, path)
+            if refusal is not None:
+                await _answer(send_with_id, path, *refusal)
+                return
+            await self._run(scope, self._limited(receive), send_with_id, status)
+        finally:
+            if seq is not None:
+                telemetry.exit(seq, method, str(status[0] or 499), started, "http")
+
+    def _refusal(self, headers: dict[bytes, bytes], path: str) -> tuple[int, str] | None:
+        if self.tokens is not None:
+            token = _bearer(headers.get(b"authorization"))
+            if token is None:
+                return 401, MISSING_TOKEN
+            if not self.tokens.accepts(token):
+                log.info("rejected an HTTP call to %s: token not accepted", path)
+                return 401, BAD_TOKEN
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return 400, "Content-Length is not a number"
+            if size > self.max_body_bytes:
+                return 413, (f"request body of {size} bytes > max_message_bytes "
+                             f"{self.max_body_bytes}")
+        timeout = headers.get(TIMEOUT_HEADER)
+        if timeout is not None:
+            try:
+                ms = float(timeout)
+            except ValueError:
+                ms = -1.0
+            if not (math.isfinite(ms) and ms > 0):
+                return 400, (f"x-request-timeout-ms must be a positive number of milliseconds, "
+                             f"got {timeout.decode('latin-1')!r}")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit = self.max_body_bytes
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"request body over max_message_bytes {limit}")
+            return message
+
+        return counted
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, status: list[int]) -> None:
+        headers = dict(scope["headers"])
+        timeout = headers.get(TIMEOUT_HEADER)
+        state = scope.setdefault("state", {})
+        state["deadline"] = (None if timeout is None else
+                             asyncio.get_running_loop().time() + float(timeout) / 1e3)
+        try:
+            await self.app(scope, receive, send)
+        except Exception as e:
+            # The app's own 500 handler answered already (Starlette re-raises after it).
+            if status[0] == 0:
+                log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=e)
+                await _answer(send, scope["path"], 500, INTERNAL)
+
+
+async def _answer(send: Send, path: str, status: int, message: str) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.encode(), v.encode()) for k, v in error_headers(status).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": error_body(path, status, message)})

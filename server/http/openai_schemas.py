@@ -1,0 +1,58 @@
+"""OpenAI's legacy completions request, as nextchar reads it (a token is one character).
+
+Fields OpenAI has and a character model cannot honour (suffix, best_of > 1, penalties,
+logit_bias, token-id prompts) are refused with 400 naming the field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_CHOICES = 64  # prompts x n in one request
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="A model of GET /v1/models.")
+    prompt: str | list[str] = Field(description="One text, or a list (one completion each).")
+    max_tokens: int | None = Field(16, ge=0, description="Characters to generate per choice.")
+    temperature: float = Field(1.0, ge=0, description="0: greedy.")
+    top_p: float = Field(1.0, ge=0, le=1, description="Nucleus sampling; 1: off.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
+    stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
+    seed: int | None = Field(None, ge=0, lt=1 << 63, description="Same seed, same text; "
+                             "choice i uses seed + i.")
+    logprobs: int | None = Field(None, ge=0, description="Top-k characters with their log "
+                                 "probabilities, per character (at most max_top_k).")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
+    user: str | None = Field(None, description="Logged, not used.")
+    stream: bool = Field(False, description="Server-sent events, ending with data: [DONE].")
+    stream_options: StreamOptions | None = None
+    top_k: int = Field(0, ge=0, description="nextchar extension: sample from the k most likely "
+                       "characters; 0: all.")
+    suffix: str | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set that a character model cannot honour, if any."""
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        if self.presence_penalty not in (None, 0):
+            return "presence_penalty"
+        if self.frequency_penalty not in (None, 0):
+            return "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        return None

@@ -1,0 +1,140 @@
+"""KServe V2 REST (the Open Inference Protocol's HTTP binding): JSON in (v2_codec.py) -> the data
+plane, with the same validation, batcher and priorities as every front end -> JSON out.
+
+    GET  /v2                                         server metadata
+    GET  /v2/health/live | /v2/health/ready          200, or 503 {"ready": false}
+    GET  /v2/models/{name}[/versions/{v}]            model metadata (tensor names, shapes)
+    GET  /v2/models/{name}[/versions/{v}]/ready      200, or 503 {"ready": false}
+    POST /v2/models/{name}[/versions/{v}]/infer      inference
+    POST /v2/repository/index                        Triton's repository index
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from nextchar import __version__
+
+from ..dataplane import DataPlane, PredictCall
+from ..registry import ModelState
+from ..v2_tensors import output_tensors
+from .v2_codec import HEADER_LENGTH, decode_request, encode_response
+
+SERVER_NAME = "nextchar"
+JSON = "application/json"
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(json.dumps(doc, separators=(",", ":")), status, media_type=JSON)
+
+
+def _ready(doc: dict[str, Any], ready: bool) -> Response:
+    return _json({**doc, "ready": ready}, 200 if ready else 503)
+
+
+def router(plane: DataPlane) -> APIRouter:
+    r = APIRouter(tags=["KServe V2"])
+
+    @r.get("/v2", summary="Server metadata")
+    async def server_metadata() -> Response:
+        return _json({"name": SERVER_NAME, "version": __version__,
+                      "extensions": ["model_repository", "binary_tensor_data"]})
+
+    @r.get("/v2/health/live", summary="Liveness: 200 whenever the process answers")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @r.get("/v2/health/ready",
+           summary="Readiness: 200 once every model is warm, 503 while starting or draining")
+    async def ready() -> Response:
+        return _ready({}, plane.server_ready())
+
+    async def metadata(name: str, version: str = "") -> Response:
+        m = plane.model(name, version)
+        v = m.artifact.vocab_size
+        return _json({
+            "name": m.name, "versions": [m.version], "platform": m.platform,
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "ids", "datatype": "INT64", "shape": [-1, -1]},
+                       {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
+            "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, v]},
+                        {"name": "top_ids", "datatype": "INT64", "shape": [-1, -1]},
+                        {"name": "top_chars", "datatype": "BYTES", "shape": [-1, -1]},
+                        {"name": "top_probs", "datatype": "FP32", "shape": [-1, -1]}]})
+
+    async def model_ready(name: str, version: str = "") -> Response:
+        return _ready({"name": name}, plane.model_ready(name, version))
+
+    async def infer(request: Request, name: str, version: str = "") -> Response:
+        limits = plane.model(name, version).limits
+        req = decode_request(await request.body(), request.headers.get(HEADER_LENGTH),
+                             limits.max_texts_per_request)
+        answer = await plane.predict(PredictCall(
+            texts=req.texts, ids=req.ids, lengths=req.lengths, top_k=req.top_k,
+            want_probs="probs" in req.wanted, model=name, version=version, lane=req.lane,
+            deadline=request.state.deadline))
+        tensors = output_tensors(req.wanted, answer.results, answer.top_k, answer.vocab)
+        body, header_length = encode_response(answer.model, answer.version, req.id, tensors,
+                                              req.binary)
+        if header_length is None:
+            return Response(body, media_type=JSON)
+        return Response(body, media_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(header_length)})
+
+    @r.get("/v2/models/{name}", summary="Model metadata")
+    async def metadata_latest(name: str) -> Response:
+        return await metadata(name)
+
+    @r.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)")
+    async def metadata_version(name: str, version: str) -> Response:
+        return await metadata(name, version)
+
+    @r.get("/v2/models/{name}/ready", summary="Model readiness: 200, or 503 while not served")
+    async def ready_latest(name: str) -> Response:
+        return await model_ready(name)
+
+    @r.get("/v2/models/{name}/versions/{version}/ready", summary="Model readiness (one version)")
+    async def ready_version(name: str, version: str) -> Response:
+        return await model_ready(name, version)
+
+    infer_doc: dict[str, Any] = {"requestBody": {"required": True, "content": {JSON: {"schema": {
+        "type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "properties": {
+                "top_k": {"type": "integer"}, "priority": {"type": "integer"}}},
+            "inputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "datatype": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer"}},
+                "data": {"type": "array"}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}}}}}}}}}}
+
+    @r.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=infer_doc)
+    async def infer_latest(request: Request, name: str) -> Response:
+        return await infer(request, name)
+
+    @r.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)",
+            openapi_extra=infer_doc)
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await infer(request, name, version)
+
+    @r.post("/v2/repository/index", summary="Models known to the server (Triton extension)")
+    async def repository_index(request: Request) -> Response:
+        body = await request.body()
+        ready_only = False
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                ready_only = doc.get("ready") is True
+        return _json([{"name": m.name, "version": m.version, "state": m.state.value,
+                       "reason": m.reason} for m in plane.list_models()
+                      if not ready_only or m.state is ModelState.READY])
+
+    return r
