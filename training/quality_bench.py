@@ -209,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="(default: 10)")
     p.add_argument("--short-minutes", type=float, default=2.0, help="(default: 2)")
-    p.add_argument("--legs", default="1mb,1mb-short,default",
-                   help="which legs, in order (default: 1mb,1mb-short,default)")
-    p.add_argument("--small", default=None, metavar="FILE",
-                   help="also `nextchar train --corpus FILE` on its defaults, then sample; "
-                        "auto: the first 100 KB of the default corpus's first file")
+    p.add_argument("--legs", default="1mb,1mb-short,small,default",
+                   help="which legs, in order (default: 1mb,1mb-short,small,default)")
+    p.add_argument("--small", default="auto", metavar="FILE",
+                   help="the small leg: `nextchar train --corpus FILE` on its defaults, then a "
+                        "sample (default: auto, the first 100 KB of the default corpus's first "
+                        "file)")
     p.add_argument("--small-minutes", type=float, default=None,
                    help="budget of the --small run (default: train's own, 5 minutes)")
     p.add_argument("--out", default="runs/quality")
@@ -245,14 +246,25 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for name in args.legs.split(","):
-        title, corpus, minutes = legs[name]
-        report["legs"].append(run_leg(name, f"{title}, {minutes:g} min", corpus, minutes, args))
+        if name == "small":
+            report["small"] = run_small(args.small, args)
+        else:
+            title, corpus, minutes = legs[name]
+            report["legs"].append(run_leg(name, f"{title}, {minutes:g} min", corpus, minutes,
+                                          args))
+            _plot(report, args.plot)
         json_path.write_text(json.dumps(report, indent=1) + "\n")  # a partial run still counts
-    if args.small:
-        report["small"] = run_small(args.small, args)
     report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
+    print("\n" + _table(report["legs"]))
+    for leg in report["legs"]:
+        print(f"{leg['leg']}: ours - baseline = {leg['delta']:+.4f} nats/char (target <= "
+              f"{leg['target_delta']:+.2f}): {'meets' if leg['meets'] else 'MISSES'}")
+    print(f"json: {json_path}; curves: {args.plot}")
+    return 0
 
+
+def _plot(report: dict[str, Any], path: str) -> None:
     from .curves import save_panels
 
     save_panels([(leg["title"], [
@@ -260,13 +272,7 @@ def main(argv: list[str] | None = None) -> int:
          leg["ours"]["history"]["val"]["time_s"], leg["ours"]["history"]["val"]["nats"]),
         (f"baseline: {leg['baseline_val']:.3f} (last)",
          leg["baseline"]["history"]["val"]["time_s"], leg["baseline"]["history"]["val"]["nats"]),
-    ]) for leg in report["legs"]], args.plot)
-    print("\n" + _table(report["legs"]))
-    for leg in report["legs"]:
-        print(f"{leg['leg']}: ours - baseline = {leg['delta']:+.4f} nats/char (target <= "
-              f"{leg['target_delta']:+.2f}): {'meets' if leg['meets'] else 'MISSES'}")
-    print(f"json: {json_path}; curves: {args.plot}")
-    return 0
+    ]) for leg in report["legs"]], path)
 
 
 if __name__ == "__main__":
