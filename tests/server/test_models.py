@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -57,13 +56,9 @@ def repository(tmp_path: Path, artifacts: dict[str, Path]) -> Path:
     return make_repository(tmp_path / "models", artifacts)
 
 
-@pytest.fixture(scope="module")
-def multi_server(tmp_path_factory: pytest.TempPathFactory, artifacts) -> Iterator:
-    from conftest import ServerThread
-
-    repo = make_repository(tmp_path_factory.mktemp("repo") / "models", artifacts)
-    with ServerThread(model_repository=repo) as st:
-        yield st
+@pytest.fixture
+def multi_server(start_server, repository: Path):
+    return start_server(model_repository=repository)
 
 
 def _code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
