@@ -204,6 +204,7 @@ class NextCharServer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.metrics.draining.set(1)
+        self.gate.draining = True  # HTTP health turns not-ready with gRPC health
         await self.health.enter_graceful_shutdown()
         await self.registry.stop_polling()
         if self._server is None:

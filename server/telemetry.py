@@ -89,9 +89,12 @@ class CallTracker:
 
 
 class DrainGate:
-    """closed: new calls are refused. streams_must_end: open streams end at their next message."""
+    """draining: a drain began (health reports not ready; calls are still served through the
+    pre-stop wait). closed: new calls are refused. streams_must_end: open streams end at their
+    next message."""
 
     def __init__(self) -> None:
+        self.draining = False
         self.closed = False
         self.streams_must_end = False
 

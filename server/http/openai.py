@@ -173,7 +173,7 @@ def _param_of(message: str) -> str | None:
     for field, param in (("prompt", "prompt"), ("max_chars", "max_tokens"),
                          ("temperature", "temperature"), ("top_k", "top_k"),
                          ("top_p", "top_p"), ("stop", "stop")):
-        if message.startswith(field):
+        if message.startswith(field) or f" {field} " in message.split(":")[0]:
             return param
     return None
 

@@ -2,7 +2,8 @@
 plane, with the same validation, batcher and priorities as every front end -> JSON out.
 
     GET  /v2                                         server metadata
-    GET  /v2/health/live | /v2/health/ready          200, or 503 {"ready": false}
+    GET  /v2/health/live | /v2/health/ready          200, or 503 {"ready": false} (starting,
+                                                     draining: from the drain's first moment)
     GET  /v2/models/{name}[/versions/{v}]            model metadata (tensor names, shapes)
     GET  /v2/models/{name}[/versions/{v}]/ready      200, or 503 {"ready": false}
     POST /v2/models/{name}[/versions/{v}]/infer      inference
@@ -21,6 +22,7 @@ from nextchar import __version__
 
 from ..dataplane import DataPlane, PredictCall
 from ..registry import ModelState
+from ..telemetry import DrainGate
 from ..v2_tensors import output_tensors
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 
@@ -36,7 +38,7 @@ def _ready(doc: dict[str, Any], ready: bool) -> Response:
     return _json({**doc, "ready": ready}, 200 if ready else 503)
 
 
-def router(plane: DataPlane) -> APIRouter:
+def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
     r = APIRouter(tags=["KServe V2"])
 
     @r.get("/v2", summary="Server metadata")
@@ -51,7 +53,7 @@ def router(plane: DataPlane) -> APIRouter:
     @r.get("/v2/health/ready",
            summary="Readiness: 200 once every model is warm, 503 while starting or draining")
     async def ready() -> Response:
-        return _ready({}, plane.server_ready())
+        return _ready({}, plane.server_ready() and not gate.draining)
 
     async def metadata(name: str, version: str = "") -> Response:
         m = plane.model(name, version)
@@ -67,7 +69,7 @@ def router(plane: DataPlane) -> APIRouter:
                         {"name": "top_probs", "datatype": "FP32", "shape": [-1, -1]}]})
 
     async def model_ready(name: str, version: str = "") -> Response:
-        return _ready({"name": name}, plane.model_ready(name, version))
+        return _ready({"name": name}, plane.model_ready(name, version) and not gate.draining)
 
     async def infer(request: Request, name: str, version: str = "") -> Response:
         limits = plane.model(name, version).limits

@@ -1,0 +1,393 @@
+"""The HTTP front end (server/http/) on an in-process server: KServe V2 REST, OpenAI-compatible
+completions, nextchar JSON; parity with gRPC (nextchar.v1 and KServe V2) on the same server;
+errors in each protocol's shape; tokens, TLS, request ids, deadlines, limits, metrics, drain."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import ssl
+import struct
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from http_util import Reply, call
+
+from nextchar.client import NextCharClient
+from nextchar.kserve import grpc_predict_v2_pb2 as kpb
+from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+TEXTS = ["hello worl", "To be, or not to b", "a"]
+TOKEN = "http-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def name(tiny_server) -> str:
+    return tiny_server.server.runtime().name
+
+
+def v2(st, method: str, path: str, body=None, **kw) -> Reply:
+    return call(st.http_url, method, path, body, **kw)
+
+
+def text_input(texts: list[str]) -> dict:
+    return {"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}
+
+
+# -- KServe V2 REST ---------------------------------------------------------------------------
+def test_v2_server_and_model_metadata_and_health(tiny_server, name: str) -> None:
+    r = v2(tiny_server, "GET", "/v2")
+    assert r.status == 200 and r.json()["name"] == "nextchar"
+    assert v2(tiny_server, "GET", "/v2/health/live").json() == {"live": True}
+    assert v2(tiny_server, "GET", "/v2/health/ready").json() == {"ready": True}
+    rt = tiny_server.server.runtime()
+    meta = v2(tiny_server, "GET", f"/v2/models/{name}").json()
+    assert meta["name"] == name and meta["versions"] == [rt.version]
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+        ("text", "BYTES", [-1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1])]
+    assert [(t["name"], t["datatype"]) for t in meta["outputs"]] == [
+        ("probs", "FP32"), ("top_ids", "INT64"), ("top_chars", "BYTES"), ("top_probs", "FP32")]
+    assert meta["outputs"][0]["shape"] == [-1, rt.artifact.vocab_size]
+    assert v2(tiny_server, "GET", f"/v2/models/{name}/versions/{rt.version}").json() == meta
+    assert v2(tiny_server, "GET", f"/v2/models/{name}/ready").json() == {"name": name,
+                                                                        "ready": True}
+    r = v2(tiny_server, "GET", f"/v2/models/{name}/versions/nope/ready")
+    assert r.status == 404 and "no version 'nope'" in r.json()["error"]
+    r = v2(tiny_server, "GET", "/v2/models/nope")
+    assert r.status == 404 and set(r.json()) == {"error"}
+    index = v2(tiny_server, "POST", "/v2/repository/index", {}).json()
+    assert [(m["name"], m["state"]) for m in index] == [(name, "READY")]
+
+
+def test_v2_infer_equals_grpc_kserve_and_nextchar_v1(tiny_server, name: str) -> None:
+    """The same texts: the same top-k over V2 REST, V2 gRPC and nextchar.v1 (<= 1e-6)."""
+    k = 4
+    r = v2(tiny_server, "POST", f"/v2/models/{name}/infer",
+           {"id": "req-1", "parameters": {"top_k": k}, "inputs": [text_input(TEXTS)]})
+    assert r.status == 200, r.body
+    doc = r.json()
+    assert doc["id"] == "req-1" and doc["model_name"] == name
+    out = {o["name"]: o for o in doc["outputs"]}
+    assert list(out) == ["probs", "top_ids", "top_chars", "top_probs"]
+    n = len(TEXTS)
+    assert out["top_ids"]["shape"] == [n, k] and out["top_chars"]["shape"] == [n, k]
+    rest_ids = np.array(out["top_ids"]["data"]).reshape(n, k)
+    rest_probs = np.array(out["top_probs"]["data"]).reshape(n, k)
+    probs = np.array(out["probs"]["data"]).reshape(out["probs"]["shape"])
+    assert np.array_equal(probs[np.arange(n)[:, None], rest_ids], rest_probs)
+    with NextCharClient(tiny_server.address) as c:
+        preds = c.predict(TEXTS, top_k=k)
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        req = kpb.ModelInferRequest(model_name=name)
+        req.parameters["top_k"].int64_param = k
+        t = req.inputs.add(name="text", datatype="BYTES", shape=[n])
+        t.contents.bytes_contents.extend(s.encode() for s in TEXTS)
+        req.outputs.add(name="top_ids")
+        req.outputs.add(name="top_probs")
+        g = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req)
+    grpc_ids = np.array(g.outputs[0].contents.int64_contents).reshape(n, k)
+    grpc_probs = np.array(g.outputs[1].contents.fp32_contents).reshape(n, k)
+    v1_ids = np.array([[cp.id for cp in p.top] for p in preds])
+    v1_probs = np.array([[cp.prob for cp in p.top] for p in preds])
+    assert np.array_equal(rest_ids, grpc_ids) and np.array_equal(rest_ids, v1_ids)
+    assert np.abs(rest_probs - grpc_probs).max() <= 1e-6
+    assert np.abs(rest_probs - v1_probs).max() <= 1e-6
+    chars = [[cp.char for cp in p.top] for p in preds]
+    assert np.array(out["top_chars"]["data"]).reshape(n, k).tolist() == chars
+
+
+def test_v2_infer_ids_nested_data_outputs_and_binary(tiny_server, name: str) -> None:
+    vocab = tiny_server.server.runtime().artifact.vocab
+    ids = [[vocab.index(ch) for ch in "hello"], [vocab.index(ch) for ch in "ab"] + [0, 0, 0]]
+    body = {"inputs": [{"name": "ids", "datatype": "INT64", "shape": [2, 5], "data": ids},
+                       {"name": "lengths", "datatype": "INT64", "shape": [2], "data": [5, 2]}],
+            "outputs": [{"name": "top_chars"}]}
+    doc = v2(tiny_server, "POST", f"/v2/models/{name}/infer", body).json()
+    by_text = v2(tiny_server, "POST", f"/v2/models/{name}/infer",
+                 {"inputs": [text_input(["hello", "ab"])], "outputs": [{"name": "top_chars"}]})
+    assert [o["name"] for o in doc["outputs"]] == ["top_chars"]
+    assert doc["outputs"] == by_text.json()["outputs"]
+    # Binary-tensor extension: text in as 4-byte length + bytes, probs out as raw FP32.
+    raw = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in ["hello", "ab"])
+    head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "outputs": [{"name": "probs", "parameters": {"binary_data": True}},
+                                   {"name": "top_chars"}]}).encode()
+    r = v2(tiny_server, "POST", f"/v2/models/{name}/infer", raw=head + raw,
+           headers={"inference-header-content-length": str(len(head)),
+                    "content-type": "application/octet-stream"})
+    assert r.status == 200, r.body
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.body[:n])
+    assert meta["outputs"][1]["data"] == by_text.json()["outputs"][0]["data"]
+    size = meta["outputs"][0]["parameters"]["binary_data_size"]
+    probs = np.frombuffer(r.body[n : n + size], dtype="<f4").reshape(2, len(vocab))
+    assert abs(float(probs.sum(axis=1)[0]) - 1) < 1e-5
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"inputs": []}, "no inputs"),
+    ({"inputs": [{"name": "text", "datatype": "INT64", "shape": [1], "data": [1]}]},
+     "must have datatype BYTES"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]},
+     "needs 2 BYTES elements"),
+    ({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+     "unknown input"),
+    ({"inputs": [text_input(["a~"])]}, "not in the model's vocabulary"),
+    ({"inputs": [text_input([""])]}, "empty"),
+    ({"inputs": [text_input(["a"])], "parameters": {"top_k": 10_000}}, "top_k"),
+    ({"inputs": [text_input(["a"])], "parameters": {"top_k": "3"}}, "integer"),
+    ({"inputs": [text_input(["a"])], "parameters": {"priority": 7}}, "priority"),
+    ({"inputs": [text_input(["a"])], "outputs": [{"name": "nope"}]}, "unknown output"),
+    ({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 1.5]}]},
+     "integer"),
+    ([1, 2], "JSON object"),
+])
+def test_v2_bad_requests_are_400_with_the_v2_error_shape(tiny_server, name: str, body,
+                                                         fragment: str) -> None:
+    r = v2(tiny_server, "POST", f"/v2/models/{name}/infer", body)
+    assert r.status == 400, r.body
+    assert set(r.json()) == {"error"} and fragment in r.json()["error"], r.json()
+
+
+def test_errors_never_500_and_name_the_endpoint(tiny_server, name: str) -> None:
+    r = v2(tiny_server, "POST", f"/v2/models/{name}/infer", raw=b"{not json")
+    assert r.status == 400 and "not valid JSON" in r.json()["error"]
+    r = v2(tiny_server, "GET", "/v2/nope")
+    assert r.status == 404 and r.json() == {"error": "no such endpoint: GET /v2/nope (docs/http.md)"}
+    r = v2(tiny_server, "DELETE", "/v2")
+    assert r.status == 405 and "not allowed" in r.json()["error"]
+    r = v2(tiny_server, "GET", "/v1/nope")
+    assert r.status == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- OpenAI-compatible completions ---------------------------------------------------------------
+def completion(st, **body) -> Reply:
+    return call(st.http_url, "POST", "/v1/completions", body)
+
+
+def test_openai_models_and_chat_refusal(tiny_server, name: str) -> None:
+    doc = v2(tiny_server, "GET", "/v1/models").json()
+    assert doc["object"] == "list" and [m["id"] for m in doc["data"]] == [name]
+    assert v2(tiny_server, "GET", f"/v1/models/{name}").json()["id"] == name
+    r = v2(tiny_server, "POST", "/v1/chat/completions",
+           {"model": name, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 400
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "character-level" in err["message"] and "/v1/completions" in err["message"]
+
+
+def test_completion_stream_non_stream_and_grpc_generate_agree(tiny_server, name: str) -> None:
+    settings = {"max_tokens": 60, "temperature": 0.9, "top_p": 0.95, "seed": 42}
+    with NextCharClient(tiny_server.address) as c:
+        grpc_text = "".join(c.generate("To be", max_chars=60, temperature=0.9, top_p=0.95,
+                                       seed=42))
+    plain = completion(tiny_server, model=name, prompt="To be", **settings)
+    assert plain.status == 200, plain.body
+    doc = plain.json()
+    assert doc["object"] == "text_completion" and doc["model"] == name
+    (choice,) = doc["choices"]
+    assert choice["text"] == grpc_text and choice["finish_reason"] == "length"
+    assert doc["usage"] == {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65}
+    streamed = completion(tiny_server, model=name, prompt="To be", stream=True,
+                          stream_options={"include_usage": True}, **settings)
+    assert streamed.status == 200 and streamed.headers["content-type"].startswith(
+        "text/event-stream")
+    events = streamed.events()
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"] == doc["usage"] and events[-2]["choices"] == []
+    chunks = [e for e in events[:-2]]
+    assert "".join(e["choices"][0]["text"] for e in chunks) == grpc_text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in chunks[:-1])
+
+
+def test_completion_n_prompt_list_echo_stop(tiny_server, name: str) -> None:
+    doc = completion(tiny_server, model=name, prompt=["ab", "cd"], n=2, max_tokens=20,
+                     seed=7, echo=True).json()
+    assert [c["index"] for c in doc["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"].startswith(p) for c, p in zip(doc["choices"], ["ab", "ab", "cd", "cd"],
+                                                       strict=True))
+    with NextCharClient(tiny_server.address) as c:
+        seed8 = "".join(c.generate("ab", max_chars=20, seed=8))
+        greedy = "".join(c.generate("hello", max_chars=40, temperature=0.0))
+    assert doc["choices"][1]["text"] == "ab" + seed8  # choice i samples with seed + i
+    assert doc["usage"]["prompt_tokens"] == 4 and doc["usage"]["completion_tokens"] == 80
+    stop = greedy[10:12]
+    cut = completion(tiny_server, model=name, prompt="hello", max_tokens=40, temperature=0,
+                     stop=[stop]).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == greedy[: greedy.index(stop)]
+
+
+def test_completion_logprobs_are_the_models_distribution(tiny_server, name: str) -> None:
+    doc = completion(tiny_server, model=name, prompt="hello", max_tokens=6, seed=3,
+                     logprobs=3, echo=True).json()
+    (choice,) = doc["choices"]
+    lp = choice["logprobs"]
+    text = choice["text"]
+    assert lp["tokens"] == list(text) and lp["text_offset"] == list(range(len(text)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with NextCharClient(tiny_server.address) as c:
+        preds = c.predict([text[:j] for j in range(1, len(text))], top_k=3)
+    for j, p in enumerate(preds, start=1):
+        top = lp["top_logprobs"][j]
+        assert list(top) == [cp.char for cp in p.top]
+        assert all(abs(top[cp.char] - math.log(cp.prob)) < 1e-6 for cp in p.top)
+        assert lp["token_logprobs"][j] <= max(top.values()) + 1e-9
+    streamed = completion(tiny_server, model=name, prompt="hello", max_tokens=6, seed=3,
+                          logprobs=3, stream=True).events()
+    tokens = [t for e in streamed[:-1] for t in e["choices"][0]["logprobs"]["tokens"]]
+    offsets = [t for e in streamed[:-1] for t in e["choices"][0]["logprobs"]["text_offset"]]
+    assert tokens == list(text[5:]) and offsets == list(range(5, len(text)))
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"prompt": "ab"}, 400, "model"),
+    ({"model": "nope", "prompt": "ab"}, 404, None),
+    ({"prompt": "ab", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "ab", "n": 0}, 400, "n"),
+    ({"prompt": "a~"}, 400, "prompt"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt.str"),
+    ({"prompt": "ab", "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ({"prompt": "ab", "logprobs": 1000}, 400, "logprobs"),
+    ({"prompt": "ab", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "ab", "stop": ["x"] * 9}, 400, "stop"),
+])
+def test_completion_errors_have_openais_shape(tiny_server, name: str, body, status: int,
+                                              param) -> None:
+    body = {"model": name, **body} if "model" not in body and param != "model" else body
+    r = completion(tiny_server, **body)
+    assert r.status == status, r.body
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+# -- nextchar JSON: continuation state ---------------------------------------------------------
+def test_native_predict_states_and_generate_from_a_state(tiny_server) -> None:
+    url = tiny_server.http_url
+    whole = call(url, "POST", "/nextchar/v1/predict",
+                 {"texts": ["To be, or not to b"], "top_k": 3, "per_position": True}).json()
+    head = call(url, "POST", "/nextchar/v1/predict",
+                {"texts": ["To be, or no"], "return_state": True}).json()
+    state = head["predictions"][0]["state"]
+    tail = call(url, "POST", "/nextchar/v1/predict",
+                {"texts": ["t to b"], "states": [state], "top_k": 3}).json()
+    a, b = whole["predictions"][0]["top"], tail["predictions"][0]["top"]
+    assert [x["char"] for x in a] == [x["char"] for x in b]
+    assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a, b, strict=True)) <= 1e-5
+    assert len(whole["predictions"][0]["argmax_text"]) == len("To be, or not to b")
+    with NextCharClient(tiny_server.address) as c:
+        (p,) = c.predict(["To be"], return_state=True)
+        grpc_text = "".join(c.generate(", or", max_chars=30, seed=5, state=p.state))
+    state = call(url, "POST", "/nextchar/v1/predict",
+                 {"texts": ["To be"], "return_state": True}).json()["predictions"][0]["state"]
+    assert base64.b64decode(state) == p.state
+    gen = call(url, "POST", "/nextchar/v1/generate",
+               {"prompt": ", or", "max_chars": 30, "seed": 5, "state": state,
+                "return_state": True}).json()
+    assert gen["text"] == grpc_text and gen["stop_reason"] == "max_chars" and gen["state"]
+    events = call(url, "POST", "/nextchar/v1/generate",
+                  {"prompt": ", or", "max_chars": 30, "seed": 5, "state": state,
+                   "stream": True}).events()
+    assert events[-1] == "[DONE]" and "".join(e["text"] for e in events[:-1]) == grpc_text
+    r = call(url, "POST", "/nextchar/v1/predict", {"texts": ["a"], "states": ["!!"]})
+    assert r.status == 400 and "base64" in r.json()["error"]
+    info = call(url, "GET", "/nextchar/v1/models/" + tiny_server.server.runtime().name).json()
+    assert info["vocab"] == tiny_server.server.runtime().artifact.vocab
+
+
+# -- operations --------------------------------------------------------------------------------
+def test_request_id_in_and_out_and_deadline_header(tiny_server, name: str) -> None:
+    r = v2(tiny_server, "GET", "/v2", headers={"x-request-id": "my-id-1"})
+    assert r.headers["x-request-id"] == "my-id-1"
+    r = v2(tiny_server, "GET", "/v2/nope")
+    assert len(r.headers["x-request-id"]) == 32  # fresh, errors included
+    r = call(tiny_server.http_url, "POST", "/nextchar/v1/generate",
+             {"prompt": "ab", "max_chars": 5}, headers={"x-request-timeout-ms": "0.000001"})
+    assert r.status == 504 and "deadline" in r.json()["error"]
+    r = call(tiny_server.http_url, "POST", "/v1/completions", {"model": name, "prompt": "ab"},
+             headers={"x-request-timeout-ms": "soon"})
+    assert r.status == 400 and "x-request-timeout-ms" in r.json()["error"]["message"]
+
+
+def test_tokens_body_limit_and_metrics(start_server, tiny_artifact: Path) -> None:
+    st = start_server(model=tiny_artifact, auth_tokens=TOKEN, max_message_bytes=4096,
+                      metrics_port=0)
+    name = st.server.runtime().name
+    assert v2(st, "GET", "/v2/health/ready").status == 200  # health stays open
+    r = v2(st, "GET", "/v2")
+    assert r.status == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert "missing bearer token" in r.json()["error"]
+    r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "a"},
+             headers={"authorization": "Bearer wrong-token-0123456789"})
+    assert r.status == 401 and r.json()["error"]["type"] == "authentication_error"
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert v2(st, "GET", "/v2", headers=auth).status == 200
+    big = {"inputs": [text_input(["a" * 5000])]}
+    r = v2(st, "POST", f"/v2/models/{name}/infer", big, headers=auth)
+    assert r.status == 413 and "max_message_bytes" in r.json()["error"]
+    ok = v2(st, "POST", f"/v2/models/{name}/infer", {"inputs": [text_input(["ab"])]},
+            headers=auth)
+    assert ok.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics") as m:
+        metrics = m.read().decode()
+    assert ('nextchar_requests_total{code="200",method="POST /v2/models/{name}/infer",'
+            'protocol="http"} 1.0') in metrics
+    assert 'code="401",method="GET /v2",protocol="http"' in metrics
+    assert 'code="413"' in metrics
+
+
+def test_tls_and_mtls(start_server, tiny_artifact: Path, pki) -> None:
+    st = start_server(model=tiny_artifact, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                      tls_client_ca=pki.client_ca, tls_require_client_cert=True)
+    url = st.http_url.replace("http://127.0.0.1", "https://localhost")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        call(url, "GET", "/v2", context=ctx)  # no client certificate
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    assert call(url, "GET", "/v2", context=ctx).status == 200
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        call(st.http_url, "GET", "/v2")  # plaintext to a TLS port
+
+
+def test_drain_turns_health_not_ready_then_refuses_with_retry_after(start_server,
+                                                                    tiny_artifact: Path) -> None:
+    st = start_server(model=tiny_artifact, max_streams=4)
+    name = st.server.runtime().name
+    streamed: list[Reply] = []
+    # A long stream keeps the drain open while new calls arrive.
+    t = threading.Thread(target=lambda: streamed.append(call(
+        st.http_url, "POST", "/v1/completions",
+        {"model": name, "prompt": "ab", "max_tokens": 4000, "stream": True})))
+    t.start()
+    time.sleep(0.5)
+    stopping = st.loop.call_soon_threadsafe(
+        lambda: st.loop.create_task(st.server.stop(grace_s=2.0, prestop_s=0.6)))
+    del stopping
+    time.sleep(0.3)
+    assert v2(st, "GET", "/v2/health/ready").status == 503  # not ready first ...
+    assert v2(st, "GET", "/v2").status == 200  # ... while still serving (pre-stop)
+    time.sleep(0.6)
+    r = v2(st, "POST", f"/v2/models/{name}/infer", {"inputs": [text_input(["ab"])]})
+    assert r.status == 503 and r.headers["retry-after"] == "1"
+    assert "shutting down" in r.json()["error"]
+    t.join(10)
+    events = streamed[0].events()
+    assert "error" in events[-1] or events[-1] == "[DONE]"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from test_security import pki as make_pki
+
+    return make_pki.__wrapped__(tmp_path_factory)
