@@ -135,7 +135,7 @@ def test_progress_in_a_log_is_not_a_redraw_per_step(tiny_corpus: Path, tmp_path:
                                                     capfd: pytest.CaptureFixture) -> None:
     """Issue 18 item 8: stderr not a terminal -> a line per ~30 s, not one per step."""
     args = [a for a in TINY if a != "--no-progress"]
-    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "40",
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "20",
                   *args) == 0
     err = capfd.readouterr().err
     assert err.count("\r") <= 3, err
