@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench bench-ab bench-priority clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz reliability
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench bench-ab bench-priority clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz fuzz-http reliability bench-http
 
 setup: $(STAMP)
 
@@ -165,6 +165,13 @@ compose-smoke: setup
 fuzz: setup
 	flock -x /tmp/nextchar-cpu.lock env NEXTCHAR_FUZZ_EXAMPLES=3000 \
 	  NEXTCHAR_FUZZ_REPORT=docs/fuzz.json $(BIN)/python -m pytest -q tests/server/test_fuzz.py
+
+# The HTTP front end's fuzz (docs/reliability.md "HTTP"): >= 6,000 property-based requests over
+# every endpoint (KServe V2 REST, OpenAI completions, nextchar JSON, raw bytes, paths), only 4xx
+# for bad input; writes docs/fuzz_http.json. Alone on the CPUs.
+fuzz-http: setup
+	flock -x /tmp/nextchar-cpu.lock env NEXTCHAR_FUZZ_HTTP_EXAMPLES=1000 \
+	  NEXTCHAR_FUZZ_HTTP_REPORT=docs/fuzz_http.json $(BIN)/python -m pytest -q tests/server/test_fuzz_http.py
 
 reliability: setup
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/reliability.py all --out docs/reliability.json

@@ -26,6 +26,7 @@ from .middleware import CallLayer
 def build_app(plane: DataPlane, telemetry: Telemetry, tokens: TokenSet | None,
               settings: ServerSettings) -> Any:
     api = FastAPI(title="nextchar", version=__version__, docs_url=None, redoc_url=None,
+                  redirect_slashes=False,  # a 404 that names the path, not a 307
                   exception_handlers=EXCEPTION_HANDLERS,
                   description="KServe V2 REST, OpenAI-compatible completions and nextchar.v1 "
                   "as JSON, over the same serving core as the gRPC port (docs/http.md).")

@@ -44,3 +44,49 @@ def call(url: str, method: str, path: str, body: Any = None, headers: dict[str, 
         return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
     finally:
         conn.close()
+
+
+def root_conftest() -> Any:
+    """tests/conftest.py as pytest loaded it (a bare `import conftest` may find another
+    folder's in a full run)."""
+    import sys
+    from pathlib import Path
+
+    path = str(Path(__file__).resolve().parents[1] / "conftest.py")
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) == path:
+            return module
+    raise RuntimeError("tests/conftest.py is not loaded")
+
+
+class Connection:
+    """One keep-alive connection, reopened after the server closes it (e.g. after a 413)."""
+
+    def __init__(self, url: str, timeout_s: float = 60) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.timeout_s = parts.hostname, parts.port, timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port,
+                                                        timeout=self.timeout_s)
+            try:
+                self._conn.request(method, path, body=body, headers=headers or {})
+                r = self._conn.getresponse()
+                reply = Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+                if r.will_close:
+                    self.close()
+                return reply
+            except (http.client.RemoteDisconnected, ConnectionError, BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

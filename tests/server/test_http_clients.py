@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from http_util import root_conftest
 
 from nextchar import __version__
 from nextchar.client import NextCharClient
@@ -26,19 +27,10 @@ TOKEN = "sdk-token-0123456789abcdef"
 TEXTS = ["hello worl", "To be, or not to b"]
 
 
-def _server_process_class() -> type:
-    """tests/conftest.py's ServerProcess (`import conftest` may find another folder's)."""
-    path = str(REPO / "tests" / "conftest.py")
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) == path:
-            return module.ServerProcess
-    raise RuntimeError("tests/conftest.py is not loaded")
-
-
 @pytest.fixture(scope="module")
 def served(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("http-clients")
-    sp = _server_process_class()(["--model", str(tiny_artifact)], d / "server.log")
+    sp = root_conftest().ServerProcess(["--model", str(tiny_artifact)], d / "server.log")
     assert sp.http_url is not None and sp.http_url.startswith("http://127.0.0.1:")
     yield sp
     sp.proc.send_signal(signal.SIGTERM)
