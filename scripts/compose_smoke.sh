@@ -123,8 +123,10 @@ train_id=$(dc ps -a -q train)
 server_id=$(dc ps -q server)
 train_s=$(secs "$(epoch "$(docker inspect -f '{{.State.StartedAt}}' "$train_id")")" \
                "$(epoch "$(docker inspect -f '{{.State.FinishedAt}}' "$train_id")")")
-serving_at=$(docker logs -t "$server_id" 2>&1 | awk '/ SERVING /{ print $1; exit }')
-[[ -n $serving_at ]] || fail "the server never logged SERVING"
+# `nextchar serve` prints "nextchar serving on HOST:PORT" once it is SERVING (its documented
+# readiness line; the log lines around it change with the server's wording).
+serving_at=$(docker logs -t "$server_id" 2>&1 | awk '/nextchar serving on /{ print $1; exit }')
+[[ -n $serving_at ]] || fail "the server never printed 'nextchar serving on'"
 server_s=$(secs "$(epoch "$(docker inspect -f '{{.State.StartedAt}}' "$server_id")")" "$(epoch "$serving_at")")
 note "cold up --wait (train $NEXTCHAR_TRAIN_ARGS + export + serve): $(secs "$t0" "$t1") s to healthy; train job $train_s s; server container start -> SERVING $server_s s"
 dc logs -t --no-log-prefix train | sed -E 's/^[0-9-]+T([0-9:]+)[.0-9]*Z /  train \1 /' \
