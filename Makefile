@@ -163,8 +163,14 @@ compose-smoke: setup
 # Reliability figures (docs/reliability.md): >= 10k fuzzed requests against a live server, then
 # overload at 2x capacity, SIGTERM under load, hot reload under load. Alone on the CPUs.
 fuzz: setup
-	flock -x /tmp/nextchar-cpu.lock env NEXTCHAR_FUZZ_EXAMPLES=3000 \
+	flock -x /tmp/nextchar-cpu.lock env NEXTCHAR_FUZZ_EXAMPLES=2000 \
 	  NEXTCHAR_FUZZ_REPORT=docs/fuzz.json $(BIN)/python -m pytest -q tests/server/test_fuzz.py
+
+# The HTTP front end (docs/benchmarks.md "HTTP front end"): V2 REST vs V2 gRPC and vs MLServer's
+# V2 REST on the peer benchmark's load, 64 OpenAI streams vs 64 gRPC Generate streams; ~6 min.
+bench-http: setup $(MLSERVER_VENV)/.installed
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/http_bench.py \
+	  --mlserver-venv $(MLSERVER_VENV) --out docs/http_bench.json
 
 # The HTTP front end's fuzz (docs/reliability.md "HTTP"): >= 6,000 property-based requests over
 # every endpoint (KServe V2 REST, OpenAI completions, nextchar JSON, raw bytes, paths), only 4xx

@@ -8,8 +8,9 @@ PYTHONPATH (the editable install's finder comes after the path), so both servers
 venv's libraries and differ only in nextchar's own code. Workloads, each at several
 concurrencies: nextchar.v1 Predict of one 64-character text (`make bench`'s single-text
 workload), the batch-job request (256 x 64 characters, concurrency 4), and KServe V2
-ModelInfer of one text (`make bench-peer`'s load), all on the peer benchmark's model and loop
-graph. Each repeat starts both servers afresh, in alternating order; the report gives medians
+ModelInfer of one text (`make bench-peer`'s load), and 64 Generate streams of 200 characters
+started together (`make bench-generate`'s load: chars/s and time to the first character), all
+on the peer benchmark's model and loop graph. Each repeat starts both servers afresh, in alternating order; the report gives medians
 and the new/old ratio per row.
 """
 
@@ -101,6 +102,37 @@ async def closed_loop(address: str, method: str, payloads: list[bytes], concurre
             "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
 
 
+async def generate_load(address: str, streams: int = 64, chars: int = 200) -> dict[str, float]:
+    """`streams` Generate calls started together; chars/s over all, first-character p50/p99."""
+    rng = np.random.default_rng(2)
+    alphabet = list(VOCAB[1:])
+    prompts = ["".join(rng.choice(alphabet, size=int(rng.integers(29, 44)))) for _ in range(streams)]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_stream("/nextchar.v1.NextChar/Generate",
+                                    request_serializer=pb.GenerateRequest.SerializeToString,
+                                    response_deserializer=pb.GenerateResponse.FromString)
+        firsts: list[float] = []
+
+        async def one(i: int) -> int:
+            t0 = time.perf_counter()
+            n = 0
+            async for r in call(pb.GenerateRequest(prompt=prompts[i], max_chars=chars, seed=i),
+                                timeout=120):
+                if r.text and n == 0:
+                    firsts.append(time.perf_counter() - t0)
+                n += len(r.text)
+            return n
+
+        await asyncio.gather(*(one(i) for i in range(8)))  # warm-up
+        firsts.clear()
+        started = time.perf_counter()
+        total = sum(await asyncio.gather(*(one(i) for i in range(streams))))
+        wall = time.perf_counter() - started
+    first_ms = np.array(firsts) * 1e3
+    return {"rps": total / wall, "p50_ms": float(np.percentile(first_ms, 50)),
+            "p99_ms": float(np.percentile(first_ms, 99)), "errors": streams - len(firsts)}
+
+
 def start(variant: str, artifact: Path, workdir: Path, base_path: Path) -> Server:
     port = free_port()
     env = dict(os.environ)
@@ -137,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             for variant in (("old", "new") if rep % 2 == 0 else ("new", "old")):
                 server = start(variant, artifact, workdir, base_path)
                 try:
+                    for _ in range(2):  # two rounds of 64 streams per start
+                        g = asyncio.run(generate_load(server.address))
+                        g["loadavg_1m"] = os.getloadavg()[0]
+                        key = "Generate, 64 streams x 200 chars (rps = chars/s; p50/p99 = first char)"
+                        samples[variant].setdefault(key, []).append(g)
+                        print(f"rep {rep + 1} {variant:>3} generate {g['rps']:>8.0f} chars/s first "
+                              f"char p50 {g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms", flush=True)
                     for name, method, texts, concurrencies in WORKLOADS:
                         for c in concurrencies:
                             asyncio.run(closed_loop(server.address, method,
