@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 NEXTCHAR = [sys.executable, "-m", "nextchar"]
+# `nextchar serve`'s default --model (server/settings.py): what this demo writes with its default
+# --workdir, so a bare `nextchar serve` after `make demo` serves the demo's model.
+DEFAULT_MODEL = Path("runs/demo/artifact")
 PROMPTS = ["To be, or not to b", "ROMEO:\nBut soft, what light through yonder windo", "My lord, I ", "Exeun"]
 
 
@@ -87,6 +90,10 @@ def main() -> int:
         stop(proc)
 
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s; artifacts under {work}/")
+    if (work / "artifact").resolve() == DEFAULT_MODEL.resolve():
+        print(f"serve it again: nextchar serve   (the default --model is {DEFAULT_MODEL})")
+    else:
+        print(f"serve it again: nextchar serve --model {work / 'artifact'}")
     return 0
 
 

@@ -196,3 +196,21 @@ def test_doc_block_runs(block: Block, docs_home: Path, docs_server: DocsServer,
     assert done.returncode == 0, (
         f"{block.id} ({block.lang}) failed with exit {done.returncode}; as run:\n{text}\n"
         f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
+
+
+def test_default_model_is_what_make_demo_writes() -> None:
+    """A bare `nextchar serve` after `make demo` serves the demo's model, and the README's
+    `--local runs/demo/artifact` points at it (issue 18 item 5)."""
+    from nextchar.server.settings import ServerSettings
+
+    demo_dir = re.search(r"^DEMO_DIR \?= (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert demo_dir is not None
+    expected = Path(demo_dir.group(1)) / "artifact"  # scripts/demo.py exports to WORKDIR/artifact
+    assert 'work / "artifact"' in (REPO / "scripts" / "demo.py").read_text()
+    assert ServerSettings.model_fields["model"].default == expected
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import demo  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert demo.DEFAULT_MODEL == expected

@@ -278,3 +278,14 @@ def test_version(capfd: pytest.CaptureFixture[str]) -> None:
 
     code, out, _ = run_in_process(["--version"], capfd)
     assert code == 0 and out.strip() == f"nextchar {__version__}"
+
+
+def test_generate_help_shows_max_chars_default_and_bounds(capfd: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    code, out, _ = run_in_process(["generate", "--help"], capfd)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "characters to generate at most, 1 to the server's max_chars_per_text (4096 by default) (default 200)" in text
+    for bad in ("0", "4294967296"):
+        code, _, err = run_in_process(["generate", "--max-chars", bad, "x"], capfd)
+        assert code == 2 and "argument --max-chars" in err
