@@ -20,7 +20,23 @@ from ..settings import ServerSettings
 from ..telemetry import Telemetry
 from . import native, openai, v2
 from .errors import EXCEPTION_HANDLERS
-from .middleware import CallLayer
+from .middleware import ASGIApp, CallLayer, Receive, Scope, Send
+
+
+class _FastPaths:
+    """V2 infer straight to its bare handler (v2.raw_infer); everything else to FastAPI."""
+
+    def __init__(self, api: ASGIApp, plane: DataPlane) -> None:
+        self.api = api
+        self.infer = v2.raw_infer(plane)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = v2.INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                await self.infer(scope, receive, send, match)
+                return
+        await self.api(scope, receive, send)
 
 
 def build_app(plane: DataPlane, telemetry: Telemetry, tokens: TokenSet | None,
@@ -33,5 +49,5 @@ def build_app(plane: DataPlane, telemetry: Telemetry, tokens: TokenSet | None,
     api.include_router(v2.router(plane, telemetry.gate))
     api.include_router(openai.router(plane, telemetry.gate))
     api.include_router(native.router(plane, telemetry.gate))
-    return CallLayer(api, telemetry, tokens, open_health=settings.auth_open_health,
+    return CallLayer(_FastPaths(api, plane), telemetry, tokens, open_health=settings.auth_open_health,
                      max_body_bytes=settings.max_message_bytes)

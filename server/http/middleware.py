@@ -58,12 +58,25 @@ _ROUTES = [(re.compile(p), t) for p, t in (
 )]
 
 
+_LABELS: dict[tuple[str, str], str] = {}
+_MAX_LABELS = 4096
+
+
 def route_label(method: str, path: str) -> str:
+    key = (method, path)
+    label = _LABELS.get(key)
+    if label is not None:
+        return label
+    label = f"{method} (unknown)"
     for pattern, template in _ROUTES:
         m = pattern.fullmatch(path)
         if m is not None:
-            return f"{method} {m.expand(template)}"
-    return f"{method} (unknown)"
+            label = f"{method} {m.expand(template)}"
+            break
+    if len(_LABELS) >= _MAX_LABELS:  # random paths must not grow it without bound
+        _LABELS.clear()
+    _LABELS[key] = label
+    return label
 
 
 def _bearer(value: bytes | None) -> str | None:
@@ -103,10 +116,12 @@ class CallLayer:
 
         health = path.startswith(HEALTH_PREFIX)
         if health and (self.tokens is None or self.open_health):
-            await self._run(scope, receive, send_with_id, status)
+            await self._run(scope, receive, send_with_id, status, None)
             return
         method = route_label(scope["method"], path)
-        seq = None if health else telemetry.enter(method, "http")
+        traceparent = headers.get(b"traceparent")
+        seq = None if health else telemetry.enter(
+            method, "http", traceparent.decode("latin-1") if traceparent else None)
         if seq is None and not health:
             await _answer(send_with_id, path, 503, DRAINING_MESSAGE)
             return
@@ -116,7 +131,8 @@ class CallLayer:
             if refusal is not None:
                 await _answer(send_with_id, path, *refusal)
                 return
-            await self._run(scope, self._limited(receive), send_with_id, status)
+            await self._run(scope, self._limited(receive), send_with_id, status,
+                            headers.get(TIMEOUT_HEADER))
         finally:
             if seq is not None:
                 telemetry.exit(seq, method, str(status[0] or 499), started, "http")
@@ -164,9 +180,8 @@ class CallLayer:
 
         return counted
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send, status: list[int]) -> None:
-        headers = dict(scope["headers"])
-        timeout = headers.get(TIMEOUT_HEADER)
+    async def _run(self, scope: Scope, receive: Receive, send: Send, status: list[int],
+                   timeout: bytes | None) -> None:
         state = scope.setdefault("state", {})
         state["deadline"] = (None if timeout is None else
                              asyncio.get_running_loop().time() + float(timeout) / 1e3)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response, StreamingResponse
@@ -77,7 +77,7 @@ def _lane(priority: str) -> int:
 
 
 def _json(doc: Any) -> Response:
-    return Response(json.dumps(doc, separators=(",", ":")), media_type=JSON)
+    return Response(orjson.dumps(doc), media_type=JSON)
 
 
 def _prediction(r: TextResult, vocab: list[str]) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                 async for chunk in session.chunks():
                     doc = ({"text": chunk.text} if chunk.stop_reason is None
                            else last(chunk.text, chunk.stop_reason, chunk.state))
-                    yield b"data: " + json.dumps(doc).encode() + b"\n\n"
+                    yield b"data: " + orjson.dumps(doc) + b"\n\n"
                     if gate.streams_must_end and chunk.stop_reason is None:
                         yield b"data: " + error_body("", 503, STREAM_ENDED) + b"\n\n"
                         return

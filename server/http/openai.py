@@ -19,13 +19,13 @@ per few hundred characters).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
@@ -57,7 +57,7 @@ class OpenAIError(ServingError):
 
 
 def _json(doc: Any, status: int = 200) -> Response:
-    return Response(json.dumps(doc, separators=(",", ":")), status, media_type=JSON)
+    return Response(orjson.dumps(doc), status, media_type=JSON)
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -254,7 +254,7 @@ def _log(p: float) -> float:
 
 
 def _sse(doc: Any) -> bytes:
-    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
