@@ -14,6 +14,7 @@ own `round_robin` policy.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import socket
@@ -258,6 +259,26 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(details), requests)
 
 
+class _TraceContext(_BearerToken):
+    """Sends the caller's current OpenTelemetry span as W3C `traceparent` metadata, so the
+    server's spans join the caller's trace. Used only where opentelemetry is installed (the
+    thin client does not need it)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.propagate import inject
+
+        self._inject = inject
+
+    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
+        carrier: dict[str, str] = {}
+        self._inject(carrier)
+        if not carrier:
+            return d  # type: ignore[return-value]  # no active span: the call as it was
+        metadata = [*(d.metadata or ()), *carrier.items()]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+
 class NextCharClient:
     def __init__(
         self,
@@ -297,6 +318,8 @@ class NextCharClient:
         self.channel = self._channel
         if token:
             self.channel = grpc.intercept_channel(self._channel, _BearerToken(token))
+        if importlib.util.find_spec("opentelemetry") is not None:
+            self.channel = grpc.intercept_channel(self.channel, _TraceContext())
         self.stub = pb_grpc.NextCharStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,9 +33,18 @@ from .grpc.wrapping import Auth, CallWrapper, WrappingServer
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .runtime import ModelRuntime
-from .security import load_tokens, open_method, server_credentials, warn_if_exposed
+from .security import (
+    SecurityConfigError,
+    load_tokens,
+    open_method,
+    server_credentials,
+    warn_if_exposed,
+)
 from .settings import ServerSettings
 from .telemetry import CallTracker, DrainGate, Telemetry
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,8 @@ class NextCharServer:
         self._http: Any = None
         self.tracker = CallTracker()  # accepted calls: drain waits on them
         self.gate = DrainGate()
-        self.registry = ModelRegistry(settings, self.metrics)
+        self.tracing = _tracing(settings)  # None unless --otel
+        self.registry = ModelRegistry(settings, self.metrics, self.tracing)
         self.plane = DataPlane(self.registry)
         self.metrics.track_runtimes(self.registry.runtimes)
         self._reload_tasks: set[asyncio.Task[None]] = set()
@@ -96,7 +106,7 @@ class NextCharServer:
         # Every handler registered through `wrapped` gets telemetry, auth and error mapping,
         # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).
         auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s))
-        telemetry = Telemetry(self.tracker, self.gate, self.metrics)  # shared with HTTP
+        telemetry = Telemetry(self.tracker, self.gate, self.metrics, self.tracing)  # + HTTP
         wrapper = CallWrapper(telemetry, auth, admin_loopback_only=tokens is None)
         wrapped: Any = WrappingServer(server, wrapper)
         nextchar_pb2_grpc.add_NextCharServicer_to_server(NextCharServicer(self.plane), wrapped)
@@ -240,7 +250,20 @@ class NextCharServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.registry.close()
         self.metrics.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the exporter
         log.info("stopped: %d call(s) were in flight at the drain, %s; %.2fs since the signal",
                  accepted, "all finished" if finished else "grace exceeded",
                  loop.time() - started)
         self._stopped.set()
+
+
+def _tracing(settings: ServerSettings) -> Tracing | None:
+    if not settings.otel:
+        return None
+    try:
+        from .tracing import Tracing
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SecurityConfigError(f"--otel needs OpenTelemetry: pip install 'nextchar[otel]' "
+                                  f"({e.name} is missing)") from e
+    return Tracing(settings)

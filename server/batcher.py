@@ -43,12 +43,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .backends.base import Backend, BatchOutput
 from .errors import DeadlineExceeded, NotReady, Overloaded
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ class Item:
     state: np.ndarray | None = None  # (S, H) start state; None = zeros
     lane: int = HIGH
     enqueued_at: float = field(default_factory=time.monotonic)
+    trace: Any = None  # the call's CallTrace (tracing.py) when traced
+    enqueued_ns: int = 0  # wall clock, for the queue span (traced items only)
 
 
 @dataclass(frozen=True)
@@ -123,8 +128,10 @@ class Batcher:
         low_lane_workers: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_batch_start: Callable[[list[float]], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.backend = backend
+        self.tracing = tracing
         self.batching = batching
         self.max_batch_size = max_batch_size
         self.max_batch_chars = max_batch_chars
@@ -244,6 +251,10 @@ class Batcher:
                 f"server overloaded: {self._lane_chars[lane]} characters queued in the "
                 f"{LANE_NAMES[lane]}-priority lane, limit {policy.max_queue_chars}; retry with "
                 f"backoff")
+        if self.tracing is not None and (call := self.tracing.current_call()) is not None:
+            now_ns = time.time_ns()
+            for it in items:
+                it.trace, it.enqueued_ns = call, now_ns
         if policy.timeout_s > 0:
             limit = asyncio.get_running_loop().time() + policy.timeout_s
             for it in items:
@@ -447,8 +458,11 @@ class Batcher:
         if self.on_batch_start is not None:
             self.on_batch_start([it.enqueued_at for it in items])
         started = time.perf_counter()
+        started_ns = time.time_ns() if self.tracing is not None else 0
         out = self.backend.run(ids, lengths, state, positions=positions)
         compute_s = time.perf_counter() - started
+        if self.tracing is not None:
+            self.tracing.model_call(items, started_ns, started_ns + int(compute_s * 1e9))
         finish = items[0].finish
         if all(it.finish is finish for it in items):  # one kind of caller: one finish call
             results = finish(out, np.arange(b), items)

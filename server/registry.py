@@ -42,6 +42,7 @@ from .stats import ModelStats
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class ModelSlot:
                      served: ModelRuntime | None) -> ModelRuntime:
         version = self.source.version_of(path, artifact.version)
         rt = ModelRuntime.assemble(self.name, version, artifact, backend, self.settings,
-                                   self.registry.metrics, self.stats)
+                                   self.registry.metrics, self.stats, self.registry.tracing)
         try:
             await rt.start(warmup=True if served is not None else None)
             if served is not None and served.probe_logits is not None \
@@ -289,9 +290,11 @@ class ModelSlot:
 
 
 class ModelRegistry:
-    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.slots: dict[str, ModelSlot] = {}
         self.default_name = ""
         self.retiring: set[ModelRuntime] = set()

@@ -33,6 +33,7 @@ from .stats import ModelStats
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def open_model(path: Path, s: ServerSettings) -> tuple[Artifact, Backend]:
 
 
 def build_batcher(backend: Backend, s: ServerSettings, metrics: Metrics | None = None,
-                  model: str = "", stats: ModelStats | None = None) -> Batcher:
+                  model: str = "", stats: ModelStats | None = None,
+                  tracing: Tracing | None = None) -> Batcher:
     hooks: list[tuple[Callable[[int, int, float], None], Callable[[list[float]], None]]] = []
     if metrics is not None:
         hooks.append(metrics.batch_hooks(model))
@@ -85,6 +87,7 @@ def build_batcher(backend: Backend, s: ServerSettings, metrics: Metrics | None =
         low_lane_workers=s.low_lane_workers,
         on_batch=on_batch,
         on_batch_start=on_batch_start,
+        tracing=tracing,
     )
 
 
@@ -107,11 +110,12 @@ class ModelRuntime:
     @classmethod
     def assemble(cls, name: str, version: str, artifact: Artifact, backend: Backend,
                  settings: ServerSettings, metrics: Metrics | None = None,
-                 stats: ModelStats | None = None) -> ModelRuntime:
+                 stats: ModelStats | None = None,
+                 tracing: Tracing | None = None) -> ModelRuntime:
         """One version's batcher, predictor and generator (not started). `stats`: the model's
         statistics, kept across its versions (a new one when omitted)."""
         stats = stats if stats is not None else ModelStats()
-        batcher = build_batcher(backend, settings, metrics, name, stats)
+        batcher = build_batcher(backend, settings, metrics, name, stats, tracing)
         predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings))
         generator = Generator(predictor, step_batching=settings.step_batching,
                               flush_ms=settings.generate_flush_ms)

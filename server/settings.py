@@ -146,6 +146,17 @@ class ServerSettings(BaseSettings):
         0.0, ge=0, description="Check a model repository for a newer version every poll_s; 0 = off."
     )
 
+    # Tracing (docs/tracing.md): OpenTelemetry, needs `pip install 'nextchar[otel]'`.
+    otel: bool = Field(False, description="OpenTelemetry spans for every call (receive, queue, "
+                       "model call, send), from the caller's traceparent.")
+    otel_exporter: Literal["otlp", "console", "none"] = Field(
+        "otlp", description="Where spans go: OTLP over HTTP, the console, or nowhere (none).")
+    otel_endpoint: str = Field(
+        "", description="OTLP/HTTP traces URL; empty: OTEL_EXPORTER_OTLP_* or localhost:4318.")
+    otel_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled (a caller's sampled flag wins).")
+    otel_service_name: str = Field("nextchar", description="The service.name of the spans.")
+
     # Security (README "Operations and security"): TLS, mTLS, bearer tokens.
     tls_cert: Path | None = Field(None, description="PEM server certificate (chain); enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")

@@ -19,9 +19,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .logging_setup import request_id_from, request_id_var
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .tracing import CallTrace, Tracing
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("nextchar.server.access")
@@ -102,10 +106,13 @@ class DrainGate:
 class Telemetry:
     """What the call wrapper (interceptors.py) does first and last on every tracked call."""
 
-    def __init__(self, tracker: CallTracker, gate: DrainGate, metrics: Metrics | None) -> None:
+    def __init__(self, tracker: CallTracker, gate: DrainGate, metrics: Metrics | None,
+                 tracing: Tracing | None = None) -> None:
         self.tracker = tracker
         self.gate = gate
         self.metrics = metrics
+        self.tracing = tracing
+        self._traces: dict[int, CallTrace] = {}  # by call sequence number, with tracing on
 
     @staticmethod
     def tracks(method: str) -> bool:
@@ -118,15 +125,20 @@ class Telemetry:
         request_id_var.set(request_id)
         return request_id
 
-    def enter(self, method: str, protocol: str = "grpc") -> int | None:
+    def enter(self, method: str, protocol: str = "grpc",
+              traceparent: str | None = None) -> int | None:
         """None while draining (the front end refuses the call with DRAINING_MESSAGE); else
-        tracks the call and returns its sequence number."""
+        tracks the call and returns its sequence number. With tracing on, the call's SERVER
+        span starts here (child of `traceparent`, the caller's W3C trace context)."""
         if self.gate.closed:
             self._finish(method, "UNAVAILABLE", 0.0, protocol)
             return None
         if self.metrics is not None:
             self.metrics.in_flight.inc()
-        return self.tracker.begin()
+        seq = self.tracker.begin()
+        if self.tracing is not None:
+            self._traces[seq] = self.tracing.start_call(method, protocol, traceparent)
+        return seq
 
     def exit(self, seq: int, method: str, code: str, started: float,
              protocol: str = "grpc") -> None:
@@ -134,6 +146,8 @@ class Telemetry:
         self._finish(method, code, time.perf_counter() - started, protocol)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
+        if self.tracing is not None:
+            self.tracing.end_call(self._traces.pop(seq, None), code)
         self.tracker.end(seq)
 
     def _finish(self, method: str, code: str, duration_s: float, protocol: str) -> None:

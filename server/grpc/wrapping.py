@@ -274,12 +274,14 @@ class CallWrapper:
 
 def _enter(telemetry: Telemetry, context: grpc.aio.ServicerContext, method: str) -> int | None:
     """The request id in (metadata) and out (trailing metadata), then the shared bookkeeping."""
-    supplied = None
+    supplied = traceparent = None
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str):
             supplied = value
+        elif key == "traceparent" and isinstance(value, str):
+            traceparent = value
     context.set_trailing_metadata(((REQUEST_ID_HEADER, telemetry.request_id(supplied)),))
-    return telemetry.enter(method)
+    return telemetry.enter(method, "grpc", traceparent)
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):
