@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 1.5
 
-.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench bench-ab bench-priority clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz fuzz-http reliability bench-http
+.PHONY: setup proto proto-check lint test test-fast thin-venvs demo bench bench-ab bench-priority bench-tracing clean triton-venv tritonclient-test pytriton-venv gpu-venv gpu-check bench-peer bench-batch bench-generate compose-smoke fuzz fuzz-http reliability bench-http
 
 setup: $(STAMP)
 
@@ -142,6 +142,10 @@ bench-ab: setup
 # in the high lane (no lanes); ~3 min. Writes docs/priority_bench.json.
 bench-priority: setup
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/priority_bench.py --out docs/priority_bench.json
+
+# Tracing's cost per call: the same server with --otel off and on, interleaved; ~2 min.
+bench-tracing: setup
+	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/tracing_bench.py --out docs/tracing_bench.json
 
 # `nextchar batch` over 100k lines: one server, two server processes, --local (docs/benchmarks.md).
 bench-batch: setup
