@@ -137,7 +137,18 @@ class PortInUse(OSError):
     """The gRPC port is taken: said in one line, before the model is loaded."""
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_ports_free(settings: ServerSettings) -> None:
+    """The gRPC port, and the HTTP and metrics ports when they are on, before the model loads."""
+    check_port_free(settings.host, settings.port)
+    if getattr(settings, "http", False) and getattr(settings, "http_port", 0):
+        check_port_free(settings.host, settings.http_port, "--http-port", "HTTP ")
+    metrics_port = getattr(settings, "metrics_port", None)
+    if metrics_port:
+        check_port_free(getattr(settings, "metrics_host", None) or settings.host, metrics_port,
+                        "--metrics-port", "metrics ")
+
+
+def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") -> None:
     """Binds (and closes) a plain socket on the address gRPC will bind, so a taken port fails in
     one line before the model loads, and without gRPC core's own error log line. gRPC binds with
     SO_REUSEADDR (and here without SO_REUSEPORT), so this does too; the start still reports a
@@ -156,14 +167,15 @@ def check_port_free(host: str, port: int) -> None:
                 s.bind(address)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise PortInUse(f"{host}:{port} is already in use (another server?): stop "
-                                    f"it, or pick another --port (0 picks a free one)") from e
+                    raise PortInUse(f"{what}{host}:{port} is already in use (another server?): "
+                                    f"stop it, or pick another {flag} (0 picks a free one)"
+                                    ) from e
                 if e.errno == errno.EADDRNOTAVAIL:
-                    raise OSError(f"cannot bind {host}:{port}: {host} is not an address of "
-                                  f"this machine (--host)") from e
+                    raise OSError(f"cannot bind {what}{host}:{port}: {host} is not an address "
+                                  f"of this machine (--host)") from e
                 if e.errno == errno.EACCES:
-                    raise OSError(f"cannot bind {host}:{port}: permission denied (ports below "
-                                  f"1024 need privileges; pick another --port)") from e
+                    raise OSError(f"cannot bind {what}{host}:{port}: permission denied (ports "
+                                  f"below 1024 need privileges; pick another {flag})") from e
                 raise
 
 
@@ -181,7 +193,7 @@ def main(argv: list[str]) -> int:
               f"artifact directory holds manifest.json and the model files)", file=sys.stderr)
         return 2
     try:
-        check_port_free(settings.host, settings.port)
+        check_ports_free(settings)
     except OSError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ BASE: dict[str, list[str]] = {
     "batch": ["{input}", "-o", "{output}", "--no-progress", "--max-retries", "0",
               "--timeout-s", "5"],
     # The model does not exist: an accepted value ends there, one line, instead of serving.
-    "serve": ["--model", "{tmp}/no-such-artifact", "--port", "0"],
+    "serve": ["--model", "{tmp}/no-such-artifact", "--port", "0", "--http-port", "0"],
     # No such corpus: an accepted value ends there instead of training.
     "train": ["--corpus", "{tmp}/no-such-corpus", "--out", "{tmp}/run", "--max-steps", "1"],
     "export": ["{tmp}/no-such-run", "-o", "{tmp}/artifact"],
@@ -289,3 +289,21 @@ def test_generate_help_shows_max_chars_default_and_bounds(capfd: pytest.CaptureF
     for bad in ("0", "4294967296"):
         code, _, err = run_in_process(["generate", "--max-chars", bad, "x"], capfd)
         assert code == 2 and "argument --max-chars" in err
+
+
+def test_serve_on_a_taken_http_port(tiny_artifact: Path) -> None:
+    """The HTTP port is checked with the gRPC one, before the model loads: one line."""
+    from nextchar.server.settings import ServerSettings
+
+    if "http_port" not in ServerSettings.model_fields:
+        pytest.skip("no HTTP front end")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _nextchar("serve", "--model", str(tiny_artifact), "--port", "0", "--http-port",
+                         str(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    text = err.decode()
+    assert_one_clean_line("serve", proc.returncode, text)
+    assert f"HTTP 127.0.0.1:{port} is already in use" in text and "--http-port" in text
