@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+import socket
 import ssl
 import struct
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -362,28 +362,29 @@ def test_tls_and_mtls(start_server, tiny_artifact: Path, pki) -> None:
 
 def test_drain_turns_health_not_ready_then_refuses_with_retry_after(start_server,
                                                                     tiny_artifact: Path) -> None:
-    st = start_server(model=tiny_artifact, max_streams=4)
+    st = start_server(model=tiny_artifact)
     name = st.server.runtime().name
-    streamed: list[Reply] = []
-    # A long stream keeps the drain open while new calls arrive.
-    t = threading.Thread(target=lambda: streamed.append(call(
-        st.http_url, "POST", "/v1/completions",
-        {"model": name, "prompt": "ab", "max_tokens": 4000, "stream": True})))
-    t.start()
-    time.sleep(0.5)
-    stopping = st.loop.call_soon_threadsafe(
-        lambda: st.loop.create_task(st.server.stop(grace_s=2.0, prestop_s=0.6)))
-    del stopping
+    # A call whose body is still arriving is accepted and tracked: it holds the drain open.
+    held = socket.create_connection(("127.0.0.1", int(st.http_url.rsplit(":", 1)[1])))
+    held.sendall(f"POST /v2/models/{name}/infer HTTP/1.1\r\nhost: x\r\n"
+                 "content-type: application/json\r\ncontent-length: 100\r\n\r\n{".encode())
     time.sleep(0.3)
-    assert v2(st, "GET", "/v2/health/ready").status == 503  # not ready first ...
-    assert v2(st, "GET", "/v2").status == 200  # ... while still serving (pre-stop)
-    time.sleep(0.6)
-    r = v2(st, "POST", f"/v2/models/{name}/infer", {"inputs": [text_input(["ab"])]})
-    assert r.status == 503 and r.headers["retry-after"] == "1"
-    assert "shutting down" in r.json()["error"]
-    t.join(10)
-    events = streamed[0].events()
-    assert "error" in events[-1] or events[-1] == "[DONE]"
+    st.loop.call_soon_threadsafe(
+        lambda: st.loop.create_task(st.server.stop(grace_s=5.0, prestop_s=1.5)))
+    time.sleep(0.2)
+    try:
+        assert v2(st, "GET", "/v2/health/ready").status == 503  # not ready first ...
+        assert v2(st, "GET", "/v2/health/live").status == 200
+        assert v2(st, "GET", "/v2").status == 200  # ... while still serving (pre-stop)
+        deadline = time.monotonic() + 5
+        while (r := v2(st, "POST", f"/v2/models/{name}/infer",
+                       {"inputs": [text_input(["ab"])]})).status == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status == 503 and r.headers["retry-after"] == "1"
+        assert "shutting down" in r.json()["error"]
+    finally:
+        held.close()
 
 
 @pytest.fixture(scope="module")
