@@ -115,7 +115,19 @@ def _check_alive_and_bounded(t: Target) -> None:
     by_status = Counter()
     for key, n in statuses.items():
         by_status[key.rsplit(" ", 1)[1]] += n
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
     report = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                   f"Python {platform.python_version()}",
+        "command": "make fuzz-http",
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
         "requests": sum(statuses.values()),
         "by_status": dict(sorted(by_status.items())),
         "by_route": dict(sorted(statuses.items())),
