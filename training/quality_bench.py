@@ -205,6 +205,36 @@ def _table(legs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The benchmark's JSON as the tables docs/benchmarks.md shows."""
+    lines = ["| leg | run | scored val nats/char | scored checkpoint | steps | params | "
+             "chars seen | train time | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for leg in report["legs"]:
+        for who in ("ours", "baseline"):
+            r, m = leg[who], leg[who]["metrics"]
+            if who == "ours":
+                ck = leg["ours"]["export"]["checkpoint"]
+                scored = f"{ck['file']} (step {ck['step']})"
+            else:
+                scored = f"last (step {m['steps']})"
+            lines.append(
+                f"| {leg['leg']} | {who} | {leg[who + '_val']:.4f} | {scored} | {m['steps']} | "
+                f"{m['params']:,} | {m['chars_seen']:,} | {m['train_time_s'] / 60:.1f} min | "
+                f"{r['load_before'][0]} / {r['load_after'][0]} |")
+    lines += ["", "| leg | ours - baseline | target | verdict | exported = best val seen |",
+              "|---|---|---|---|---|"]
+    for leg in report["legs"]:
+        lines.append(f"| {leg['leg']} | {leg['delta']:+.4f} | <= {leg['target_delta']:+.2f} | "
+                     f"{'meets' if leg['meets'] else '**misses**'} | "
+                     f"{'yes' if leg['exported_is_best_seen'] else 'no'} |")
+    lines += ["", "Commands:", ""]
+    for leg in report["legs"]:
+        for who in ("ours", "baseline"):
+            lines.append(f"- {leg['leg']} {who}: `{leg[who]['command']}`")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="(default: 10)")
@@ -225,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset-source", default=None, metavar="DIR",
                    help="for trying the script out: use these files instead of the default "
                         "corpus for every leg")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print an earlier run's JSON as markdown tables and exit")
     args = p.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text("utf-8"))))
+        return 0
 
     started = datetime.now(timezone.utc)
     report: dict[str, Any] = {
