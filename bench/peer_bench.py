@@ -315,7 +315,20 @@ def start_peers(fleet: Fleet, args: argparse.Namespace, artifact: Path,
                                            server, cfg.model_name(graph))
     tritons = [(cfg, graph) for cfg, graph in wanted if cfg.peer == "triton"]
     if tritons:
-        server = fleet.add(start_triton(args.pytriton_venv, artifact, tritons, args.workdir))
+        # PyTriton's stub gives its handshake with the Python process 1 s; on a loaded 2-core
+        # machine that sometimes runs out and the model fails to load: start it again then.
+        for attempt in range(3):
+            server = fleet.add(start_triton(args.pytriton_venv, artifact, tritons, args.workdir))
+            try:
+                for cfg, graph in tritons:
+                    server.wait_ready(cfg.model_name(graph))
+                break
+            except RuntimeError as e:
+                print(f"Triton did not start (attempt {attempt + 1}): {e}", flush=True)
+                server.stop()
+                fleet.servers.remove(server)
+        else:
+            raise RuntimeError("Triton did not start in 3 attempts")
         for cfg, graph in tritons:
             targets[(cfg, graph)] = Target(f"{cfg.model_name(graph)}", f"{cfg.label} ({graph} graph)",
                                            server, cfg.model_name(graph), batch_axis=True)
@@ -380,25 +393,17 @@ def check_same_answers(targets: list[Target]) -> None:
 
 
 async def closed_loop(address: str, payloads: list[bytes], concurrency: int,
-                      duration_s: float) -> Sample:
+                      duration_s: float, warmup_s: float = 0.0) -> Sample:
+    """C workers on one channel, each sending its next request when its answer arrives; the
+    first warmup_s seconds (same channel, same workers' pattern) are not measured."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(INFER)  # bytes in, bytes out: no client-side (de)serializing
+        if warmup_s > 0:
+            await _drive(call, payloads, concurrency, warmup_s, [], {})
         latencies: list[float] = []
         errors: dict[str, int] = {}
         started = time.perf_counter()
-        stop_at = started + duration_s
-
-        async def worker(i: int) -> None:
-            j = i
-            while (t0 := time.perf_counter()) < stop_at:
-                try:
-                    await call(payloads[j % len(payloads)], timeout=30)
-                    latencies.append(time.perf_counter() - t0)
-                except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                j += concurrency
-
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        await _drive(call, payloads, concurrency, duration_s, latencies, errors)
         elapsed = time.perf_counter() - started
     lat_ms = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
     return Sample(concurrency, len(latencies), errors, round(elapsed, 3),
@@ -406,10 +411,27 @@ async def closed_loop(address: str, payloads: list[bytes], concurrency: int,
                   round(float(np.percentile(lat_ms, 99)), 2))
 
 
+async def _drive(call: Any, payloads: list[bytes], concurrency: int, duration_s: float,
+                 latencies: list[float], errors: dict[str, int]) -> None:
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker(i: int) -> None:
+        j = i
+        while (t0 := time.perf_counter()) < stop_at:
+            try:
+                await call(payloads[j % len(payloads)], timeout=30)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            j += concurrency
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+
+
 def measure(target: Target, concurrency: int, duration_s: float, warmup_s: float) -> Sample:
     load = os.getloadavg()[0]
-    asyncio.run(closed_loop(target.server.address, target.payloads, concurrency, warmup_s))
-    sample = asyncio.run(closed_loop(target.server.address, target.payloads, concurrency, duration_s))
+    sample = asyncio.run(closed_loop(target.server.address, target.payloads, concurrency,
+                                     duration_s, warmup_s))
     sample.loadavg_1m = round(load, 2)
     print(f"  {target.label:<72} c={concurrency:<3} {sample.throughput_rps:>8.1f} req/s  "
           f"p50 {sample.p50_ms:>7.2f} ms  p99 {sample.p99_ms:>7.2f} ms  load {load:.2f}"
@@ -473,7 +495,7 @@ def tune(args: argparse.Namespace, artifact: Path, argv: list[str] | None) -> di
         plan = {c: [targets[(cfg, "loop")] for cfg in TUNE_GRID[c]] for c in args.concurrency}
         print(f"tuning: {sum(map(len, plan.values()))} (setting, concurrency) points x "
               f"{args.tune_samples} samples of {args.tune_duration_s:g} s", flush=True)
-        samples = interleaved(plan, args.tune_samples, args.tune_duration_s, args.warmup_s)
+        samples = interleaved(plan, args.tune_samples, args.tune_duration_s, args.tune_warmup_s)
     points = []
     best: dict[str, dict[int, dict[str, Any]]] = {}
     for c in args.concurrency:
@@ -495,7 +517,7 @@ def tune(args: argparse.Namespace, artifact: Path, argv: list[str] | None) -> di
     return {**info, "loadavg_1m_end": round(os.getloadavg()[0], 2),
             "wall_s": round(time.monotonic() - started), "graph": "loop",
             "samples_per_point": args.tune_samples, "duration_s": args.tune_duration_s,
-            "warmup_s": args.warmup_s,
+            "warmup_s": args.tune_warmup_s,
             "best": {peer: {str(c): p["config"] for c, p in per_c.items()}
                      for peer, per_c in best.items()},
             "points": points}
@@ -629,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-out", type=Path, help="write the tuning run here as JSON")
     ap.add_argument("--tune-only", action="store_true", help="tune, write --tune-out, stop")
     ap.add_argument("--tune-samples", type=int, default=3)
-    ap.add_argument("--tune-duration-s", type=float, default=2.0)
+    ap.add_argument("--tune-duration-s", type=float, default=1.5)
+    ap.add_argument("--tune-warmup-s", type=float, default=0.3)
     ap.add_argument("--peers", default="mlserver,triton", help="comma-separated: mlserver,triton")
     ap.add_argument("--standard-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="also run every server on model.onnx (what a user gets without "
