@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .backends import BackendName
+
 
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
@@ -34,7 +36,7 @@ class ServerSettings(BaseSettings):
         True, description="Server ready only when every model that should be loaded is; off: "
         "when any is.",
     )
-    backend: Literal["onnx", "torchscript"] = Field(
+    backend: BackendName = Field(
         "onnx", description="Runtime: onnx (ONNX Runtime, no torch needed) or torchscript."
     )
     device: Literal["cpu", "cuda", "auto"] = Field(

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from .base import Backend, BatchOutput, DeviceUnavailable
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
 
-__all__ = ["BACKENDS", "Backend", "BackendInfo", "BatchOutput", "DeviceUnavailable",
+__all__ = ["BACKENDS", "Backend", "BackendInfo", "BackendName", "BatchOutput", "DeviceUnavailable",
            "backend_info", "create_backend"]
 
 
@@ -41,6 +41,11 @@ BACKENDS: dict[str, BackendInfo] = {
                     "torchscript:TorchScriptBackend", install_hint="pip install 'nextchar[torch]'"),
     )
 }
+
+
+# The `--backend` choices (settings.py types the field with it); kept equal to BACKENDS' keys.
+BackendName = Literal["onnx", "torchscript"]
+assert set(get_args(BackendName)) == set(BACKENDS), "BackendName must list every BACKENDS entry"
 
 
 def backend_info(name: str) -> BackendInfo:
