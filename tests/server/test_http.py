@@ -392,3 +392,15 @@ def pki(tmp_path_factory):
     from test_security import pki as make_pki
 
     return make_pki.__wrapped__(tmp_path_factory)
+
+
+def test_overload_is_429_with_retry_after(start_server, tiny_artifact: Path) -> None:
+    st = start_server(model=tiny_artifact, max_queue_texts=1)
+    name = st.server.runtime().name
+    r = v2(st, "POST", f"/v2/models/{name}/infer", {"inputs": [text_input(["ab", "cd"])]})
+    assert r.status == 429 and r.headers["retry-after"] == "1"
+    assert "overloaded" in r.json()["error"]
+    r = call(st.http_url, "POST", "/nextchar/v1/predict", {"texts": ["ab", "cd"]})
+    assert r.status == 429
+    assert v2(st, "POST", f"/v2/models/{name}/infer",
+              {"inputs": [text_input(["ab"])]}).status == 200
