@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="nextchar-grafana-"))
-    repository = "--model-repository" in serve_help()
+    repository = "--model-repository" in serve_help()  # the server before issue 13 had none
     root, models = build_models(work, repository)
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "nextchar.client.cli", "serve", "--host", "127.0.0.1",
@@ -529,8 +529,11 @@ def main(argv: list[str] | None = None) -> int:
            "--prestop-s", "3", "--grace-s", "10", "--backend-workers", "2",
            "--intra-op-threads", "1"]
     cmd += ["--model-repository", str(root)] if repository else ["--model", str(root)]
-    if repository and "--default-model" in serve_help():
+    help_text = serve_help()
+    if repository and "--default-model" in help_text:
         cmd += ["--default-model", models[0]]
+    if "--http-port" in help_text:  # the HTTP front end: any free port, not 8000
+        cmd += ["--http-port", "0"]
     log = (work / "server.log").open("w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTCHAR_")}
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

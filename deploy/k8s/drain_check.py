@@ -45,7 +45,8 @@ def free_port() -> int:
 def start(art: Path, port: int, prestop_s: float, grace_s: float, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTCHAR_")}
     cmd = [sys.executable, "-m", "nextchar.client.cli", "serve", "--model", str(art), "--port",
-           str(port), "--prestop-s", str(prestop_s), "--grace-s", str(grace_s)]
+           str(port), "--prestop-s", str(prestop_s), "--grace-s", str(grace_s),
+           "--http-port", "0"]  # gRPC is what this measures; HTTP on any free port
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
