@@ -16,6 +16,8 @@ The convention the docs follow:
 - A ```python block that imports tritonclient runs in .venv-triton (`make triton-venv`; it pins
   protobuf<7), and is skipped where that venv is missing.
 - Blocks tagged bash/shell/zsh are refused: a shell example is either sh or console.
+- Every `nextchar ...` command line, in ```console blocks too, is parsed by that command's own
+  parser (not run), so a renamed flag breaks the build wherever it is written.
 """
 
 from __future__ import annotations
@@ -214,3 +216,56 @@ def test_default_model_is_what_make_demo_writes() -> None:
     finally:
         sys.path.remove(str(REPO / "scripts"))
     assert demo.DEFAULT_MODEL == expected
+
+
+def _nextchar_lines(block: Block) -> Iterator[list[str]]:
+    """The arguments of every `nextchar ...` command line of a block (continuations joined;
+    lines with placeholders such as `...`, `<x>`, `[--flag]` or `$VAR` left out)."""
+    import shlex
+
+    for line in block.text.replace("\\\n", " ").splitlines():
+        line = line.strip().removeprefix("$ ")
+        if any(mark in line for mark in ("...", "$", "<", "[")):
+            continue
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VAR=value nextchar ...
+            words = words[1:]
+        if len(words) < 2 or words[0] != "nextchar" or words[1].endswith(":"):  # output lines
+            continue
+        ends = [i for i, w in enumerate(words) if w in ("|", "&&", "||", ";", ">", "&")]
+        yield words[1:ends[0]] if ends else words[1:]
+
+
+def test_every_documented_command_line_parses() -> None:
+    """```console blocks are not run, but their `nextchar` commands must still be real: each is
+    parsed by the command's own parser, so a renamed flag fails here too."""
+    import contextlib
+    import io
+
+    from nextchar.client import cli
+    from nextchar.server.cli import build_parser as serve_parser
+    from nextchar.training.cli import build_parser as training_parser
+
+    bad = []
+    for block in blocks():
+        if block.lang not in ("sh", "console"):
+            continue
+        for argv in _nextchar_lines(block):
+            if argv[0] == "serve":
+                parser, rest = serve_parser(), argv[1:]
+            elif argv[0] in ("train", "export"):
+                parser, rest = training_parser(), argv
+            else:
+                parser, rest = cli.build_parser(), argv
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    parser.parse_args(rest)
+            except SystemExit as e:
+                if e.code:
+                    bad.append(f"{block.id}: nextchar {' '.join(argv)}\n    "
+                               f"{err.getvalue().strip().splitlines()[-1]}")
+    assert not bad, "documented commands that do not parse:\n" + "\n".join(bad)
