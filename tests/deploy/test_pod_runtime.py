@@ -11,7 +11,8 @@ a private mount namespace (`unshare -m`, root only) the root filesystem is remou
 /tmp becomes an empty tmpfs, the artifact, certificate and tokens are bind-mounted at /srv,
 and `nextchar serve` starts from this venv as uid 10001 (`setpriv`), with no HOME to write to.
 The certificates come from the openssl commands docs/deploy.md gives operators. The server
-must become SERVING, answer Predict over TLS with a token and /metrics, pass the overlay's own
+must become SERVING, answer Predict over TLS with a token, /metrics, and the HTTP front end's
+/v2/health/ready over TLS, pass the overlay's own
 probe command (and fail it for a name the certificate does not carry), and drain on SIGTERM
 within prestop_s + grace_s + 1 s, exiting 0. The host's mounts are untouched.
 """
@@ -22,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -107,14 +109,14 @@ def test_serves_like_the_pod(tiny_artifact: Path, tmp_path: Path) -> None:
             value = value.replace(old, new)
         return value
 
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     assert str(port) != overlay_env["NEXTCHAR_PORT"]  # the probe's port is rewritten below
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTCHAR_")}
     env.update({k: pod_path(v) for k, v in overlay_env.items() if k.startswith("NEXTCHAR_")})
     env.update({"HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
                 "NEXTCHAR_MODEL": "/srv/model", "NEXTCHAR_HOST": "127.0.0.1",
                 "NEXTCHAR_PORT": str(port), "NEXTCHAR_METRICS_PORT": str(metrics_port),
-                "NEXTCHAR_HTTP_PORT": str(free_port()),
+                "NEXTCHAR_HTTP_PORT": str(http_port),
                 "NEXTCHAR_PRESTOP_S": str(PRESTOP_S), "NEXTCHAR_GRACE_S": str(GRACE_S),
                 "NEXTCHAR_BACKEND_WORKERS": "1", "NEXTCHAR_INTRA_OP_THREADS": "1"})
     # The interpreter lives under /root (mode 0700 here): its tree is moved onto a 0755 tmpfs
@@ -168,6 +170,14 @@ def test_serves_like_the_pod(tiny_artifact: Path, tmp_path: Path) -> None:
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                          timeout=5).read().decode()
         assert "nextchar_requests_total" in metrics
+        from nextchar.server.settings import ServerSettings
+
+        if "http_port" in ServerSettings.model_fields:  # the HTTP front end, TLS as well
+            ctx = ssl.create_default_context(cafile=str(pod / "tls" / "ca.crt"))
+            ctx.check_hostname = False  # the certificate names nextchar-headless, not 127.0.0.1
+            with urllib.request.urlopen(f"https://127.0.0.1:{http_port}/v2/health/ready",
+                                        timeout=5, context=ctx) as r:
+                assert r.status == 200
         signalled = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
