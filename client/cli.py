@@ -149,7 +149,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "VERSION", "STATE", "DEFAULT", "REASON")]
     for m in listing.models:
-        state = message_to_dict(m)["state"].removeprefix("MODEL_STATE_")
+        state = str(message_to_dict(m)["state"]).removeprefix("MODEL_STATE_")
         rows.append((m.name, m.version or "-", state, "yes" if m.is_default else "",
                      m.reason.splitlines()[0] if m.reason else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
