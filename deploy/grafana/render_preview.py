@@ -9,8 +9,9 @@ What it does, in order:
 2. starts `nextchar serve` (this venv) with metrics on, and scrapes /metrics every second, as
    Prometheus would (adding `instance`);
 3. drives about 80 s of load from this process (`--seconds`): Predict at rising concurrency on
-   both models, Generate streams, a `nextchar batch` job (low priority lane), some bad calls,
-   a new version (a reload) and a broken one (a failed reload); then SIGTERM (draining);
+   both models, Generate streams, KServe V2 REST calls on the HTTP front end, a `nextchar
+   batch` job (low priority lane), some bad calls, a new version (a reload) and a broken one
+   (a failed reload); then SIGTERM (draining);
 4. evaluates every panel's PromQL from the dashboard file over the scraped samples with the
    small evaluator below (the subset the dashboard uses: selectors, rate, increase,
    histogram_quantile, sum/max by, binary `/`), and draws the panels on the dashboard's grid.
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -288,7 +290,7 @@ def add_version(root: Path, model: str | None, version: str, broken: bool, seed:
 
 
 def drive(address: str, models: list[str], seconds: float, batch_input: Path, out_dir: Path,
-          add: Callable[[int], None]) -> dict[str, int]:
+          add: Callable[[int], None], http_base: str | None) -> dict[str, int]:
     """The load, phase by phase; returns call counts by outcome."""
     from nextchar.client import NextCharClient, NextCharError
 
@@ -349,6 +351,28 @@ def drive(address: str, models: list[str], seconds: float, batch_input: Path, ou
                             count(f"bad call {e.code.name}")
                 time.sleep(0.25)
 
+    def http_caller(worker: int) -> None:
+        """KServe V2 REST infer on the HTTP front end, and now and then a model that is not there."""
+        model = models[worker % len(models)] if len(models) > 1 else models[0]
+        while time.monotonic() < stop_at and http_base:
+            f = phase()
+            if not 0.1 < f < 0.9:
+                time.sleep(0.2)
+                continue
+            name = "no-such-model" if rng.random() < 0.05 else model
+            body = json.dumps({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                                           "data": [CORPUS[:40], CORPUS[:90]]}]}).encode()
+            req = urllib.request.Request(f"{http_base}/v2/models/{name}/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    r.read()
+                count("http 200")
+            except urllib.error.HTTPError as e:
+                count(f"http {e.code}")
+            except OSError:
+                count("http error")
+
     def batch_job() -> None:
         while phase() < 0.35:
             time.sleep(0.2)
@@ -368,9 +392,10 @@ def drive(address: str, models: list[str], seconds: float, batch_input: Path, ou
                 time.sleep(0.2)
             add(step)
 
-    with ThreadPoolExecutor(40) as pool:
+    with ThreadPoolExecutor(44) as pool:
         jobs = [pool.submit(predictor, w) for w in range(24)]
         jobs += [pool.submit(streamer, w) for w in range(8)]
+        jobs += [pool.submit(http_caller, w) for w in range(4)]
         jobs += [pool.submit(troublemaker), pool.submit(batch_job), pool.submit(reloads)]
         for j in jobs:
             j.result()
@@ -532,8 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     help_text = serve_help()
     if repository and "--default-model" in help_text:
         cmd += ["--default-model", models[0]]
-    if "--http-port" in help_text:  # the HTTP front end: any free port, not 8000
-        cmd += ["--http-port", "0"]
+    http_base = None
+    if "--http-port" in help_text:  # the HTTP front end, on a free port (not 8000)
+        http_port = free_port()
+        cmd += ["--http-port", str(http_port)]
+        http_base = f"http://127.0.0.1:{http_port}"
     log = (work / "server.log").open("w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTCHAR_")}
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -569,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 add_version(root, other, "3", broken=True, seed=12)
 
-        counts = drive(address, models, args.seconds, batch_input, work, add)
+        counts = drive(address, models, args.seconds, batch_input, work, add, http_base)
         time.sleep(3)
         server.send_signal(signal.SIGTERM)  # draining shows in the last scrapes (pre-stop 3 s)
         server.wait(timeout=60)
