@@ -52,11 +52,22 @@ def root_conftest() -> Any:
     import sys
     from pathlib import Path
 
+    import importlib.util
+
     path = str(Path(__file__).resolve().parents[1] / "conftest.py")
     for module in list(sys.modules.values()):
         if getattr(module, "__file__", None) == path:
             return module
-    raise RuntimeError("tests/conftest.py is not loaded")
+    # In a full run sys.modules["conftest"] may be another folder's conftest by now: load this
+    # file once more under its own name (its classes are what the tests need, not its fixtures).
+    name = "nextchar_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 class Connection:

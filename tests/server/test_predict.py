@@ -37,7 +37,7 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = root / "run"
     train(TrainConfig(out=str(run), corpus=[str(text)], max_steps=30, cell="gru", embed_dim=16,
                       hidden_size=32, num_layers=2, batch_size=8, bptt=32, eval_every=1000,
-                      progress=False, bf16=False))
+                      progress=False, precision="fp32"))
     return run, export_artifact(run, root / "artifact")
 
 
