@@ -159,16 +159,48 @@ def maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(value, value, value, anything)
 
 
-def body_of(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
-    keys = list(fields)
-    return st.one_of(
-        st.fixed_dictionaries({}, optional={k: maybe(v) for k, v in fields.items()}),
-        st.fixed_dictionaries({}, optional={k: maybe(v) for k, v in fields.items()}),
-        st.dictionaries(st.sampled_from(keys + ["x", ""]), anything, max_size=4),
-        anything)
+@st.composite
+def body_of(draw: st.DrawFn, required: dict[str, st.SearchStrategy[Any]],
+            optional: dict[str, st.SearchStrategy[Any]]) -> Any:
+    """About half the bodies are valid (so the model path runs), a fifth valid but for one
+    field, the rest loose: any subset of the fields with any values, or any JSON at all."""
+    mode = draw(st.integers(0, 9))
+    if mode < 7:
+        body = {k: draw(v) for k, v in required.items()}
+        for k, v in optional.items():
+            if draw(st.integers(0, 2)) == 0:
+                body[k] = draw(v)
+        if mode >= 5:
+            key = draw(st.sampled_from(sorted({*required, *optional})))
+            body[key] = draw(anything)
+        return body
+    if mode < 9:
+        fields = {**required, **optional}
+        return draw(st.fixed_dictionaries({}, optional={k: maybe(v) for k, v in fields.items()}))
+    return draw(anything)
 
 
-v2_input = st.fixed_dictionaries({}, optional={
+vocab_text = st.text(alphabet="abcdefgh ,.!?\n", min_size=1, max_size=12)
+bad_text = st.one_of(st.text(max_size=12), st.text(min_size=MAX_CHARS - 2, max_size=MAX_CHARS + 4,
+                                                   alphabet="ab"))
+
+
+@st.composite
+def v2_inputs(draw: st.DrawFn) -> list[Any]:
+    if draw(st.booleans()):
+        texts = draw(st.lists(st.one_of(vocab_text, vocab_text, vocab_text, bad_text), min_size=1,
+                              max_size=4))
+        return [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
+    rows = draw(st.lists(st.lists(st.integers(0, 58), min_size=1, max_size=8), min_size=1,
+                         max_size=3))
+    width = max(map(len, rows))
+    return [{"name": "ids", "datatype": "INT64", "shape": [len(rows), width],
+             "data": [r + [0] * (width - len(r)) for r in rows]},
+            {"name": "lengths", "datatype": "INT64", "shape": [len(rows)],
+             "data": [len(r) for r in rows]}]
+
+
+v2_loose_input = st.fixed_dictionaries({}, optional={
     "name": maybe(st.sampled_from(["text", "ids", "lengths", "probs", ""])),
     "datatype": maybe(st.sampled_from(["BYTES", "INT64", "FP32", "INT32", "bytes"])),
     "shape": maybe(st.lists(st.integers(-2, 40), min_size=0, max_size=3)),
@@ -178,40 +210,38 @@ v2_input = st.fixed_dictionaries({}, optional={
     "parameters": maybe(st.dictionaries(st.sampled_from(["binary_data_size", "content_type"]),
                                         numbers, max_size=2)),
 })
-v2_body = body_of({
+v2_body = body_of({"inputs": st.one_of(v2_inputs(), v2_inputs(), v2_inputs(),
+                                       st.lists(v2_loose_input, max_size=3))}, {
     "id": texts,
-    "parameters": st.dictionaries(st.sampled_from(["top_k", "priority", "binary_data_output"]),
-                                  numbers, max_size=3),
-    "inputs": st.lists(v2_input, max_size=3),
-    "outputs": st.lists(st.fixed_dictionaries({"name": maybe(st.sampled_from(
-        ["probs", "top_ids", "top_chars", "top_probs", "x"]))}, optional={
-        "parameters": st.dictionaries(st.sampled_from(["binary_data", "classification"]),
-                                      numbers, max_size=2)}), max_size=5),
+    "parameters": st.fixed_dictionaries({}, optional={
+        "top_k": st.integers(0, 8), "priority": st.sampled_from([1, 2]),
+        "binary_data_output": st.booleans()}),
+    "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(
+        ["probs", "top_ids", "top_chars", "top_probs"])}, optional={
+        "parameters": st.fixed_dictionaries({"binary_data": st.booleans()})}),
+        min_size=1, max_size=3, unique_by=lambda o: o["name"]),
 })
-completion_body = body_of({
-    "model": st.sampled_from([MODEL, MODEL, "", "nope"]),
-    "prompt": st.one_of(texts, st.lists(texts, max_size=3)),
-    "max_tokens": st.integers(-2, 80), "temperature": st.floats(-1, 3),
-    "top_p": st.floats(-0.5, 1.5), "n": st.integers(-1, 5),
-    "stop": st.one_of(texts, st.lists(texts, max_size=10)), "seed": numbers,
-    "logprobs": st.integers(-1, 70), "echo": st.booleans(), "user": texts,
-    "stream": st.booleans(), "top_k": st.integers(-1, 70), "best_of": st.integers(0, 3),
+completion_body = body_of({"model": st.just(MODEL), "prompt": st.one_of(
+    vocab_text, st.lists(vocab_text, min_size=1, max_size=2))}, {
+    "max_tokens": st.integers(0, 30), "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1), "n": st.integers(1, 3),
+    "stop": st.one_of(vocab_text, st.lists(vocab_text, max_size=3)),
+    "seed": st.integers(0, 1 << 62), "logprobs": st.integers(0, 5), "echo": st.booleans(),
+    "user": texts, "stream": st.booleans(), "top_k": st.integers(0, 10),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
 })
 states = st.one_of(st.just(""), st.text(max_size=20), st.binary(max_size=64).map(
     lambda b: __import__("base64").b64encode(b).decode()))
-predict_body = body_of({
-    "texts": st.lists(texts, max_size=5), "top_k": st.integers(-1, 70),
-    "per_position": st.booleans(), "states": st.lists(states, max_size=5),
-    "return_state": st.booleans(), "model": st.sampled_from([MODEL, "", "nope"]),
-    "priority": st.sampled_from(["high", "low", "urgent"]),
+predict_body = body_of({"texts": st.lists(vocab_text, min_size=1, max_size=5)}, {
+    "top_k": st.integers(0, 8), "per_position": st.booleans(),
+    "states": st.lists(st.just(""), max_size=1), "return_state": st.booleans(),
+    "model": st.sampled_from([MODEL, ""]), "priority": st.sampled_from(["high", "low"]),
 })
-generate_body = body_of({
-    "prompt": texts, "max_chars": st.integers(-1, 80), "temperature": st.floats(-1, 3),
-    "top_k": st.integers(-1, 70), "top_p": st.floats(-0.5, 1.5), "seed": numbers,
-    "stop": st.lists(texts, max_size=10), "state": states, "return_state": st.booleans(),
-    "model": st.sampled_from([MODEL, "", "nope"]), "stream": st.booleans(),
-    "priority": st.sampled_from(["high", "low", 3]),
+generate_body = body_of({"prompt": vocab_text, "max_chars": st.integers(1, 40)}, {
+    "temperature": st.floats(0, 2), "top_k": st.integers(0, 10), "top_p": st.floats(0, 1),
+    "seed": st.integers(0, 1 << 62), "stop": st.lists(vocab_text, max_size=3),
+    "state": states, "return_state": st.booleans(), "model": st.sampled_from([MODEL, ""]),
+    "stream": st.booleans(), "priority": st.sampled_from(["high", "low"]),
 })
 
 
