@@ -49,10 +49,9 @@ def call(url: str, method: str, path: str, body: Any = None, headers: dict[str, 
 def root_conftest() -> Any:
     """tests/conftest.py as pytest loaded it (a bare `import conftest` may find another
     folder's in a full run)."""
+    import importlib.util
     import sys
     from pathlib import Path
-
-    import importlib.util
 
     path = str(Path(__file__).resolve().parents[1] / "conftest.py")
     for module in list(sys.modules.values()):
