@@ -29,6 +29,7 @@ rm -rf "$out" && mkdir -p "$out/batch"
 # Its own project name and host ports, so the smoke never touches a real deployment.
 export NEXTCHAR_PROJECT=${NEXTCHAR_PROJECT:-nextchar-smoke}
 export NEXTCHAR_HOST_PORTS=${NEXTCHAR_HOST_PORTS:-51051-51058}
+export NEXTCHAR_HTTP_HOST_PORTS=${NEXTCHAR_HTTP_HOST_PORTS:-51081-51088}
 # Short: 30 s of steps, and 1% held out (the final validation reads all of it).
 bf16_note=""
 if [[ -z ${NEXTCHAR_TRAIN_ARGS:-} ]]; then
