@@ -15,7 +15,9 @@ direct call on the executor: warm-up checks and the reload probe).
 - Priority lanes: HIGH (interactive) is always taken before LOW (batch jobs); each lane has its
   own queue bound and default queue timeout (Triton's priority_levels + ModelQueuePolicy). When
   the backend has several workers, LOW-only batches use at most `low_lane_workers` of them
-  (default: all but one), so a high-lane text never waits behind a batch job's model call.
+  (default: all but one) while interactive calls come in, so a high-lane text never waits
+  behind a batch job's model call; after HIGH_IDLE_S without any, a batch job alone on the
+  server gets every worker (the first interactive call then waits at most for one low batch).
 
 - Greedy by default: when a worker frees up it takes everything queued (up to
   `max_batch_size` texts and `max_batch_chars` padded characters), so low load pays no wait;
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 HIGH, LOW = 0, 1
 LANE_NAMES = ("high", "low")
+HIGH_IDLE_S = 0.5  # no high-lane text for this long: the low lane may use every worker
 
 # finish(out, rows, items) -> one result per item: items[i] is row rows[i] of `out`.
 Finish = Callable[[BatchOutput, np.ndarray, Sequence["Item"]], list[Any]]
@@ -142,6 +145,7 @@ class Batcher:
         self.parallel_batch_chars = parallel_batch_chars
         workers = backend.workers
         self.low_lane_workers = min(workers, low_lane_workers or max(1, workers - 1))
+        self._last_high = -HIGH_IDLE_S  # time.monotonic() of the last high-lane submit
         self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
         self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
@@ -236,6 +240,8 @@ class Batcher:
         if self._closed:
             raise NotReady("server is shutting down")
         lane = items[0].lane
+        if lane == HIGH:
+            self._last_high = time.monotonic()
         policy = self.lanes[lane]
         queued = len(self._queues[lane]) + self._in_flight_texts
         if queued + len(items) > policy.max_queue_texts:
@@ -311,9 +317,16 @@ class Batcher:
             # High-lane work never waits for a batch job's call to end (the reserved worker);
             # behind a high-lane call, a second one only for a big enough queue.
             return not others_high or self._pending_chars >= self.parallel_batch_chars
-        if not self._queues[LOW] or others >= self.low_lane_workers:
+        if not self._queues[LOW] or others >= self._low_limit():
             return False
         return not others or self._pending_chars >= self.parallel_batch_chars
+
+    def _low_limit(self) -> int:
+        """Workers low-lane batches may use now: all of them when no interactive call came
+        for HIGH_IDLE_S, else low_lane_workers."""
+        if time.monotonic() - self._last_high > HIGH_IDLE_S:
+            return self.backend.workers
+        return self.low_lane_workers
 
     def _wants_delay(self) -> bool:
         """With max_batch_delay_ms, a batch that is not full waits for the loop's timer."""
@@ -372,7 +385,7 @@ class Batcher:
         expired: list[Item] = []
         self._delay_over = False  # a delay, if one ran, applied to this batch
         for lane, queue in enumerate(self._queues):
-            if lane == LOW and others >= self.low_lane_workers:
+            if lane == LOW and others >= self._low_limit():
                 break
             longest = 0
             while queue and len(taken) < self.max_batch_size:

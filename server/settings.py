@@ -91,8 +91,9 @@ class ServerSettings(BaseSettings):
         0.0, ge=0, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
     )
     low_lane_workers: int = Field(
-        0, ge=0, description="Concurrent model calls low-priority batches may use; 0 = all but "
-        "one when the backend has several (the rest stays free for interactive calls)."
+        0, ge=0, description="Concurrent model calls low-priority batches may use while "
+        "interactive calls come in; 0 = all but one when the backend has several (the rest stays "
+        "free for them); with none for 0.5 s, every worker."
     )
     parallel_batch_chars: int = Field(
         4096, ge=0,

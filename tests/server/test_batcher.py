@@ -218,6 +218,10 @@ def test_the_high_lane_goes_first_and_never_waits_behind_a_batch_job() -> None:
         backend, b = await held_batcher(parallel_batch_chars=0)
         assert b.low_lane_workers == 1
         loop = asyncio.get_running_loop()
+        backend.release.set()
+        await b.submit(items(loop, [[6]]))  # interactive traffic: the reservation is on
+        backend.release.clear()
+        assert await started(backend, 1)
         job = [asyncio.create_task(b.submit(items(loop, [[5]], lane=LOW)))]
         assert await started(backend, 1)  # the first low text runs ...
         job += [asyncio.create_task(b.submit(items(loop, [[5]], lane=LOW))) for _ in range(2)]
@@ -227,7 +231,7 @@ def test_the_high_lane_goes_first_and_never_waits_behind_a_batch_job() -> None:
         backend.release.set()
         assert (await interactive)[0].top_ids[0] == 7
         await asyncio.gather(*job)
-        assert backend.calls == [1, 1, 2]  # the two queued low texts ran together, after
+        assert backend.calls == [1, 1, 1, 2]  # the two queued low texts ran together, after
         await b.close()
 
     run(main())
@@ -345,6 +349,24 @@ def test_each_lane_bounds_the_characters_it_queues() -> None:
         await asyncio.sleep(0)
         backend.release.set()
         await asyncio.gather(first, queued, low)
+        await b.close()
+
+    run(main())
+
+
+def test_a_batch_job_alone_gets_every_worker() -> None:
+    """No interactive call for HIGH_IDLE_S: low-lane batches may use both workers."""
+
+    async def main() -> None:
+        backend, b = await held_batcher(parallel_batch_chars=0)
+        loop = asyncio.get_running_loop()
+        job = [asyncio.create_task(b.submit(items(loop, [[5]], lane=LOW)))]
+        assert await started(backend, 1)
+        job.append(asyncio.create_task(b.submit(items(loop, [[6]], lane=LOW))))
+        assert await started(backend, 1)  # the second worker too: nobody interactive
+        backend.release.set()
+        await asyncio.gather(*job)
+        assert backend.calls == [1, 1]
         await b.close()
 
     run(main())
