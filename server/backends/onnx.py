@@ -25,6 +25,19 @@ STANDARD_ONNX = "model.onnx"
 _TRUE, _FALSE = np.array(True), np.array(False)
 
 
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu finds CUDA and cuDNN from the NVIDIA pip wheels (nvidia-cublas-cu*, ...)
+    only once they are preloaded; without it the CUDA provider fails to start with a missing
+    libcublasLt. Older onnxruntime versions have no preload_dlls and look on the system path."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload(directory="")
+    except Exception as e:  # the libraries may come from the system instead: ORT says if not
+        log.warning("onnxruntime.preload_dlls failed (%s); using the system's CUDA libraries", e)
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -43,6 +56,8 @@ class OnnxBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         want_cuda = device in ("cuda", "auto") and CUDA_EP in ort.get_available_providers()
+        if want_cuda:
+            _preload_cuda_libraries()
         if device == "cuda" and not want_cuda:
             raise DeviceUnavailable(
                 "--device cuda: onnxruntime has no CUDAExecutionProvider here "
