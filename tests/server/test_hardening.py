@@ -288,3 +288,13 @@ def test_closing_a_model_with_a_call_still_running_keeps_the_event_loop_free(
     tick.cancel()
     caller.join(10)
     assert gaps and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f}s"
+
+
+def test_the_log_names_the_model_file_actually_loaded(server_process, tiny_artifact) -> None:
+    """Issue 18 item 14: the server said `(model.onnx)` while it loaded model_loop.onnx."""
+    sp = server_process(["--model", str(tiny_artifact), "--no-http"])
+    with NextCharClient(sp.address) as c:
+        assert c.health() == "SERVING"
+    log = sp.log()
+    assert "onnx backend (loop graph, model_loop.onnx)" in log
+    assert "(model.onnx)" not in log
