@@ -199,9 +199,7 @@ class LocalTarget:
             self.registry.open()
             await self.registry.start()
             if model:
-                self.registry.slot(model)  # NOT_FOUND names the models there
-                if self.registry.slot(model).current is None:
-                    raise self.registry._not_serving(self.registry.slot(model))
+                self.registry.serving(model)  # NOT_FOUND names the models there
             self.plane.accepting = True
 
         try:

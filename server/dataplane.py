@@ -188,10 +188,7 @@ class DataPlane:
                          b.device, rt.predictor.limits)
 
     def _served(self, name: str, version: str) -> ModelRuntime:
-        slot = self.registry.slot(name)
-        rt = slot.current
-        if rt is None:
-            raise self.registry._not_serving(slot)
+        rt = self.registry.serving(name)
         if version and version != rt.version:
             raise NotFound(f"model '{rt.name}' has no version '{version}' loaded; it serves "
                            f"version '{rt.version}'")

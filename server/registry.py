@@ -350,14 +350,20 @@ class ModelRegistry:
                 log.error("model %s not served: %s", name, _reason(e))
 
     # -- leases (the hot path: no await, no lock) --------------------------------------------
-    def acquire(self, name: str) -> ModelRuntime:
-        """The runtime serving `name` (empty: the default model), with one more call on it."""
+    def serving(self, name: str) -> ModelRuntime:
+        """The runtime serving `name` (empty: the default model), without a lease: NotFound,
+        NotReady or FailedPrecondition, saying why, when none serves."""
         slot = self.slots.get(name or self.default_name)
         if slot is None:
             raise self._unknown(name)
         rt = slot.current
         if rt is None:
             raise self._not_serving(slot)
+        return rt
+
+    def acquire(self, name: str) -> ModelRuntime:
+        """`serving(name)` with one more call on it; the caller must release() it."""
+        rt = self.serving(name)
         rt.calls += 1
         return rt
 
