@@ -171,7 +171,7 @@ fuzz: setup
 	  NEXTCHAR_FUZZ_REPORT=docs/fuzz.json $(BIN)/python -m pytest -q tests/server/test_fuzz.py
 
 # The HTTP front end (docs/benchmarks.md "HTTP front end"): V2 REST vs V2 gRPC and vs MLServer's
-# V2 REST on the peer benchmark's load, 64 OpenAI streams vs 64 gRPC Generate streams; ~6 min.
+# V2 REST (tuned per concurrency) on the peer benchmark's load, 64 OpenAI vs 64 gRPC streams; ~10 min.
 bench-http: setup $(MLSERVER_VENV)/.installed
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/http_bench.py \
 	  --mlserver-venv $(MLSERVER_VENV) --out docs/http_bench.json

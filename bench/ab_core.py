@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="the commit to compare against (git rev)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--generate-only", action="store_true",
+                   help="only the Generate workload (the first character's latency)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "ab_core.json")
     args = p.parse_args(argv)
+    workloads = [] if args.generate_only else WORKLOADS
     base = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.base], check=True,
                           capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         samples[variant].setdefault(key, []).append(g)
                         print(f"rep {rep + 1} {variant:>3} generate {g['rps']:>8.0f} chars/s first "
                               f"char p50 {g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms", flush=True)
-                    for name, method, texts, concurrencies in WORKLOADS:
+                    for name, method, texts, concurrencies in workloads:
                         for c in concurrencies:
                             asyncio.run(closed_loop(server.address, method,
                                                     payloads[method][texts], c, 1.0))  # warm-up

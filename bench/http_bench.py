@@ -4,14 +4,16 @@
    (bench/peer_bench.py: its artifact and model_loop.onnx graph, one 64-character text per
    request, all outputs, closed loop, c = 1, 8, 64);
 2. nextchar's V2 REST vs Seldon MLServer 1.7.1's V2 REST on the same load and the same graph
-   (bench/mlserver_runtime/; parallel_workers 1, max_batch_size 64, max_batch_time 10 ms: the
-   peer benchmark's tuned setting at c=64, docs/peer_bench.json), plus MLServer with adaptive
-   batching off (max_batch_size 1), the better of the two per concurrency reported;
+   (bench/mlserver_runtime/), MLServer tuned per concurrency over REST first: every MLServer
+   setting of the peer benchmark's grid for that concurrency (parallel_workers 0/1/2, adaptive
+   batching off or max_batch_size/max_batch_time pairs, bench/peer_bench.py TUNE_GRID),
+   --tune-samples interleaved samples each, the best throughput (then p99) kept;
 3. 64 concurrent OpenAI `stream: true` completions vs 64 gRPC Generate streams (200 characters
    each, temperature 0.8, seeds 0..63): characters/s over the whole burst, first-character
    latency per stream (p50, p99).
 
     .venv/bin/python bench/http_bench.py --mlserver-venv .venv-mlserver --out docs/http_bench.json
+    (~10 min: ~4 of them MLServer's tuning)
 
 Both load generators pre-serialize their requests: gRPC sends raw bytes through
 grpc.aio (peer_bench.closed_loop); HTTP is a minimal asyncio HTTP/1.1 client, one keep-alive
@@ -37,9 +39,11 @@ from typing import Any
 import grpc
 import numpy as np
 from peer_bench import (
+    TUNE_GRID,
     Fleet,
     PeerConfig,
     Sample,
+    Server,
     Target,
     closed_loop,
     free_port,
@@ -57,7 +61,8 @@ from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 CONCURRENCY = (1, 8, 64)
 STREAMS = 64
 STREAM_CHARS = 200
-ML_CONFIGS = (PeerConfig("mlserver", 1, 64, 10_000), PeerConfig("mlserver", 1, 1, 0))
+# MLServer's settings tried per concurrency: the peer benchmark's grid, over REST here.
+ML_GRID = {c: [cfg for cfg in TUNE_GRID[c] if cfg.peer == "mlserver"] for c in CONCURRENCY}
 
 
 # -- a minimal HTTP/1.1 client -----------------------------------------------------------------
@@ -268,6 +273,72 @@ async def _burst(one: Any, n: int) -> dict[str, Any]:
             "first_char_p99_ms": round(float(np.percentile(firsts, 99)), 2)}
 
 
+# -- MLServer's REST, tuned ---------------------------------------------------------------------
+def start_mlservers(fleet: Fleet, venv: Path, artifact: Path, configs: list[PeerConfig],
+                    workdir: Path) -> dict[PeerConfig, tuple[Server, int]]:
+    """One MLServer per parallel_workers count, each config a model there: config -> (server,
+    its HTTP port), every model ready."""
+    by_workers: dict[int, list[PeerConfig]] = {}
+    for cfg in configs:
+        by_workers.setdefault(cfg.workers, []).append(cfg)
+    out: dict[PeerConfig, tuple[Server, int]] = {}
+    for workers, cfgs in sorted(by_workers.items()):
+        server = fleet.add(start_mlserver(venv, artifact, workers, [(c, "loop") for c in cfgs],
+                                          workdir))
+        port = json.loads((server.log.parent / "settings.json").read_text())["http_port"]
+        out.update({c: (server, port) for c in cfgs})
+    for cfg, (server, _) in out.items():
+        server.wait_ready(cfg.model_name("loop"))
+    return out
+
+
+def rest_run(port: int, model: str) -> Any:
+    payloads = rest_payloads(model)
+    return lambda c, d: http_closed_loop(port, payloads, c, d)
+
+
+def tune_mlserver_rest(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
+    """Every ML_GRID setting at its concurrency over REST, interleaved; the best per concurrency
+    (throughput, then p99; a setting with any error is out)."""
+    started = time.monotonic()
+    configs = sorted({cfg for cs in ML_GRID.values() for cfg in cs},
+                     key=lambda x: (x.workers, x.max_batch_size, x.max_batch_time_us))
+    samples: dict[tuple[PeerConfig, int], list[Sample]] = {}
+    with Fleet() as fleet:
+        servers = start_mlservers(fleet, args.mlserver_venv, artifact, configs, args.workdir)
+        print(f"tuning MLServer REST: {sum(map(len, ML_GRID.values()))} points x "
+              f"{args.tune_samples} samples of {args.tune_duration_s:g} s", flush=True)
+        for rep in range(args.tune_samples):
+            for c, cfgs in ML_GRID.items():
+                shift = rep % len(cfgs)
+                for cfg in cfgs[shift:] + cfgs[:shift]:
+                    run = rest_run(servers[cfg][1], cfg.model_name("loop"))
+                    samples.setdefault((cfg, c), []).append(
+                        measure(f"tune {cfg.label}", run, c, args.tune_duration_s,
+                                args.tune_warmup_s))
+    points: list[dict[str, Any]] = []
+    best: dict[int, dict[str, Any]] = {}
+    for c, cfgs in ML_GRID.items():
+        for cfg in cfgs:
+            ss = samples[(cfg, c)]
+            point = {"config": asdict(cfg), "label": cfg.label, "concurrency": c,
+                     "ok": not any(x.errors for x in ss),
+                     "throughput_rps": round(statistics.median(x.throughput_rps for x in ss), 1),
+                     "p99_ms": round(statistics.median(x.p99_ms for x in ss), 2),
+                     "samples": [asdict(x) for x in ss]}
+            points.append(point)
+            cur = best.get(c)
+            if point["ok"] and (cur is None or (point["throughput_rps"], -point["p99_ms"])
+                                > (cur["throughput_rps"], -cur["p99_ms"])):
+                best[c] = point
+    for c, p in best.items():
+        print(f"best MLServer REST at c={c}: {p['label']}: {p['throughput_rps']:.0f} req/s, "
+              f"p99 {p['p99_ms']:.1f} ms", flush=True)
+    return {"samples_per_point": args.tune_samples, "duration_s": args.tune_duration_s,
+            "warmup_s": args.tune_warmup_s, "wall_s": round(time.monotonic() - started),
+            "best": {str(c): p["config"] for c, p in best.items()}, "points": points}
+
+
 # -- the run -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -275,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration-s", type=float, default=5.0)
     ap.add_argument("--warmup-s", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tune-samples", type=int, default=3)
+    ap.add_argument("--tune-duration-s", type=float, default=1.5)
+    ap.add_argument("--tune-warmup-s", type=float, default=0.3)
     ap.add_argument("--stream-repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -283,42 +357,40 @@ def main(argv: list[str] | None = None) -> None:
     args.mlserver_venv = args.mlserver_venv.resolve()
     info = {**run_info(argv), "command": "make bench-http  # bench/http_bench.py "
             + " ".join(sys.argv[1:] if argv is None else argv),
-            "loadavg_1m_start": round(os.getloadavg()[0], 2),
-            "mlserver": [c.label for c in ML_CONFIGS], "duration_s": args.duration_s,
+            "loadavg_1m_start": round(os.getloadavg()[0], 2), "duration_s": args.duration_s,
             "warmup_s": args.warmup_s, "repeats": args.repeats}
     artifact = peer_artifact()
+    tuning = tune_mlserver_rest(args, artifact)
+    tuned = {int(c): PeerConfig(**cfg) for c, cfg in tuning["best"].items()}
+    info["mlserver"] = {str(c): cfg.label for c, cfg in tuned.items()}
     http_port = free_port()
     samples: dict[str, list[Sample]] = {}
     with Fleet() as fleet:
         nc = fleet.add(start_nextchar(artifact, args.workdir, "--http-port", str(http_port)))
-        ml = fleet.add(start_mlserver(args.mlserver_venv, artifact, 1,
-                                      [(c, "loop") for c in ML_CONFIGS], args.workdir))
+        ml = start_mlservers(fleet, args.mlserver_venv, artifact, sorted(
+            set(tuned.values()), key=lambda x: (x.workers, x.max_batch_size, x.max_batch_time_us)),
+            args.workdir)
         nc.wait_ready("peer-rnn")
-        for cfg in ML_CONFIGS:
-            ml.wait_ready(cfg.model_name("loop"))
-        ml_http = json.loads((ml.log.parent / "settings.json").read_text())["http_port"]
-        ml_models = {cfg: cfg.model_name("loop") for cfg in ML_CONFIGS}
         same_answers(nc.address, {"nextchar REST": (http_port, "peer-rnn"),
-                                  **{f"MLServer REST {c.label}": (ml_http, m)
-                                     for c, m in ml_models.items()}})
+                                  **{f"MLServer REST {c.label}": (ml[c][1], c.model_name("loop"))
+                                     for c in set(tuned.values())}})
         grpc_payloads = make_payloads("peer-rnn")
-        runs: dict[str, Any] = {
-            "nextchar V2 REST": lambda c, d: http_closed_loop(http_port, rest_payloads("peer-rnn"),
-                                                              c, d),
+        ours: dict[str, Any] = {
+            "nextchar V2 REST": rest_run(http_port, "peer-rnn"),
             "nextchar V2 gRPC": lambda c, d: closed_loop(nc.address, grpc_payloads, c, d),
-            **{f"MLServer V2 REST ({c.label})": (
-                lambda c, d, m=m: http_closed_loop(ml_http, rest_payloads(m), c, d))
-               for c, m in ml_models.items()},
         }
-        names = list(runs)
         for rep in range(args.repeats):
             print(f"repeat {rep + 1}/{args.repeats}", flush=True)
             for c in CONCURRENCY:
+                runs = {**ours, "MLServer V2 REST (tuned)": rest_run(
+                    ml[tuned[c]][1], tuned[c].model_name("loop"))}
+                names = list(runs)
                 order = names[rep % len(names):] + names[: rep % len(names)]
                 for name in order:
                     samples.setdefault(f"{name} c={c}", []).append(
                         measure(name, runs[name], c, args.duration_s, args.warmup_s))
-        ml.stop()  # the streams run with nextchar alone on the machine
+        for server, _ in set(ml.values()):  # the streams run with nextchar alone on the machine
+            server.stop()
         streams: dict[str, list[dict[str, Any]]] = {"openai": [], "grpc": []}
         for rep in range(args.stream_repeats):
             for kind in (("openai", "grpc") if rep % 2 == 0 else ("grpc", "openai")):
@@ -342,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     stream_rows = {kind: {k: round(statistics.median(r[k] for r in rs), 2) for k in
                           ("chars_per_s", "first_char_p50_ms", "first_char_p99_ms")}
                    | {"runs": rs} for kind, rs in streams.items()}
-    out = {**info, "loadavg_1m_end": round(os.getloadavg()[0], 2), "rows": rows,
+    out = {**info, "loadavg_1m_end": round(os.getloadavg()[0], 2), "mlserver_tuning": tuning,
+           "rows": rows,
            "streams": {"streams": STREAMS, "chars_each": STREAM_CHARS, **stream_rows}}
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "streams")}, indent=1))
     for r in rows:

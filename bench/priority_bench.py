@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--job-lines", type=int, default=400_000)
     p.add_argument("--job-nice", type=int, default=19, help="niceness of the batch job's client")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra `nextchar serve` argument (repeatable), e.g. "
+                   "--serve-arg=--gil-switch-interval-ms=1")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "priority_bench.json")
     args = p.parse_args(argv)
     artifact = peer_artifact()
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         server = Server("nextchar", [sys.executable, "-m", "nextchar", "serve", "--model",
                                      str(artifact), "--host", "127.0.0.1", "--port", str(port),
-                                     "--log-level", "WARNING"], port, work, work / "server.log")
+                                     "--log-level", "WARNING", *args.serve_arg], port, work,
+                        work / "server.log")
         try:
             server.wait_ready("peer-rnn")
             asyncio.run(closed_loop(server.address, PREDICT, payloads, 1, 2.0))  # warm-up
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {os.cpu_count()} cores", "commit": head,
               "repeats": args.repeats, "seconds": args.seconds, "job_nice": args.job_nice,
+              "serve_args": args.serve_arg,
               "rows": rows, "samples": phases}
     args.out.write_text(json.dumps(result, indent=1))
     print("\n| phase | interactive req/s | p50 ms | p99 ms | p99 / idle p99 | job texts/s |")

@@ -32,22 +32,24 @@ from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# gRPC's own retry policy, for one case only: a call that reaches a server in the instant it
-# shuts down is answered CANCELLED by gRPC core before any handler sees it (grpc/grpc#41785).
-# These calls are idempotent and this client never cancels a unary call itself, so CANCELLED
-# can only be that; gRPC retries it (on another replica when there are several, else it meets
-# the closed port: UNAVAILABLE). Retrying UNAVAILABLE, RESOURCE_EXHAUSTED or deadlines stays
-# the caller's policy (client.batch has one with backoff). A Generate stream is retried only
-# before its first response, which gRPC guarantees.
-_RETRY_CANCELLED = {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2, "retryableStatusCodes": ["CANCELLED"]}
+# gRPC's own retry policy, for the calls a server refuses without running them. A draining
+# server sends GOAWAY and closes its listener; a call that raced it is answered UNAVAILABLE
+# (the connection went away) or, when it arrived but no handler took it yet, CANCELLED by gRPC
+# core (grpc/grpc#41785). gRPC retries such a call on another ready replica of the channel
+# (round_robin), else it meets the closed port again and fails UNAVAILABLE after the last
+# attempt. Safe because these calls are idempotent and this client never cancels a unary call
+# itself. RESOURCE_EXHAUSTED (overload) and deadlines stay the caller's policy (client.batch
+# has one with backoff). A Generate stream is retried only before its first response, which
+# gRPC guarantees.
+_RETRY_REFUSED = {"maxAttempts": 5, "initialBackoff": "0.02s", "maxBackoff": "0.2s",
+                  "backoffMultiplier": 2, "retryableStatusCodes": ["CANCELLED", "UNAVAILABLE"]}
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "nextchar.v1.NextChar", "method": m}
                  for m in ("Predict", "GetModelInfo", "Generate")]
         + [{"service": "grpc.health.v1.Health", "method": "Check"}],
-        "retryPolicy": _RETRY_CANCELLED,
+        "retryPolicy": _RETRY_REFUSED,
     }],
 }
 

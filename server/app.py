@@ -189,8 +189,10 @@ class NextCharServer:
 
         1. health NOT_SERVING at once (probes and load balancers see it);
         2. keep serving for `prestop_s` (default settings.prestop_s) while they notice;
-        3. refuse new work with UNAVAILABLE; accepted calls (streams included) get until
-           `grace_s` (default settings.grace_s, counted from step 3) to finish;
+        3. refuse new work: gRPC sends GOAWAY and closes its listener (a client channel moves
+           its calls to another replica, transparently; HTTP answers 503); accepted calls
+           (streams included) get until `grace_s` (default settings.grace_s, counted from
+           step 3) to finish;
         4. streams still open then end with UNAVAILABLE; the transport closes; models close.
         """
         if self._stopping is None:
@@ -230,6 +232,12 @@ class NextCharServer:
         self.plane.accepting = False
         accepted = self.tracker.count
         deadline = loop.time() + grace_s
+        # GOAWAY now, not after the accepted calls: a client channel keeps the connections it
+        # has (the pod leaving the Service's endpoints changes nothing for it), so refusing its
+        # calls one by one would fail them; GOAWAY makes it send them to another replica
+        # (gRPC retries a call the server never took, transparently). The accepted calls
+        # finish on their connections; the second stop() below ends what is left.
+        goaway = asyncio.create_task(self._server.stop(grace_s + FLUSH_S))
         finished = await self.tracker.wait_idle(grace_s)
         if not finished:
             # Streams end at their next message with UNAVAILABLE; the rest is cancelled below.
@@ -240,6 +248,7 @@ class NextCharServer:
         # Answers already computed still need a moment to reach the wire; other calls (health
         # Watch streams, refused calls) are cancelled after it.
         await self._server.stop(min(FLUSH_S, max(0.0, deadline - loop.time())) if finished else 0)
+        await goaway
         if self._http is not None:
             if not finished:
                 self._http.cancel_calls()

@@ -202,6 +202,7 @@ def main(argv: list[str]) -> int:
               f"INFO, WARNING, ERROR or CRITICAL", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     try:
         loop_factory = event_loop_factory(settings.event_loop)
     except ImportError:

@@ -14,7 +14,9 @@ A stream's life:
      (more -> Overloaded, RESOURCE_EXHAUSTED); a call whose deadline already passed is refused.
   2. Prefill: the prompt (with its start state, if any) goes through the batcher like a Predict
      text, so it shares the batcher's queue bound and deadline handling, and prompts of any
-     length are ingested exactly (padded batches use `lengths`).
+     length are ingested exactly (padded batches use `lengths`). Right after that model call,
+     on its worker thread, the stream's first character is sampled and posted: the first text
+     waits for no step.
   3. Steps: one step samples one character for every stream of its lane from that stream's
      logits (one vectorised call per group of equal settings, one uniform draw per stream from
      the stream's own numpy Generator), then makes ONE backend call (B = streams, T = 1) that
@@ -122,11 +124,17 @@ class _Lane:
 
 def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) -> list[None]:
     """On the worker thread, right after the prompts' model call: each stream takes its logits
-    and state and joins its lane here, so its first step needs no trip through the event loop
-    (which, with many streams open, is busy sending their text)."""
+    and state, its first character is sampled and sent, and it joins its lane here. So the
+    first text waits for no step (with many streams open, a step is a model call over all of
+    them, queued behind the other prompts), and the first step needs no trip through the event
+    loop (busy sending the streams' text)."""
+    by_generator: dict[Generator, list[GenerationStream]] = {}
     for r, it in zip(rows.tolist(), items, strict=True):
         stream: GenerationStream = it.params
         stream.prefilled(out.logits[r].astype(np.float32, copy=True), out.state[:, r, :].copy())
+        by_generator.setdefault(stream._gen, []).append(stream)
+    for gen, streams in by_generator.items():
+        gen._first_characters(streams)
     return [None] * len(items)
 
 
@@ -183,6 +191,7 @@ class GenerationStream:
         self.state: np.ndarray | None = None  # (S, H) after prompt + generated[:fed]
         self.generated: list[str] = []
         self.last_id = 0
+        self.sampled = False  # last_id was sampled but not yet read by the model (steps feed it)
         self.visible = 0  # generated[:visible] may be shown to the client
         self.sent = 0  # generated[:sent] has been posted to the loop
         self.ended: str | None = None  # stop reason, as the steps see it
@@ -238,11 +247,10 @@ class GenerationStream:
         await self._gen.batcher.submit([item])
 
     def prefilled(self, logits: np.ndarray, state: np.ndarray) -> None:
-        """Worker thread: the model read the prompt; the stream joins its lane."""
+        """Worker thread: the model read the prompt."""
         self.logits, self.state = logits, state
         if self._history is not None:
             self._history.append(state)
-        self._gen._join(self)
 
     def close(self) -> None:
         """Idempotent. Frees the slot at once; the next step drops the stream."""
@@ -440,6 +448,29 @@ class Generator:
             else:
                 self.stats.closed_early += 1
 
+    def _first_characters(self, streams: list[GenerationStream]) -> None:
+        """Worker thread, after the prompts' model call: samples each stream's first character,
+        posts it, and lets the streams that go on join their lane (the step feeds the character
+        to the model). Posting before joining keeps each stream's text in order: the loop runs
+        posts in the order they were made."""
+        streams = [s for s in streams if not s.closed]
+        if self._closed or not streams:
+            return
+        feed = self._sample(streams)
+        fed = set(feed)
+        updates: list[_Update] = []
+        for s in streams:
+            if s not in fed:  # ended at its first character (max_chars 1, a stop string)
+                updates.append(s.update())
+            elif s.ended is None and (u := s.update()).text:
+                updates.append(u)
+            # else: it ended with return_state: the end goes out once the feed gives the state
+        if updates:
+            self._post(updates)
+        for s in feed:
+            s.sampled = True
+            self._join(s)
+
     def _join(self, stream: GenerationStream) -> None:
         """A prefilled stream enters its lane; the lane's next step takes it. Called on the
         worker thread that ran the prefill (everything it touches is under the lock or set
@@ -512,7 +543,9 @@ class Generator:
         """
         now = time.monotonic()
         updates: list[_Update] = []
-        groups: dict[tuple[float, int, float], list[GenerationStream]] = {}
+        live: list[GenerationStream] = []
+        feed: list[GenerationStream] = []  # characters sampled, for the model to read
+        fresh: list[GenerationStream] = []  # to sample now
         for s in batch:
             if s.closed:
                 continue
@@ -520,19 +553,13 @@ class Generator:
                 updates.append(_Update(s, error=DeadlineExceeded(
                     f"deadline expired after {len(s.generated)} characters")))
                 continue
-            groups.setdefault(s.sampling, []).append(s)
-        live: list[GenerationStream] = []
-        feed: list[GenerationStream] = []
-        for (temperature, top_k, top_p), streams in groups.items():
-            logits = np.stack([s.logits for s in streams])  # type: ignore[misc]  # (B, V)
-            uniforms = np.fromiter((s.draw() for s in streams), dtype=np.float64,
-                                   count=len(streams))
-            ids = sample_ids(logits, uniforms, temperature, top_k, top_p)
-            for s, cid in zip(streams, ids.tolist(), strict=True):
-                live.append(s)
-                if s.advance(cid):
-                    feed.append(s)
-        self.stats.chars += len(live)
+            live.append(s)
+            if s.sampled:  # its first character, sampled after its prefill
+                s.sampled = False
+                feed.append(s)
+            else:
+                fresh.append(s)
+        feed += self._sample(fresh)
         per_call = self.batcher.max_batch_size
         try:
             for i in range(0, len(feed), per_call):
@@ -554,6 +581,22 @@ class Generator:
             if u.text or u.stop_reason is not None:
                 updates.append(u)
         return updates, [s for s in live if s.ended is None]
+
+
+    def _sample(self, streams: list[GenerationStream]) -> list[GenerationStream]:
+        """One character for each stream from its logits (one vectorised call per group of
+        equal settings); returns the streams the model must now read it for."""
+        groups: dict[tuple[float, int, float], list[GenerationStream]] = {}
+        for s in streams:
+            groups.setdefault(s.sampling, []).append(s)
+        feed: list[GenerationStream] = []
+        for (temperature, top_k, top_p), group in groups.items():
+            logits = np.stack([s.logits for s in group])  # type: ignore[misc]  # (B, V)
+            uniforms = np.fromiter((s.draw() for s in group), dtype=np.float64, count=len(group))
+            ids = sample_ids(logits, uniforms, temperature, top_k, top_p)
+            feed += [s for s, cid in zip(group, ids.tolist(), strict=True) if s.advance(cid)]
+        self.stats.chars += len(streams)
+        return feed
 
 
 def _deliver_all(updates: list[_Update]) -> None:

@@ -128,6 +128,10 @@ class ServerSettings(BaseSettings):
         "auto", description="asyncio event loop: uvloop (faster per request) or the standard "
         "one; auto = uvloop when installed."
     )
+    gil_switch_interval_ms: float = Field(
+        5.0, gt=0, le=1000, description="How long a Python thread may hold the GIL while another "
+        "waits (sys.setswitchinterval); Python's default is 5 ms."
+    )
     warmup: bool = Field(True, description="Run the model once before reporting SERVING.")
     log_level: str = Field("INFO", description="Python logging level.")
 
