@@ -85,6 +85,7 @@ class LanePolicy:
     max_queue_texts: int = 8192
     timeout_s: float = 0.0  # queue timeout for items without a deadline; 0: none
     max_queue_chars: int = 1 << 20  # characters waiting: the queue's compute, bounded
+    max_batch_size: int = 0  # texts per model call from this lane; 0: the batcher's
 
 
 @dataclass
@@ -388,7 +389,8 @@ class Batcher:
             if lane == LOW and others >= self._low_limit():
                 break
             longest = 0
-            while queue and len(taken) < self.max_batch_size:
+            limit = self.lanes[lane].max_batch_size or self.max_batch_size
+            while queue and len(taken) < limit:
                 it = queue[0]
                 live, dead = self._split_dead([it], now)
                 if not live:

@@ -87,6 +87,10 @@ class ServerSettings(BaseSettings):
         0.0, ge=0, description="High lane: a text without a deadline waits at most this long "
         "in the queue (DEADLINE_EXCEEDED); 0 = no limit."
     )
+    low_max_batch_size: int = Field(
+        0, ge=0, description="Low lane: texts per model call; 0 = --max-batch-size. Smaller "
+        "batch-job calls hand the event loop less to answer at once."
+    )
     low_timeout_s: float = Field(
         0.0, ge=0, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
     )

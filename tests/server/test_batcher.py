@@ -370,3 +370,26 @@ def test_a_batch_job_alone_gets_every_worker() -> None:
         await b.close()
 
     run(main())
+
+
+def test_the_low_lane_has_its_own_batch_size() -> None:
+    from nextchar.server.batcher import LanePolicy
+
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend, parallel_batch_chars=0, max_batch_size=8,
+                    low_lane=LanePolicy(max_batch_size=3))
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        low = asyncio.create_task(b.submit(items(loop, [[2]] * 7, lane=LOW)))
+        high = asyncio.create_task(b.submit(items(loop, [[3]] * 6)))
+        await asyncio.sleep(0.02)
+        backend.release.set()
+        await asyncio.gather(first, low, high)
+        assert backend.calls == [1, 6, 3, 3, 1]  # high up to 8 per call, low up to 3
+        await b.close()
+
+    run(main())
