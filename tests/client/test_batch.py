@@ -135,7 +135,9 @@ def test_order_kept_with_concurrency(tmp_path: Path, tiny_server: Any,
     class SlowFirst(Wrapped):
         def before(self, call: int, chunk: list[str]) -> None:
             if chunk[0] == texts[0]:  # the first chunk answers last: the writer holds the rest
-                time.sleep(0.5)
+                deadline = time.monotonic() + 30  # however slow the machine: 10 others first
+                while len(self.completed) < 10 and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
     target = SlowFirst(remote(tiny_server.address))
     summary = run_job(tmp_path / "in.txt", tmp_path / "out.jsonl", target,
