@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +132,7 @@ class Batcher:
         low_lane: LanePolicy | None = None,
         high_timeout_s: float = 0.0,
         low_lane_workers: int = 0,
+        low_lane_nice: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_batch_start: Callable[[list[float]], None] | None = None,
         tracing: Tracing | None = None,
@@ -151,6 +154,15 @@ class Batcher:
         self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
         self.executor = backend.make_executor()
+        # Low-lane model calls on threads of their own, at a lower OS priority: on a machine
+        # whose cores the batch job keeps busy, the threads of an interactive call (event loop,
+        # its model call) get a core first instead of sharing it with the job's call. Only
+        # with several workers: one worker runs both lanes' calls in turn on one thread.
+        self._low_executor: ThreadPoolExecutor | None = None
+        if low_lane_nice > 0 and backend.workers > 1:
+            self._low_executor = ThreadPoolExecutor(
+                max_workers=backend.workers, thread_name_prefix=f"nextchar-{backend.name}-low",
+                initializer=_lower_priority, initargs=(low_lane_nice,))
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # by lane
         self._pending_chars = 0  # characters in both queues (live or not yet dropped)
         self._lane_chars = [0, 0]  # the same, per lane
@@ -192,6 +204,8 @@ class Batcher:
             if not it.future.done():
                 it.future.set_exception(NotReady("server is shutting down"))
         await asyncio.to_thread(self.executor.shutdown, wait=True)
+        if self._low_executor is not None:
+            await asyncio.to_thread(self._low_executor.shutdown, wait=True)
 
     @property
     def queue_depth(self) -> int:
@@ -357,7 +371,7 @@ class Batcher:
                     self._running_high += high
             _expire(expired)
             if batch:
-                self.executor.submit(self._work, batch, high, loop)
+                self._executor_for(high).submit(self._work, batch, high, loop)
 
     def _end_delay(self) -> None:
         self._delay = None
@@ -416,9 +430,14 @@ class Batcher:
         per_call = max(1, min(self.max_batch_size, self.max_batch_chars // longest))
         return [group[i : i + per_call] for i in range(0, len(group), per_call)]
 
+    def _executor_for(self, high: int) -> ThreadPoolExecutor:
+        return self.executor if high or self._low_executor is None else self._low_executor
+
     # -- on the executor thread --------------------------------------------------------------
     def _work(self, batch: list[Item], high: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs batches until none may start: this one, then whatever is queued by then."""
+        """Runs batches until none may start: this one, then whatever is queued by then (a
+        batch of the other lane's executor is handed over to it)."""
+        mine = self._executor_for(high)
         while True:
             for group in group_by_length(batch):
                 # One hand-over per call, not per text: each call_soon_threadsafe wakes the
@@ -443,9 +462,12 @@ class Batcher:
                 if wake:
                     loop.call_soon_threadsafe(self._dispatch)
                 return
-            if self._jobs_waiting:  # jobs queued meanwhile run first; this batch queues behind
+            target = self._executor_for(high)
+            if target is not mine or (self._jobs_waiting and target is self.executor):
+                # The other lane's threads run it; or jobs queued meanwhile (Generate steps,
+                # on the main executor) run first and this batch queues behind them.
                 try:
-                    self.executor.submit(self._work, batch, high, loop)
+                    target.submit(self._work, batch, high, loop)
                     return
                 except RuntimeError:  # the executor is shutting down: finish the batch here
                     pass
@@ -499,6 +521,16 @@ class Batcher:
         if self.on_batch is not None:
             self.on_batch(b, b * t, compute_s)
         return results
+
+
+def _lower_priority(increment: int) -> None:
+    """A low-lane thread's initializer: its own nice value `increment` higher (Linux keeps
+    one per thread; raising it needs no privilege). Elsewhere the calls run as before."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: same priority
+        log.warning("low-lane threads keep their priority: %s", e)
 
 
 def _deliver(items: list[Item], results: list[Any] | None,

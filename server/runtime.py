@@ -86,6 +86,7 @@ def build_batcher(backend: Backend, s: ServerSettings, metrics: Metrics | None =
         low_lane=LanePolicy(s.low_max_queue_texts, s.low_timeout_s, s.max_queue_chars,
                             s.low_max_batch_size),
         low_lane_workers=s.low_lane_workers,
+        low_lane_nice=s.low_lane_nice,
         on_batch=on_batch,
         on_batch_start=on_batch_start,
         tracing=tracing,

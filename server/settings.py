@@ -88,8 +88,8 @@ class ServerSettings(BaseSettings):
         "in the queue (DEADLINE_EXCEEDED); 0 = no limit."
     )
     low_max_batch_size: int = Field(
-        0, ge=0, description="Low lane: texts per model call; 0 = --max-batch-size. Smaller "
-        "batch-job calls hand the event loop less to answer at once."
+        64, ge=0, description="Low lane: texts per model call; 0 = --max-batch-size. Smaller "
+        "batch-job calls hold the GIL and the event loop for less at a time."
     )
     low_timeout_s: float = Field(
         0.0, ge=0, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
@@ -98,6 +98,11 @@ class ServerSettings(BaseSettings):
         0, ge=0, description="Concurrent model calls low-priority batches may use while "
         "interactive calls come in; 0 = all but one when the backend has several (the rest stays "
         "free for them); with none for 0.5 s, every worker."
+    )
+    low_lane_nice: int = Field(
+        19, ge=0, le=19, description="Low-priority model calls run on threads this much nicer "
+        "(OS priority, Linux) than the rest, so interactive calls get the cores first; 0 = "
+        "off. With several backend workers only."
     )
     parallel_batch_chars: int = Field(
         4096, ge=0,
