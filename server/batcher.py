@@ -80,6 +80,7 @@ class Item:
     enqueued_at: float = field(default_factory=time.monotonic)
     trace: Any = None  # the call's CallTrace (tracing.py) when traced
     enqueued_ns: int = 0  # wall clock, for the queue span (traced items only)
+    ahead: bool = False  # its batch runs before queued submit_steps work (a Generate prefill)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,8 @@ class Batcher:
     def submit_steps(self, fn: Callable[..., object], *args: object) -> None:
         """Runs fn(*args) on a backend worker between batches (Generate's steps): a worker
         pulling batch after batch lets it go first, so a stream of Predict batches cannot
-        starve it. RuntimeError once the executor is shut down."""
+        starve it; only a batch holding a Generate prompt (Item.ahead) goes before it.
+        RuntimeError once the executor is shut down."""
         with self._lock:
             self._jobs_waiting += 1
 
@@ -463,9 +465,12 @@ class Batcher:
                     loop.call_soon_threadsafe(self._dispatch)
                 return
             target = self._executor_for(high)
-            if target is not mine or (self._jobs_waiting and target is self.executor):
+            if target is not mine or (self._jobs_waiting and target is self.executor
+                                      and not any(it.ahead for it in batch)):
                 # The other lane's threads run it; or jobs queued meanwhile (Generate steps,
-                # on the main executor) run first and this batch queues behind them.
+                # on the main executor) run first and this batch queues behind them, unless
+                # it holds a prompt of a stream that waits for it to start (the prompts of
+                # streams opened together would each wait for a step over all the others).
                 try:
                     target.submit(self._work, batch, high, loop)
                     return

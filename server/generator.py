@@ -243,7 +243,7 @@ class GenerationStream:
         loop = asyncio.get_running_loop()
         item = Item(ids=self.prompt_ids, future=loop.create_future(), finish=finish_prefill,
                     params=self, deadline=self.deadline, state=self.start_state,
-                    lane=self.params.lane)
+                    lane=self.params.lane, ahead=True)
         await self._gen.batcher.submit([item])
 
     def prefilled(self, logits: np.ndarray, state: np.ndarray) -> None:

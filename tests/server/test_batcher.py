@@ -210,6 +210,39 @@ def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
     run(main())
 
 
+def test_a_generate_prompt_goes_before_queued_steps() -> None:
+    """A batch holding a prefill (Item.ahead) runs before queued steps: the streams opened
+    together must not each wait for a step over the others."""
+
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend, parallel_batch_chars=0)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        first = asyncio.create_task(b.submit(items(loop, [[1]])))
+        assert await started(backend, 1)
+        prompts = items(loop, [[2], [3]])
+        for it in prompts:
+            it.ahead = True
+        second = asyncio.create_task(b.submit(prompts))
+        await asyncio.sleep(0.05)  # queued behind the running batch
+        step_ran = asyncio.Event()
+
+        def step() -> None:
+            order.append(f"job after {len(backend.calls)} calls")
+            loop.call_soon_threadsafe(step_ran.set)
+
+        b.submit_steps(step)
+        backend.release.set()
+        await asyncio.gather(first, second, step_ran.wait())
+        assert order == ["job after 2 calls"] and backend.calls == [1, 2]
+        await b.close()
+
+    run(main())
+
+
 def test_the_high_lane_goes_first_and_never_waits_behind_a_batch_job() -> None:
     """Low-lane (batch job) batches use one of the two workers; a high-lane text queued while
     one runs starts at once on the other, and queued high texts go before queued low ones."""
