@@ -1,0 +1,54 @@
+"""The 64-stream Generate burst (bench/ab_core.py's `generate_load`) against servers started
+with different NEXTCHAR_* settings, interleaved: characters/s and the first character's latency.
+
+    .venv/bin/python bench/generate_variants.py               # default, gil1, flush0
+    .venv/bin/python bench/generate_variants.py default       # only the named variants
+
+Each variant: 3 repeats of a fresh server, 2 bursts per server; medians printed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from ab_core import generate_load
+from peer_bench import Server, free_port, peer_artifact
+
+VARIANTS = {"default": {}, "gil1": {"NEXTCHAR_GIL_SWITCH_INTERVAL_MS": "1"},
+            "flush0": {"NEXTCHAR_GENERATE_FLUSH_MS": "0"}}
+
+
+def main(names: list[str]) -> None:
+    variants = {k: v for k, v in VARIANTS.items() if not names or k in names}
+    artifact = peer_artifact()
+    work = Path(tempfile.mkdtemp(prefix="nextchar-genvar-"))
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    for rep in range(3):
+        for name, extra in variants.items():
+            port = free_port()
+            env = {**os.environ, "NEXTCHAR_HTTP_PORT": "0", **extra}
+            server = Server(name, [sys.executable, "-m", "nextchar", "serve", "--model",
+                                   str(artifact), "--host", "127.0.0.1", "--port", str(port),
+                                   "--log-level", "WARNING"], port, work, work / f"{name}.log", env)
+            server.wait_ready("peer-rnn")
+            try:
+                for _ in range(2):
+                    g = asyncio.run(generate_load(server.address))
+                    results[name].append(g)
+                    print(f"rep {rep + 1} {name:<8} {g['rps']:7.0f} chars/s first char p50 "
+                          f"{g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms", flush=True)
+            finally:
+                server.stop()
+    for name, gs in results.items():
+        print(f"{name:<8} median {statistics.median(g['rps'] for g in gs):7.0f} chars/s, first "
+              f"char p50 {statistics.median(g['p50_ms'] for g in gs):6.1f} ms, p99 "
+              f"{statistics.median(g['p99_ms'] for g in gs):6.1f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
