@@ -88,7 +88,7 @@ class ServerSettings(BaseSettings):
         "in the queue (DEADLINE_EXCEEDED); 0 = no limit."
     )
     low_max_batch_size: int = Field(
-        64, ge=0, description="Low lane: texts per model call; 0 = --max-batch-size. Smaller "
+        32, ge=0, description="Low lane: texts per model call; 0 = --max-batch-size. Smaller "
         "batch-job calls hold the GIL and the event loop for less at a time."
     )
     low_timeout_s: float = Field(
