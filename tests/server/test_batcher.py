@@ -180,9 +180,12 @@ class OneWorkerBackend(HeldBackend):
     workers = 1
 
 
-def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_worker_pulling_batches_lets_queued_jobs_run_first(ahead: bool) -> None:
     """Generate's steps (submit_steps) queued while a batch runs go before the next batch: a
-    worker that takes batch after batch itself must not starve them."""
+    worker that takes batch after batch itself must not starve them. Only a batch holding a
+    Generate prompt (Item.ahead) goes first: streams opened together must not each wait for a
+    step over the others."""
 
     async def main() -> None:
         backend = OneWorkerBackend()
@@ -193,7 +196,10 @@ def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
         order: list[str] = []
         first = asyncio.create_task(b.submit(items(loop, [[1]])))
         assert await started(backend, 1)
-        second = asyncio.create_task(b.submit(items(loop, [[2], [3]])))
+        queued = items(loop, [[2], [3]])
+        for it in queued:
+            it.ahead = ahead
+        second = asyncio.create_task(b.submit(queued))
         await asyncio.sleep(0.05)  # queued behind the running batch
         step_ran = asyncio.Event()
 
@@ -204,40 +210,7 @@ def test_a_worker_pulling_batches_lets_queued_jobs_run_first() -> None:
         b.submit_steps(step)
         backend.release.set()
         await asyncio.gather(first, second, step_ran.wait())
-        assert order == ["job after 1 calls"] and backend.calls == [1, 2]
-        await b.close()
-
-    run(main())
-
-
-def test_a_generate_prompt_goes_before_queued_steps() -> None:
-    """A batch holding a prefill (Item.ahead) runs before queued steps: the streams opened
-    together must not each wait for a step over the others."""
-
-    async def main() -> None:
-        backend = OneWorkerBackend()
-        b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
-        backend.release.clear()
-        loop = asyncio.get_running_loop()
-        order: list[str] = []
-        first = asyncio.create_task(b.submit(items(loop, [[1]])))
-        assert await started(backend, 1)
-        prompts = items(loop, [[2], [3]])
-        for it in prompts:
-            it.ahead = True
-        second = asyncio.create_task(b.submit(prompts))
-        await asyncio.sleep(0.05)  # queued behind the running batch
-        step_ran = asyncio.Event()
-
-        def step() -> None:
-            order.append(f"job after {len(backend.calls)} calls")
-            loop.call_soon_threadsafe(step_ran.set)
-
-        b.submit_steps(step)
-        backend.release.set()
-        await asyncio.gather(first, second, step_ran.wait())
-        assert order == ["job after 2 calls"] and backend.calls == [1, 2]
+        assert order == [f"job after {2 if ahead else 1} calls"] and backend.calls == [1, 2]
         await b.close()
 
     run(main())
