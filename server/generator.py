@@ -582,7 +582,6 @@ class Generator:
                 updates.append(u)
         return updates, [s for s in live if s.ended is None]
 
-
     def _sample(self, streams: list[GenerationStream]) -> list[GenerationStream]:
         """One character for each stream from its logits (one vectorised call per group of
         equal settings); returns the streams the model must now read it for."""
