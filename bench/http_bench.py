@@ -43,15 +43,14 @@ from peer_bench import (
     Fleet,
     PeerConfig,
     Sample,
-    Server,
     Target,
     closed_loop,
     free_port,
     make_payloads,
     peer_artifact,
     run_info,
-    start_mlserver,
     start_nextchar,
+    start_peers,
 )
 
 from nextchar.kserve import grpc_predict_v2_pb2 as kpb
@@ -274,22 +273,17 @@ async def _burst(one: Any, n: int) -> dict[str, Any]:
 
 
 # -- MLServer's REST, tuned ---------------------------------------------------------------------
-def start_mlservers(fleet: Fleet, venv: Path, artifact: Path, configs: list[PeerConfig],
-                    workdir: Path) -> dict[PeerConfig, tuple[Server, int]]:
-    """One MLServer per parallel_workers count, each config a model there: config -> (server,
-    its HTTP port), every model ready."""
-    by_workers: dict[int, list[PeerConfig]] = {}
-    for cfg in configs:
-        by_workers.setdefault(cfg.workers, []).append(cfg)
-    out: dict[PeerConfig, tuple[Server, int]] = {}
-    for workers, cfgs in sorted(by_workers.items()):
-        server = fleet.add(start_mlserver(venv, artifact, workers, [(c, "loop") for c in cfgs],
-                                          workdir))
-        port = json.loads((server.log.parent / "settings.json").read_text())["http_port"]
-        out.update({c: (server, port) for c in cfgs})
-    for cfg, (server, _) in out.items():
-        server.wait_ready(cfg.model_name("loop"))
-    return out
+def mlserver_ports(fleet: Fleet, args: argparse.Namespace, artifact: Path,
+                   configs: list[PeerConfig]) -> dict[PeerConfig, int]:
+    """MLServer models for `configs` (peer_bench.start_peers: one process per parallel_workers
+    count), every one ready: config -> the HTTP port of its process."""
+    targets = start_peers(fleet, args, artifact, [(cfg, "loop") for cfg in configs])
+    ports = {}
+    for (cfg, _), target in targets.items():
+        target.server.wait_ready(target.model)
+        settings = json.loads((target.server.log.parent / "settings.json").read_text())
+        ports[cfg] = int(settings["http_port"])
+    return ports
 
 
 def rest_run(port: int, model: str) -> Any:
@@ -305,14 +299,14 @@ def tune_mlserver_rest(args: argparse.Namespace, artifact: Path) -> dict[str, An
                      key=lambda x: (x.workers, x.max_batch_size, x.max_batch_time_us))
     samples: dict[tuple[PeerConfig, int], list[Sample]] = {}
     with Fleet() as fleet:
-        servers = start_mlservers(fleet, args.mlserver_venv, artifact, configs, args.workdir)
+        ports = mlserver_ports(fleet, args, artifact, configs)
         print(f"tuning MLServer REST: {sum(map(len, ML_GRID.values()))} points x "
               f"{args.tune_samples} samples of {args.tune_duration_s:g} s", flush=True)
         for rep in range(args.tune_samples):
             for c, cfgs in ML_GRID.items():
                 shift = rep % len(cfgs)
                 for cfg in cfgs[shift:] + cfgs[:shift]:
-                    run = rest_run(servers[cfg][1], cfg.model_name("loop"))
+                    run = rest_run(ports[cfg], cfg.model_name("loop"))
                     samples.setdefault((cfg, c), []).append(
                         measure(f"tune {cfg.label}", run, c, args.tune_duration_s,
                                 args.tune_warmup_s))
@@ -367,13 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, list[Sample]] = {}
     with Fleet() as fleet:
         nc = fleet.add(start_nextchar(artifact, args.workdir, "--http-port", str(http_port)))
-        ml = start_mlservers(fleet, args.mlserver_venv, artifact, sorted(
-            set(tuned.values()), key=lambda x: (x.workers, x.max_batch_size, x.max_batch_time_us)),
-            args.workdir)
+        ml = mlserver_ports(fleet, args, artifact, sorted(
+            set(tuned.values()), key=lambda x: (x.workers, x.max_batch_size, x.max_batch_time_us)))
         nc.wait_ready("peer-rnn")
         same_answers(nc.address, {"nextchar REST": (http_port, "peer-rnn"),
-                                  **{f"MLServer REST {c.label}": (ml[c][1], c.model_name("loop"))
-                                     for c in set(tuned.values())}})
+                                  **{f"MLServer REST {c.label}": (port, c.model_name("loop"))
+                                     for c, port in ml.items()}})
         grpc_payloads = make_payloads("peer-rnn")
         ours: dict[str, Any] = {
             "nextchar V2 REST": rest_run(http_port, "peer-rnn"),
@@ -383,14 +376,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"repeat {rep + 1}/{args.repeats}", flush=True)
             for c in CONCURRENCY:
                 runs = {**ours, "MLServer V2 REST (tuned)": rest_run(
-                    ml[tuned[c]][1], tuned[c].model_name("loop"))}
+                    ml[tuned[c]], tuned[c].model_name("loop"))}
                 names = list(runs)
                 order = names[rep % len(names):] + names[: rep % len(names)]
                 for name in order:
                     samples.setdefault(f"{name} c={c}", []).append(
                         measure(name, runs[name], c, args.duration_s, args.warmup_s))
-        for server, _ in set(ml.values()):  # the streams run with nextchar alone on the machine
-            server.stop()
+        for server in fleet.servers:  # the streams run with nextchar alone on the machine
+            if server is not nc:
+                server.stop()
         streams: dict[str, list[dict[str, Any]]] = {"openai": [], "grpc": []}
         for rep in range(args.stream_repeats):
             for kind in (("openai", "grpc") if rep % 2 == 0 else ("grpc", "openai")):

@@ -128,13 +128,11 @@ def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) ->
     first text waits for no step (with many streams open, a step is a model call over all of
     them, queued behind the other prompts), and the first step needs no trip through the event
     loop (busy sending the streams' text)."""
-    by_generator: dict[Generator, list[GenerationStream]] = {}
-    for r, it in zip(rows.tolist(), items, strict=True):
-        stream: GenerationStream = it.params
+    streams: list[GenerationStream] = [it.params for it in items]
+    for r, stream in zip(rows.tolist(), streams, strict=True):
         stream.prefilled(out.logits[r].astype(np.float32, copy=True), out.state[:, r, :].copy())
-        by_generator.setdefault(stream._gen, []).append(stream)
-    for gen, streams in by_generator.items():
-        gen._first_characters(streams)
+    # One batcher serves one model, and so one generator: its prompts share this call.
+    streams[0]._gen._first_characters(streams)
     return [None] * len(items)
 
 
