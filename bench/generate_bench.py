@@ -13,12 +13,17 @@ subprocess (ONNX backend, CPU) serving the realistic model (V=84, E=64, H=256, 2
   resend        64 concurrent clients that each generate 200 characters by re-sending the
                 growing text to Predict every step and sampling from the answer (server batching
                 on): what a client must do without continuation state
+  floor         the same 64 streams against bench/grpc_floor.py: grpc.aio on uvloop sending the
+                first character as soon as each call's handler runs, no model and no nextchar
+                code. Its time to the first character is what accepting 64 calls costs these
+                cores (server and this client) before any work; its chars/s mean nothing.
 
 Repeats are interleaved (stream, solo, resend, stream, ...) so machine noise hits all alike.
 Reports aggregate generated chars/s, time per generated character per stream (stream duration
 / characters) and time to the first character, p50/p99 over streams, and the chars per message.
 The Generate variants send the same 64 requests (seed i, prompt i % 4), so their texts must be
-equal; the report counts the texts that differ (float noise flipping a draw would show there).
+equal; the report counts the texts that differ (float noise flipping a draw would show there;
+the floor's texts are not a model's and are left out).
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ def build_artifact(root: Path) -> Path:
 def Server(artifact: Path, *flags: str) -> ServeProcess:  # noqa: N802 (reads as a class)
     return ServeProcess(["--model", str(artifact), "--backend", "onnx", "--device", "cpu",
                          "--log-level", "WARNING", *flags], what=f"server ({' '.join(flags)})")
+
+
+def Floor() -> ServeProcess:  # noqa: N802 (reads as a class)
+    return ServeProcess([], command=[sys.executable, str(Path(__file__).with_name("grpc_floor.py"))],
+                        what="grpc floor server")
 
 
 @dataclass
@@ -172,6 +182,7 @@ def main() -> int:
                "stream-flush0": Server(artifact, "--generate-flush-ms", "0"),
                "stream-solo": Server(artifact, "--no-step-batching")}
     servers["resend"] = servers["stream"]
+    servers["floor"] = Floor()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in servers}
     try:
         for rep in range(args.repeats):
@@ -185,7 +196,7 @@ def main() -> int:
             s.stop()
     reference = runs["stream"][0]["texts"]
     differ = {v: sum(a != b for r in rs for a, b in zip(r["texts"], reference, strict=True))
-              for v, rs in runs.items() if v != "resend"}
+              for v, rs in runs.items() if v not in ("resend", "floor")}
     for rs in runs.values():
         for r in rs:
             del r["texts"]

@@ -24,11 +24,14 @@ os.environ.setdefault("NEXTCHAR_HTTP_PORT", "0")
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], *, stderr: IO[str] | None = None, what: str = "server") -> None:
+    def __init__(self, args: list[str], *, stderr: IO[str] | None = None, what: str = "server",
+                 command: list[str] | None = None) -> None:
         """args: `nextchar serve` flags after `--port 0`; stderr: where its log goes (inherited
-        by default); what: named in the error when it does not start."""
+        by default); what: named in the error when it does not start; command: another program
+        that prints the same line (bench/grpc_floor.py), run instead of `nextchar serve`."""
+        command = command or [sys.executable, "-m", "nextchar", "serve"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nextchar", "serve", "--port", "0", *args],
+            [*command, "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/server_cpu.py                       # nextchar defaults, c=64
     .venv/bin/python bench/server_cpu.py --ab -- --no-http2-bdp-probe --http2-bdp-probe
+    .venv/bin/python bench/server_cpu.py --floor --rounds 3 --json docs/server_cpu_floor.json
 
 Starts `nextchar serve` on the peer-benchmark model (bench/peer_bench.py), drives it with the
 peer benchmark's closed loop (one 64-character KServe ModelInfer per request, C workers on one
 channel), and reads each server thread's CPU time (utime + stime) and run-queue wait
 (/proc/<pid>/task/<tid>/schedstat: time runnable but not running, i.e. waiting for a core)
 before and after the measured seconds. With --ab, the flag sets after `--` are run in turns,
---rounds times, so drift on a shared machine hits each alike.
+--rounds times, so drift on a shared machine hits each alike. With --floor, nextchar and
+bench/grpc_floor.py (grpc.aio answering with a saved nextchar response, no model, no nextchar
+code) take turns: what the transport alone costs per call, against what nextchar costs.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import peer_bench as pb
 
 # nextchar serve's HTTP front end defaults to port 8000: servers this script starts pick a free
@@ -44,11 +49,37 @@ def thread_times(pid: int) -> dict[str, tuple[str, float, float]]:
     return out
 
 
+FLOOR = "(grpc floor)"
+
+
+def start_floor(workdir: Path, response: Path) -> pb.Server:
+    port = pb.free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("grpc_floor.py")), "--port", str(port),
+            "--infer-response", str(response)]
+    return pb.Server("grpc floor", argv, port, workdir, workdir / "grpc_floor.log")
+
+
+def save_response(artifact: Path, workdir: Path, payload: bytes) -> Path:
+    """nextchar's answer to the benchmark's first request, for the floor server to send."""
+    manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+    server = pb.start_nextchar(artifact, workdir)
+    try:
+        server.wait_ready(manifest["name"])
+        with grpc.insecure_channel(server.address) as ch:
+            answer = ch.unary_unary(pb.INFER)(payload, timeout=30)
+    finally:
+        server.stop()
+    path = workdir / "floor_response.bin"
+    path.write_bytes(answer)
+    return path
+
+
 def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
-             workdir: Path) -> dict:
+             workdir: Path, floor_response: Path | None = None) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     payloads = pb.make_payloads(manifest["name"])
-    server = pb.start_nextchar(artifact, workdir, *flags)
+    server = (start_floor(workdir, floor_response) if floor_response is not None
+              else pb.start_nextchar(artifact, workdir, *flags))
     try:
         server.wait_ready(manifest["name"])
         asyncio.run(pb.closed_loop(server.address, payloads, concurrency, 2.0))  # warm-up
@@ -67,7 +98,8 @@ def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
                             "runqueue_wait": round((wait - wait0) / wall, 2)})
     threads.sort(key=lambda t: -t["cores"])
     loadgen = (own_after.user + own_after.system) - (own_before.user + own_before.system)
-    return {"flags": flags, "throughput_rps": sample.throughput_rps, "p99_ms": sample.p99_ms,
+    return {"server": FLOOR if floor_response is not None else "nextchar",
+            "flags": flags, "throughput_rps": sample.throughput_rps, "p99_ms": sample.p99_ms,
             "server_us_per_request": round(sum(t["us_per_request"] for t in threads)),
             "loadgen_us_per_request": round(loadgen / n * 1e6), "threads": threads}
 
@@ -79,28 +111,44 @@ def main() -> int:
     ap.add_argument("--ab", action="store_true",
                     help="the arguments after -- are flag sets to compare, one per argument "
                          "(split on spaces; '' = defaults)")
+    ap.add_argument("--floor", action="store_true",
+                    help="nextchar (with the flags after --) and the grpc.aio floor server in turns")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write every round's results here")
     ap.add_argument("--workdir", type=Path, default=pb.REPO / "runs" / "server_cpu")
     args, rest = ap.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
     args.workdir.mkdir(parents=True, exist_ok=True)
     artifact = pb.peer_artifact()
     sets = [s.split() for s in rest] if args.ab else [rest]
-    rounds = args.rounds if args.ab else 1
-    results: dict[str, list[dict]] = {" ".join(s) or "(defaults)": [] for s in sets}
+    rounds = args.rounds if args.ab or args.floor else 1
+    runs: list[tuple[str, list[str], Path | None]] = [(" ".join(f) or "(defaults)", f, None)
+                                                      for f in sets]
+    if args.floor:
+        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        response = save_response(artifact, args.workdir, pb.make_payloads(manifest["name"])[0])
+        runs.append((FLOOR, [], response))
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for _ in range(rounds):
-        for flags in sets:
-            r = run_once(artifact, flags, args.concurrency, args.seconds, args.workdir)
-            label = " ".join(flags) or "(defaults)"
+        for label, flags, floor_response in runs:
+            r = run_once(artifact, flags, args.concurrency, args.seconds, args.workdir,
+                         floor_response)
             results[label].append(r)
             print(f"{label:<40} {r['throughput_rps']:>8.1f} req/s  p99 {r['p99_ms']:6.1f} ms  "
                   f"server {r['server_us_per_request']} us/req  loadgen "
                   f"{r['loadgen_us_per_request']} us/req", flush=True)
-            if not args.ab:
+            if not args.ab:  # one flag set: where its CPU went, thread by thread
                 for t in r["threads"]:
                     print(f"  {t['thread']:<24} {t['cores']:.2f} cores  {t['us_per_request']:>5} "
                           f"us/req  waiting for a core {t['runqueue_wait']:.2f} of the time")
-    if args.ab:
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": started, "commit": pb.git_commit(),
+            "command": " ".join(["bench/server_cpu.py", *sys.argv[1:]]),
+            "machine": f"{os.cpu_count()} cores", "concurrency": args.concurrency,
+            "seconds": args.seconds, "rounds": rounds, "results": results}, indent=1) + "\n")
+    if args.ab or args.floor:
         print("medians:")
         for label, rs in results.items():
             print(f"  {label:<40} {statistics.median(r['throughput_rps'] for r in rs):>8.1f} "
