@@ -20,7 +20,9 @@ from ab_core import generate_load
 from peer_bench import Server, free_port, peer_artifact
 
 VARIANTS = {"default": {}, "gil1": {"NEXTCHAR_GIL_SWITCH_INTERVAL_MS": "1"},
-            "flush0": {"NEXTCHAR_GENERATE_FLUSH_MS": "0"}}
+            "flush0": {"NEXTCHAR_GENERATE_FLUSH_MS": "0"},
+            "nice5": {"NEXTCHAR_WORKER_NICE": "5"}, "nice0": {"NEXTCHAR_WORKER_NICE": "0"},
+            "nice10": {"NEXTCHAR_WORKER_NICE": "10"}, "nice19": {"NEXTCHAR_WORKER_NICE": "19"}}
 
 
 def main(names: list[str]) -> None:
@@ -28,7 +30,7 @@ def main(names: list[str]) -> None:
     artifact = peer_artifact()
     work = Path(tempfile.mkdtemp(prefix="nextchar-genvar-"))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    for rep in range(3):
+    for rep in range(int(os.environ.get("REPEATS", "3"))):
         for name, extra in variants.items():
             port = free_port()
             env = {**os.environ, "NEXTCHAR_HTTP_PORT": "0", **extra}

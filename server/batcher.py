@@ -39,6 +39,7 @@ direct call on the executor: warm-up checks and the reload probe).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -134,6 +135,7 @@ class Batcher:
         high_timeout_s: float = 0.0,
         low_lane_workers: int = 0,
         low_lane_nice: int = 0,
+        worker_nice: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
         on_batch_start: Callable[[list[float]], None] | None = None,
         tracing: Tracing | None = None,
@@ -154,16 +156,27 @@ class Batcher:
         self.on_batch = on_batch  # (texts, padded chars, compute seconds) -> None
         self.on_batch_start = on_batch_start  # (each text's enqueued_at) -> None: queue time
         self.stats = BatchStats()
-        self.executor = backend.make_executor()
-        # Low-lane model calls on threads of their own, at a lower OS priority: on a machine
-        # whose cores the batch job keeps busy, the threads of an interactive call (event loop,
-        # its model call) get a core first instead of sharing it with the job's call. Only
-        # with several workers: one worker runs both lanes' calls in turn on one thread.
+        # Model calls and Generate steps a little nicer than the event loop: on a machine with
+        # fewer cores than busy threads, the loop (accepting calls, reading requests, sending
+        # answers) gets a core first, and the model works on bigger batches meanwhile
+        # (docs/benchmarks.md, "Worker priority"). Low-lane model calls run on threads of
+        # their own, nicer still: on a machine whose cores the batch job keeps busy, the
+        # threads of an interactive call get a core first instead of sharing it with the job's
+        # call. Only with several workers: one worker runs both lanes' calls in turn.
+        # Nice values are per thread on Linux and a new thread inherits its creator's, so every
+        # thread is started here, from this one, and set to an absolute value: a main worker
+        # started lazily by a low-lane thread would otherwise run at the low lane's priority
+        # (and could not be raised back without privilege).
+        base = _own_nice()
+        self.executor = backend.make_executor(
+            functools.partial(_set_nice, min(19, base + worker_nice)) if worker_nice > 0 else None)
+        _start_threads(self.executor, backend.workers)
         self._low_executor: ThreadPoolExecutor | None = None
         if low_lane_nice > 0 and backend.workers > 1:
             self._low_executor = ThreadPoolExecutor(
                 max_workers=backend.workers, thread_name_prefix=f"nextchar-{backend.name}-low",
-                initializer=_lower_priority, initargs=(low_lane_nice,))
+                initializer=_set_nice, initargs=(min(19, base + low_lane_nice),))
+            _start_threads(self._low_executor, backend.workers)
         self._queues: tuple[deque[Item], deque[Item]] = (deque(), deque())  # by lane
         self._pending_chars = 0  # characters in both queues (live or not yet dropped)
         self._lane_chars = [0, 0]  # the same, per lane
@@ -528,14 +541,30 @@ class Batcher:
         return results
 
 
-def _lower_priority(increment: int) -> None:
-    """A low-lane thread's initializer: its own nice value `increment` higher (Linux keeps
-    one per thread; raising it needs no privilege). Elsewhere the calls run as before."""
+def _own_nice() -> int:
+    """This thread's nice value (0 where the OS has none to tell)."""
     try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
+
+
+def _set_nice(value: int) -> None:
+    """A worker thread's initializer: its own nice value set to `value` (Linux keeps one per
+    thread; raising it needs no privilege). Elsewhere the calls run as before."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
     except (AttributeError, OSError) as e:  # not Linux, or not allowed: same priority
-        log.warning("low-lane threads keep their priority: %s", e)
+        log.warning("model threads keep their priority: %s", e)
+
+
+def _start_threads(executor: ThreadPoolExecutor, n: int) -> None:
+    """Starts the executor's n threads now, from this thread (ThreadPoolExecutor starts them
+    on demand, from whichever thread submits): n tasks that wait for each other each take a
+    thread of their own."""
+    barrier = threading.Barrier(n)
+    for f in [executor.submit(barrier.wait, 10.0) for _ in range(n)]:
+        f.result()
 
 
 def _deliver(items: list[Item], results: list[Any] | None,

@@ -87,6 +87,7 @@ def build_batcher(backend: Backend, s: ServerSettings, metrics: Metrics | None =
                             s.low_max_batch_size),
         low_lane_workers=s.low_lane_workers,
         low_lane_nice=s.low_lane_nice,
+        worker_nice=s.worker_nice,
         on_batch=on_batch,
         on_batch_start=on_batch_start,
         tracing=tracing,

@@ -104,6 +104,11 @@ class ServerSettings(BaseSettings):
         "(OS priority, Linux) than the rest, so interactive calls get the cores first; 0 = "
         "off. With several backend workers only."
     )
+    worker_nice: int = Field(
+        5, ge=0, le=19, description="Model calls and Generate steps run on threads this much "
+        "nicer (OS priority, Linux) than the event loop, so accepting calls and sending answers "
+        "get a core first where the cores are fewer than the busy threads; 0 = off."
+    )
     parallel_batch_chars: int = Field(
         4096, ge=0,
         description="While one model call runs, start another only once this many characters "

@@ -8,6 +8,7 @@ calls `run` only from the backend's own executor (`make_executor`), because some
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ class Backend(abc.ABC):
     def workers(self) -> int:
         """How many `run` calls may execute at once (each on its own executor thread)."""
 
-    def make_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"nextchar-{self.name}")
+    def make_executor(self, initializer: Callable[[], object] | None = None) -> ThreadPoolExecutor:
+        """The threads `run` is called on; `initializer` runs once on each as it starts."""
+        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"nextchar-{self.name}",
+                                  initializer=initializer)
 
     @abc.abstractmethod
     def run(

@@ -7,7 +7,9 @@ call, so each test decides exactly what is queued while a batch runs.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,8 +34,8 @@ class HeldBackend:
         self.calls: list[int] = []  # batch size of each call, in start order
         self.started = threading.Semaphore(0)
 
-    def make_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self.workers)
+    def make_executor(self, initializer: Callable[[], object] | None = None) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.workers, initializer=initializer)
 
     def zero_state(self, batch: int) -> np.ndarray:
         return np.zeros((1, batch, 2), dtype=np.float32)
@@ -397,5 +399,36 @@ def test_the_low_lane_has_its_own_batch_size() -> None:
         await asyncio.gather(first, low, high)
         assert backend.calls == [1, 6, 3, 3, 1]  # high up to 8 per call, low up to 3
         await b.close()
+
+    run(main())
+
+
+def _nice_of_threads(executor: ThreadPoolExecutor, n: int) -> list[int]:
+    """The nice value of each of n executor threads (n tasks waiting for each other each run
+    on a thread of their own)."""
+    barrier = threading.Barrier(n)
+
+    def nice() -> int:
+        barrier.wait(5)
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    return sorted(f.result() for f in [executor.submit(nice) for _ in range(n)])
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_model_threads_run_nicer_than_the_loop_and_the_low_lane_nicer_still() -> None:
+    async def main() -> None:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        b = Batcher(HeldBackend(), worker_nice=3, low_lane_nice=7)
+        # Every thread exists before any work: none is started by a worker of the other lane,
+        # whose nice value it would inherit.
+        assert len(b.executor._threads) == 2 and len(b._low_executor._threads) == 2
+        assert _nice_of_threads(b.executor, 2) == [min(19, base + 3)] * 2
+        assert _nice_of_threads(b._low_executor, 2) == [min(19, base + 7)] * 2
+        await b.close()
+        off = Batcher(HeldBackend(), worker_nice=0, low_lane_nice=0)
+        assert _nice_of_threads(off.executor, 2) == [base] * 2
+        assert off._low_executor is None
+        await off.close()
 
     run(main())
