@@ -3,6 +3,7 @@
     .venv/bin/python bench/server_cpu.py                       # nextchar defaults, c=64
     .venv/bin/python bench/server_cpu.py --ab -- --no-http2-bdp-probe --http2-bdp-probe
     .venv/bin/python bench/server_cpu.py --floor --rounds 3 --json docs/server_cpu_floor.json
+    .venv/bin/python bench/server_cpu.py --ab --pin -- "--worker-nice 0" "--worker-nice 5"
 
 Starts `nextchar serve` on the peer-benchmark model (bench/peer_bench.py), drives it with the
 peer benchmark's closed loop (one 64-character KServe ModelInfer per request, C workers on one
@@ -74,14 +75,26 @@ def save_response(artifact: Path, workdir: Path, payload: bytes) -> Path:
     return path
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of process pid onto `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
 def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
-             workdir: Path, floor_response: Path | None = None) -> dict:
+             workdir: Path, floor_response: Path | None = None,
+             server_cpus: set[int] | None = None) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     payloads = pb.make_payloads(manifest["name"])
     server = (start_floor(workdir, floor_response) if floor_response is not None
               else pb.start_nextchar(artifact, workdir, *flags))
     try:
         server.wait_ready(manifest["name"])
+        if server_cpus:
+            pin_threads(server.proc.pid, server_cpus)
         asyncio.run(pb.closed_loop(server.address, payloads, concurrency, 2.0))  # warm-up
         before, own_before = thread_times(server.proc.pid), os.times()
         sample = asyncio.run(pb.closed_loop(server.address, payloads, concurrency, seconds))
@@ -115,6 +128,9 @@ def main() -> int:
                     help="nextchar (with the flags after --) and the grpc.aio floor server in turns")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write every round's results here")
+    ap.add_argument("--pin", action="store_true",
+                    help="the load generator on the first core, the server on the others: no "
+                         "CPU shared between them, so a difference is the server's own")
     ap.add_argument("--workdir", type=Path, default=pb.REPO / "runs" / "server_cpu")
     args, rest = ap.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
@@ -130,10 +146,17 @@ def main() -> int:
         runs.append((FLOOR, [], response))
     results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    server_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 cores")
+        os.sched_setaffinity(0, {cpus[0]})
+        server_cpus = set(cpus[1:])
     for _ in range(rounds):
         for label, flags, floor_response in runs:
             r = run_once(artifact, flags, args.concurrency, args.seconds, args.workdir,
-                         floor_response)
+                         floor_response, server_cpus)
             results[label].append(r)
             print(f"{label:<40} {r['throughput_rps']:>8.1f} req/s  p99 {r['p99_ms']:6.1f} ms  "
                   f"server {r['server_us_per_request']} us/req  loadgen "
@@ -147,7 +170,9 @@ def main() -> int:
             "date": started, "commit": pb.git_commit(),
             "command": " ".join(["bench/server_cpu.py", *sys.argv[1:]]),
             "machine": f"{os.cpu_count()} cores", "concurrency": args.concurrency,
-            "seconds": args.seconds, "rounds": rounds, "results": results}, indent=1) + "\n")
+            "seconds": args.seconds, "rounds": rounds,
+            "pinned": f"load generator on core {cpus[0]}, server on {sorted(server_cpus)}"
+            if server_cpus else "no", "results": results}, indent=1) + "\n")
     if args.ab or args.floor:
         print("medians:")
         for label, rs in results.items():
