@@ -1,10 +1,12 @@
 """The 64-stream Generate burst (bench/ab_core.py's `generate_load`) against servers started
 with different NEXTCHAR_* settings, interleaved: characters/s and the first character's latency.
 
-    .venv/bin/python bench/generate_variants.py               # default, gil1, flush0
-    .venv/bin/python bench/generate_variants.py default       # only the named variants
+    .venv/bin/python bench/generate_variants.py               # every variant of VARIANTS
+    REPEATS=3 .venv/bin/python bench/generate_variants.py nice0 nice5   # only the named ones
 
-Each variant: 3 repeats of a fresh server, 2 bursts per server; medians printed at the end.
+Each variant: REPEATS (default 3) repeats of a fresh server, 2 bursts per server; medians
+printed at the end. Variants: the defaults, a 1 ms GIL switch interval, --generate-flush-ms 0,
+and --worker-nice 0/5/10/19 (docs/benchmarks.md, "Worker priority").
 """
 
 from __future__ import annotations
