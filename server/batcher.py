@@ -166,7 +166,8 @@ class Batcher:
         # Nice values are per thread on Linux and a new thread inherits its creator's, so every
         # thread is started here, from this one, and set to an absolute value: a main worker
         # started lazily by a low-lane thread would otherwise run at the low lane's priority
-        # (and could not be raised back without privilege).
+        # (and could not be raised back without privilege). Starting them takes well under a
+        # millisecond, once per model version.
         base = _own_nice()
         self.executor = backend.make_executor(
             functools.partial(_set_nice, min(19, base + worker_nice)) if worker_nice > 0 else None)

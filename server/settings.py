@@ -101,8 +101,8 @@ class ServerSettings(BaseSettings):
     )
     low_lane_nice: int = Field(
         19, ge=0, le=19, description="Low-priority model calls run on threads this much nicer "
-        "(OS priority, Linux) than the rest, so interactive calls get the cores first; 0 = "
-        "off. With several backend workers only."
+        "(OS priority, Linux) than the event loop (19: the lowest), so interactive calls get "
+        "the cores first; 0 = off. With several backend workers only."
     )
     worker_nice: int = Field(
         5, ge=0, le=19, description="Model calls and Generate steps run on threads this much "
