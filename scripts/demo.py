@@ -68,7 +68,10 @@ def main() -> int:
     run(["export", str(work / "hello"), "-o", str(work / "hello-artifact")])
 
     step(f"2. Train a character-level model on Shakespeare ({args.max_minutes} min budget)")
-    run(["train", "--out", str(work / "shakespeare"), "--max-minutes", str(args.max_minutes)])
+    # --overwrite: the demo's folder is its own, so a second `make demo` trains afresh
+    # instead of stopping at the first run's checkpoint.
+    run(["train", "--out", str(work / "shakespeare"), "--max-minutes", str(args.max_minutes),
+         "--overwrite"])
 
     step("3. Export to ONNX + TorchScript, with the parity gate")
     run(["export", str(work / "shakespeare"), "-o", str(work / "artifact")])
