@@ -151,8 +151,9 @@ bench-tracing: setup
 bench-batch: setup
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/batch_bench.py --out docs/batch_bench.json
 
-# 64 Generate streams x 200 chars: step batching vs batching off vs re-sending the prefix
-# (docs/benchmarks.md "Streaming generation"); about 3 minutes.
+# 64 Generate streams x 200 chars: step batching vs batching off vs re-sending the prefix, and
+# the grpc.aio floor (bench/grpc_floor.py: the first character with no model and no nextchar
+# code) (docs/benchmarks.md "Streaming generation"); about 4 minutes.
 bench-generate: setup
 	flock -x /tmp/nextchar-cpu.lock $(BIN)/python bench/generate_bench.py --out runs/bench-generate \
 	  --json docs/generate_bench.json
