@@ -30,7 +30,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,12 +104,11 @@ def serve_traced(argv: list[str]) -> None:
     wrap(gen_mod.GenerationStream, "chunks", on_chunks)
     wrap(batcher_mod.Batcher, "_compute", on_compute)
     wrap(batcher_mod.Batcher, "run_model", on_step)
-    lock = threading.Lock()
-
     def dump(*_: Any) -> None:
-        with lock:
-            Path(os.environ["NEXTCHAR_TRACE_OUT"]).write_text(
-                json.dumps({"streams": list(streams.values()), "calls": calls}))
+        # On the main thread (the event loop's), between two of its bytecodes; model threads
+        # may still append to `calls`, so it is copied first (list() holds the GIL throughout).
+        Path(os.environ["NEXTCHAR_TRACE_OUT"]).write_text(
+            json.dumps({"streams": list(streams.values()), "calls": list(calls)}))
         os._exit(0)
 
     signal.signal(signal.SIGUSR1, dump)
