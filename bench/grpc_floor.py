@@ -1,6 +1,6 @@
 """The floor: what grpc.aio itself costs on this machine, with no model and no nextchar code.
 
-    python bench/grpc_floor.py --port 0 --infer-response resp.bin
+    python bench/grpc_floor.py --port 0 --infer-response resp.bin [--handoff]
         # prints "nextchar serving on 127.0.0.1:PORT" as `nextchar serve` does, then serves
 
 A grpc.aio server on uvloop with nextchar serve's gRPC options, answering the two methods the
@@ -11,6 +11,12 @@ benchmarks drive:
   nextchar.v1 Generate the first character (the prompt's last) in a message as soon as the
                       handler runs, then the other max_chars - 1 in one last message.
 Nothing else runs: no batcher, no model, no validation, metrics, request ids or tracing.
+
+With --handoff, ModelInfer also does what any batching server on asyncio must: the call waits
+on a future; once per loop pass the waiting calls go to a worker thread as one batch; the
+thread (doing no compute) hands the batch back with one call_soon_threadsafe, and the loop
+resolves the futures. Two worker threads, as nextchar has on 2 cores. Its CPU per call less
+the plain floor's is what that hand-off costs, whatever the server does besides.
 bench/server_cpu.py --floor measures its CPU per call under the peer benchmark's load and
 bench/generate_bench.py's `floor` variant its time to the first character of 64 streams: what
 any server built on grpc.aio pays on these cores before doing any work.
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -58,6 +65,32 @@ class Floor:
         return pb.GetModelInfoResponse(name="floor")
 
 
+class HandoffFloor(Floor):
+    """ModelInfer through a batch hand-off to a worker thread and back (--handoff)."""
+
+    def __init__(self, infer_response: bytes) -> None:
+        super().__init__(infer_response)
+        self.pending: list[asyncio.Future[bytes]] = []
+        self.workers = ThreadPoolExecutor(2, thread_name_prefix="floor-worker")
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:  # the first call of this loop pass schedules the batch
+            loop.call_soon(self._flush, loop)
+        self.pending.append(fut)
+        return await fut
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self.pending = self.pending, []
+        self.workers.submit(loop.call_soon_threadsafe, self._resolve, batch)
+
+    def _resolve(self, batch: list[asyncio.Future[bytes]]) -> None:
+        for fut in batch:
+            if not fut.done():
+                fut.set_result(self.infer_response)
+
+
 def handlers(floor: Floor) -> list[grpc.GenericRpcHandler]:
     kserve = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
@@ -77,12 +110,12 @@ def handlers(floor: Floor) -> list[grpc.GenericRpcHandler]:
     return [kserve, v1]
 
 
-async def serve(host: str, port: int, infer_response: bytes) -> None:
+async def serve(host: str, port: int, floor: Floor) -> None:
     # nextchar serve's options (server/app.py), so the transport is configured alike.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0),
                                       ("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
-    server.add_generic_rpc_handlers(handlers(Floor(infer_response)))
+    server.add_generic_rpc_handlers(handlers(floor))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"nextchar serving on {host}:{bound}", flush=True)
@@ -102,9 +135,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--infer-response", type=Path,
                     help="serialized ModelInferResponse to answer ModelInfer with (default: empty)")
+    ap.add_argument("--handoff", action="store_true",
+                    help="ModelInfer waits for a worker thread, in batches (see the docstring)")
     args = ap.parse_args()
     response = args.infer_response.read_bytes() if args.infer_response else b""
-    uvloop.run(serve(args.host, args.port, response))
+    uvloop.run(serve(args.host, args.port,
+                     (HandoffFloor if args.handoff else Floor)(response)))
 
 
 if __name__ == "__main__":

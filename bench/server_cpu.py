@@ -12,7 +12,9 @@ channel), and reads each server thread's CPU time (utime + stime) and run-queue 
 before and after the measured seconds. With --ab, the flag sets after `--` are run in turns,
 --rounds times, so drift on a shared machine hits each alike. With --floor, nextchar and
 bench/grpc_floor.py (grpc.aio answering with a saved nextchar response, no model, no nextchar
-code) take turns: what the transport alone costs per call, against what nextchar costs.
+code) take turns: what the transport alone costs per call, against what nextchar costs; and
+grpc_floor.py --handoff, the same with each call waiting on a batch hand-off to a worker thread
+and back (no compute), the cost any batching server on asyncio adds to the transport's.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ def thread_times(pid: int) -> dict[str, tuple[str, float, float]]:
 
 
 FLOOR = "(grpc floor)"
+HANDOFF = "(grpc floor + batch hand-off)"
 
 
-def start_floor(workdir: Path, response: Path) -> pb.Server:
+def start_floor(workdir: Path, response: Path, flags: list[str]) -> pb.Server:
     port = pb.free_port()
     argv = [sys.executable, str(Path(__file__).with_name("grpc_floor.py")), "--port", str(port),
-            "--infer-response", str(response)]
+            "--infer-response", str(response), *flags]
     return pb.Server("grpc floor", argv, port, workdir, workdir / "grpc_floor.log")
 
 
@@ -89,7 +92,7 @@ def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
              server_cpus: set[int] | None = None) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     payloads = pb.make_payloads(manifest["name"])
-    server = (start_floor(workdir, floor_response) if floor_response is not None
+    server = (start_floor(workdir, floor_response, flags) if floor_response is not None
               else pb.start_nextchar(artifact, workdir, *flags))
     try:
         server.wait_ready(manifest["name"])
@@ -111,7 +114,8 @@ def run_once(artifact: Path, flags: list[str], concurrency: int, seconds: float,
                             "runqueue_wait": round((wait - wait0) / wall, 2)})
     threads.sort(key=lambda t: -t["cores"])
     loadgen = (own_after.user + own_after.system) - (own_before.user + own_before.system)
-    return {"server": FLOOR if floor_response is not None else "nextchar",
+    floor = (HANDOFF if flags else FLOOR) if floor_response is not None else None
+    return {"server": floor or "nextchar",
             "flags": flags, "throughput_rps": sample.throughput_rps, "p99_ms": sample.p99_ms,
             "server_us_per_request": round(sum(t["us_per_request"] for t in threads)),
             "loadgen_us_per_request": round(loadgen / n * 1e6), "threads": threads}
@@ -125,7 +129,8 @@ def main() -> int:
                     help="the arguments after -- are flag sets to compare, one per argument "
                          "(split on spaces; '' = defaults)")
     ap.add_argument("--floor", action="store_true",
-                    help="nextchar (with the flags after --) and the grpc.aio floor server in turns")
+                    help="nextchar (with the flags after --) and the grpc.aio floor server, "
+                         "plain and with --handoff, in turns")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write every round's results here")
     ap.add_argument("--pin", action="store_true",
@@ -143,7 +148,7 @@ def main() -> int:
     if args.floor:
         manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
         response = save_response(artifact, args.workdir, pb.make_payloads(manifest["name"])[0])
-        runs.append((FLOOR, [], response))
+        runs += [(FLOOR, [], response), (HANDOFF, ["--handoff"], response)]
     results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     server_cpus = None
