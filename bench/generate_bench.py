@@ -7,7 +7,8 @@ One run, three variants, each driven by this process (grpc.aio) against a real `
 subprocess (ONNX backend, CPU) serving the realistic model (V=84, E=64, H=256, 2-layer tanh RNN):
 
   stream        64 concurrent Generate streams of 200 characters, step batching on (default)
-  stream-flush0 the same with --generate-flush-ms 0 (a message per character per stream)
+  stream-flush0 the same with --generate-flush-ms 0 --generate-max-messages-per-s 0 (a message
+                per character per stream)
   stream-solo   the same against a server started with --no-step-batching (one B=1 model call
                 per stream per character)
   resend        64 concurrent clients that each generate 200 characters by re-sending the
@@ -179,7 +180,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     artifact = build_artifact(args.out)
     servers = {"stream": Server(artifact),
-               "stream-flush0": Server(artifact, "--generate-flush-ms", "0"),
+               "stream-flush0": Server(artifact, "--generate-flush-ms", "0",
+                                       "--generate-max-messages-per-s", "0"),
                "stream-solo": Server(artifact, "--no-step-batching")}
     servers["resend"] = servers["stream"]
     servers["floor"] = Floor()

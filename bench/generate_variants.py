@@ -6,6 +6,7 @@ with different NEXTCHAR_* settings, interleaved: characters/s and the first char
 
 Each variant: REPEATS (default 3) repeats of a fresh server, 2 bursts per server; medians
 printed at the end. Variants: the defaults, a 1 ms GIL switch interval, --generate-flush-ms 0,
+60 and 200 (each with no message cap), no message cap (--generate-max-messages-per-s 0),
 and --worker-nice 0/5/10/19 (docs/benchmarks.md, "Worker priority").
 """
 
@@ -22,7 +23,10 @@ from ab_core import generate_load
 from peer_bench import Server, free_port, peer_artifact
 
 VARIANTS = {"default": {}, "gil1": {"NEXTCHAR_GIL_SWITCH_INTERVAL_MS": "1"},
-            "flush0": {"NEXTCHAR_GENERATE_FLUSH_MS": "0"},
+            "flush0": {"NEXTCHAR_GENERATE_FLUSH_MS": "0", "NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
+            "nocap": {"NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
+            "flush60": {"NEXTCHAR_GENERATE_FLUSH_MS": "60", "NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
+            "flush200": {"NEXTCHAR_GENERATE_FLUSH_MS": "200", "NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
             "nice5": {"NEXTCHAR_WORKER_NICE": "5"}, "nice0": {"NEXTCHAR_WORKER_NICE": "0"},
             "nice10": {"NEXTCHAR_WORKER_NICE": "10"}, "nice19": {"NEXTCHAR_WORKER_NICE": "19"}}
 

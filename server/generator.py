@@ -29,7 +29,9 @@ A stream's life:
      message at most every `flush_ms` per stream: the first text and the end go at once, text
      produced meanwhile rides in the next message. A gRPC message costs the event loop far more
      than a step costs per stream (docs/streaming.md), so under load this is what keeps the
-     loop from capping throughput; with one stream it is 50 messages a second at most.
+     loop from capping throughput; with one stream it is 50 messages a second at most. With
+     many streams open the interval stretches so that all of them together send at most
+     `max_messages_per_s` (`flush_interval`).
      Characters that might begin a stop string are held back until they cannot.
 
 With `step_batching` (the default) all streams share one lane; off, every stream has its own
@@ -233,9 +235,10 @@ class GenerationStream:
                 continue  # the flush timer found nothing new
             text = "".join(self._outbox)
             self._outbox.clear()
-            if self._gen.flush_s > 0:
+            interval = self._gen.flush_interval()
+            if interval > 0:
                 # Text of the next steps waits for the timer (or the end) to ride along.
-                self._hold_until = loop.time() + self._gen.flush_s
+                self._hold_until = loop.time() + interval
                 self._timer = loop.call_at(self._hold_until, self._event.set)
             yield Chunk(text)
 
@@ -358,7 +361,7 @@ class GenerationStream:
 
 class Generator:
     def __init__(self, predictor: Predictor, step_batching: bool = True,
-                 flush_ms: float = 20.0) -> None:
+                 flush_ms: float = 20.0, max_messages_per_s: float = 0.0) -> None:
         self.predictor = predictor
         self.artifact = predictor.artifact
         self.batcher = predictor.batcher
@@ -366,6 +369,7 @@ class Generator:
         self.max_streams = predictor.limits.max_streams
         self.step_batching = step_batching
         self.flush_s = flush_ms / 1000.0
+        self.max_messages_per_s = max_messages_per_s
         self.stats = GenerateStats()
         self._open: set[GenerationStream] = set()
         self._stepping: set[GenerationStream] = set()  # joined a lane, not yet dropped
@@ -373,6 +377,16 @@ class Generator:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+
+    def flush_interval(self) -> float:
+        """Seconds a stream's new text waits after a message: flush_ms, stretched so that the
+        open streams together send at most about max_messages_per_s messages. A message costs
+        the event loop far more than a step costs a stream: 64 streams at one message per
+        20 ms ask more of the loop than 2 cores give it, and then the loop, not the model, sets
+        the pace of every stream and of the calls waiting to be accepted (docs/streaming.md)."""
+        if self.max_messages_per_s <= 0:
+            return self.flush_s
+        return max(self.flush_s, len(self._open) / self.max_messages_per_s)
 
     @property
     def active_streams(self) -> int:

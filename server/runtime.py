@@ -121,7 +121,8 @@ class ModelRuntime:
         batcher = build_batcher(backend, settings, metrics, name, stats, tracing)
         predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings))
         generator = Generator(predictor, step_batching=settings.step_batching,
-                              flush_ms=settings.generate_flush_ms)
+                              flush_ms=settings.generate_flush_ms,
+                              max_messages_per_s=settings.generate_max_messages_per_s)
         return cls(name, version, artifact, backend, batcher, predictor, generator, settings,
                    stats)
 

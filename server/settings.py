@@ -131,6 +131,11 @@ class ServerSettings(BaseSettings):
     generate_flush_ms: float = Field(
         20.0, ge=0, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
     )
+    generate_max_messages_per_s: float = Field(
+        1000.0, ge=0, description="Generate's messages per second, all streams together, "
+        "that the flush interval keeps under: with more streams open than generate_flush_ms "
+        "allows for, a stream's messages come (open streams / this) seconds apart; 0: no cap."
+    )
 
     http2_bdp_probe: bool = Field(
         False, description="HTTP/2 bandwidth-delay probing: PINGs that grow flow-control "

@@ -311,14 +311,43 @@ def test_flush_interval_coalesces_messages_and_keeps_the_text(
 ) -> None:
     request = generate_request(PROMPT, max_chars=1000, seed=4)
     texts, counts = [], []
-    for flush_ms in (0.0, 60_000.0):
-        st = start_server(model=tiny_artifact, backend="onnx", generate_flush_ms=flush_ms)
+    # (flush_ms, max_messages_per_s): every step; a minute's interval; no interval but a cap
+    # of one message per 1,000 s for the one open stream.
+    for flush_ms, cap in ((0.0, 0.0), (60_000.0, 0.0), (0.0, 0.001)):
+        st = start_server(model=tiny_artifact, backend="onnx", generate_flush_ms=flush_ms,
+                          generate_max_messages_per_s=cap)
         with NextCharClient(st.address) as c:
             responses = list(c.generate_responses(request))
         texts.append("".join(r.text for r in responses))
         counts.append(len(responses))
         assert responses[-1].stop_reason == pb.STOP_REASON_MAX_CHARS
-    assert texts[0] == texts[1] and len(texts[0]) == 1000
-    # Every step's character may go out at once; with a minute's interval, only the first text
-    # and the end (which never waits) do.
-    assert counts[0] > 2 and counts[1] <= 2
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 1000
+    # Every step's character may go out at once; with a minute's interval, or the cap, only
+    # the first text and the end (which never waits) do.
+    assert counts[0] > 2 and counts[1] <= 2 and counts[2] <= 2
+
+
+def test_the_message_cap_stretches_the_flush_interval_with_the_open_streams(
+    start_server, tiny_artifact: Path
+) -> None:
+    st = start_server(model=tiny_artifact, backend="onnx", generate_flush_ms=20.0,
+                      generate_max_messages_per_s=100.0, max_chars_per_text=1_000_000)
+    gen = st.server.runtime().generator
+    assert gen.flush_interval() == 0.02  # no stream open: flush_ms
+    with NextCharClient(st.address, timeout_s=60) as c:
+        streams = [c.generate(PROMPT, max_chars=1_000_000, seed=i) for i in range(4)]
+        try:
+            assert all(next(s) for s in streams)  # all four generating
+            assert gen.active_streams == 4
+            # 4 streams at one message per 20 ms would be 200 a second: each waits 4 / 100 s.
+            assert gen.flush_interval() == pytest.approx(0.04)
+            streams.pop().close()
+            _wait_for(lambda: gen.active_streams == 3, "the closed stream to free its slot")
+            assert gen.flush_interval() == pytest.approx(0.03)
+            streams.pop().close()
+            streams.pop().close()
+            _wait_for(lambda: gen.active_streams == 1, "two more streams to free their slots")
+            assert gen.flush_interval() == 0.02  # 1 / 100 s is under flush_ms
+        finally:
+            for s in streams:
+                s.close()
