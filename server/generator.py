@@ -361,7 +361,8 @@ class GenerationStream:
 
 class Generator:
     def __init__(self, predictor: Predictor, step_batching: bool = True,
-                 flush_ms: float = 20.0, max_messages_per_s: float = 0.0) -> None:
+                 flush_ms: float = 20.0, max_messages_per_s: float = 1000.0) -> None:
+        # Defaults as ServerSettings' generate_flush_ms and generate_max_messages_per_s.
         self.predictor = predictor
         self.artifact = predictor.artifact
         self.batcher = predictor.batcher
