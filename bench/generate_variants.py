@@ -7,7 +7,8 @@ with different NEXTCHAR_* settings, interleaved: characters/s and the first char
 Each variant: REPEATS (default 3) repeats of a fresh server, 2 bursts per server; medians
 printed at the end. Variants: the defaults, a 1 ms GIL switch interval, --generate-flush-ms 0,
 60 and 200 (each with no message cap), no message cap (--generate-max-messages-per-s 0),
-and --worker-nice 0/5/10/19 (docs/benchmarks.md, "Worker priority").
+--worker-nice 0/5/10/19 (docs/benchmarks.md, "Worker priority"), --backend-workers 1/2, and
+--generate-prefill-wait-ms 0 and 100 (the default: 50).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ VARIANTS = {"default": {}, "gil1": {"NEXTCHAR_GIL_SWITCH_INTERVAL_MS": "1"},
             "flush60": {"NEXTCHAR_GENERATE_FLUSH_MS": "60", "NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
             "flush200": {"NEXTCHAR_GENERATE_FLUSH_MS": "200", "NEXTCHAR_GENERATE_MAX_MESSAGES_PER_S": "0"},
             "nice5": {"NEXTCHAR_WORKER_NICE": "5"}, "nice0": {"NEXTCHAR_WORKER_NICE": "0"},
-            "nice10": {"NEXTCHAR_WORKER_NICE": "10"}, "nice19": {"NEXTCHAR_WORKER_NICE": "19"}}
+            "nice10": {"NEXTCHAR_WORKER_NICE": "10"}, "nice19": {"NEXTCHAR_WORKER_NICE": "19"},
+            "workers1": {"NEXTCHAR_BACKEND_WORKERS": "1"}, "workers2": {"NEXTCHAR_BACKEND_WORKERS": "2"},
+            "wait0": {"NEXTCHAR_GENERATE_PREFILL_WAIT_MS": "0"},
+            "wait100": {"NEXTCHAR_GENERATE_PREFILL_WAIT_MS": "100"}}
 
 
 def main(names: list[str]) -> None:

@@ -9,8 +9,9 @@ that caller's results (top-k for Predict, the distribution for KServe, logits an
 Generate prefill); it runs on the worker thread, off the event loop.
 
 Entries: `submit` (items through the queues), `submit_steps` (Generate's step chain, on a
-worker between batches), `run_model` (a model call from inside such a step), `probe` (one
-direct call on the executor: warm-up checks and the reload probe).
+worker between batches), `run_model` (a model call from inside such a step),
+`wait_for_prompts` (a step letting the prompts of new streams go first), `probe` (one direct
+call on the executor: warm-up checks and the reload probe).
 
 - Priority lanes: HIGH (interactive) is always taken before LOW (batch jobs); each lane has its
   own queue bound and default queue timeout (Triton's priority_levels + ModelQueuePolicy). When
@@ -187,6 +188,12 @@ class Batcher:
         # worker threads both change (workers pull their next batch themselves).
         self._lock = threading.Lock()
         self._jobs_waiting = 0  # submit_steps() work queued behind the batches (Generate steps)
+        # Generate prompts (Item.ahead) queued, and taken into batches not yet finished; steps
+        # waiting in wait_for_prompts() sleep on the condition until both are 0.
+        self._prompts_queued = 0
+        self._prompts_taken = 0
+        self._prompts_idle = threading.Condition(self._lock)
+        self._step_waiters = 0
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
         self._slots = asyncio.Semaphore(backend.workers)  # batching off: one call per worker
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,6 +220,8 @@ class Batcher:
                 q.clear()
             self._pending_chars = 0
             self._lane_chars = [0, 0]
+            self._prompts_queued = 0
+            self._prompts_idle.notify_all()
         if self._delay is not None:
             self._delay.cancel()
         for it in queued:
@@ -265,6 +274,30 @@ class Batcher:
                 self._jobs_waiting -= 1
             raise
 
+    def wait_for_prompts(self, timeout_s: float) -> None:
+        """From `submit_steps` work: blocks this worker thread while Generate prompts
+        (Item.ahead) are queued or in a model call, for at most timeout_s. Returns at once when
+        no other worker would be free to run them (one worker, or the others waiting here too).
+
+        Why: on a machine with fewer cores than busy threads, a step running beside the
+        prompts of a burst of new streams takes the core that admitting and prefilling them
+        needs; a new stream's first character waits for both (docs/benchmarks.md, "The first
+        character")."""
+        if timeout_s <= 0:
+            return
+        with self._lock:
+            if self._step_waiters >= self.backend.workers - 1:
+                return
+            self._step_waiters += 1
+            try:
+                self._prompts_idle.wait_for(self._prompts_done, timeout_s)
+            finally:
+                self._step_waiters -= 1
+
+    def _prompts_done(self) -> bool:
+        """With the lock held."""
+        return self._closed or not (self._prompts_queued or self._prompts_taken)
+
     # -- submission --------------------------------------------------------------------------
     async def submit(self, items: list[Item]) -> list[Any]:
         """Queues the items of one request (all of one lane) and waits for their results."""
@@ -299,10 +332,12 @@ class Batcher:
                     it.deadline = limit
         if not self.batching:
             return await self._run_unbatched(items)
+        prompts = sum(it.ahead for it in items)
         with self._lock:
             self._queues[lane].extend(items)
             self._pending_chars += chars
             self._lane_chars[lane] += chars
+            self._prompts_queued += prompts
         if not self._dispatch_soon:  # once per loop pass: requests arriving together batch
             self._dispatch_soon = True
             asyncio.get_running_loop().call_soon(self._dispatch)
@@ -428,6 +463,8 @@ class Batcher:
                     n = len(queue.popleft().ids)
                     self._pending_chars -= n
                     self._lane_chars[lane] -= n
+                    if it.ahead:
+                        self._prompt_left(False)
                     continue
                 t = max(longest, len(it.ids))
                 if taken and t * (len(taken) + 1) > self.max_batch_chars:
@@ -436,9 +473,27 @@ class Batcher:
                 taken.append(queue.popleft())
                 self._pending_chars -= len(it.ids)
                 self._lane_chars[lane] -= len(it.ids)
+                if it.ahead:
+                    self._prompt_left(True)
             if taken:
                 return taken, expired, int(lane == HIGH)
         return taken, expired, 0
+
+    def _prompt_left(self, taken: bool) -> None:
+        """With the lock held: a prompt left the queue, into a batch (taken) or dropped."""
+        self._prompts_queued -= 1
+        self._prompts_taken += taken
+        if self._prompts_done():
+            self._prompts_idle.notify_all()
+
+    def _prompts_finished(self, group: list[Item]) -> None:
+        """A model call holding prompts returned (their first characters are out)."""
+        n = sum(it.ahead for it in group)
+        if n:
+            with self._lock:
+                self._prompts_taken -= n
+                if self._prompts_done():
+                    self._prompts_idle.notify_all()
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
         """Splits one length group so each chunk stays within the batch limits."""
@@ -458,7 +513,10 @@ class Batcher:
             for group in group_by_length(batch):
                 # One hand-over per call, not per text: each call_soon_threadsafe wakes the
                 # event loop through its self-pipe, and the loop is the busiest thread.
-                loop.call_soon_threadsafe(_deliver, group, *self._run_batch(group))
+                try:
+                    loop.call_soon_threadsafe(_deliver, group, *self._run_batch(group))
+                finally:
+                    self._prompts_finished(group)
             expired: list[Item] = []
             wake = False
             with self._lock:

@@ -24,7 +24,11 @@ A stream's life:
      (never on the event loop); each step queues the next at the back of the executor's queue,
      so Predict batches queued meanwhile run in between, and the model never waits for the
      event loop to finish sending. Streams join (prefill done) and leave (finished, cancelled,
-     expired) between steps.
+     expired) between steps. While prompts of new streams are queued or in a model call, a
+     step first waits for them, up to `prefill_wait_ms`: on a machine with fewer cores than
+     busy threads a step beside them takes the core that admitting and prefilling a burst of
+     new streams needs, and those streams' first characters wait; the streams already
+     generating lose at most that long once.
   4. Each step posts its new text to the event loop; the consumer (the servicer) sends it as a
      message at most every `flush_ms` per stream: the first text and the end go at once, text
      produced meanwhile rides in the next message. A gRPC message costs the event loop far more
@@ -361,8 +365,10 @@ class GenerationStream:
 
 class Generator:
     def __init__(self, predictor: Predictor, step_batching: bool = True,
-                 flush_ms: float = 20.0, max_messages_per_s: float = 1000.0) -> None:
-        # Defaults as ServerSettings' generate_flush_ms and generate_max_messages_per_s.
+                 flush_ms: float = 20.0, max_messages_per_s: float = 1000.0,
+                 prefill_wait_ms: float = 50.0) -> None:
+        # Defaults as ServerSettings' generate_flush_ms, generate_max_messages_per_s and
+        # generate_prefill_wait_ms.
         self.predictor = predictor
         self.artifact = predictor.artifact
         self.batcher = predictor.batcher
@@ -371,6 +377,7 @@ class Generator:
         self.step_batching = step_batching
         self.flush_s = flush_ms / 1000.0
         self.max_messages_per_s = max_messages_per_s
+        self.prefill_wait_s = prefill_wait_ms / 1000.0
         self.stats = GenerateStats()
         self._open: set[GenerationStream] = set()
         self._stepping: set[GenerationStream] = set()  # joined a lane, not yet dropped
@@ -524,6 +531,8 @@ class Generator:
     def _drive(self, lane: _Lane) -> None:
         """One step of one lane (executor thread), then the lane's next step is queued."""
         try:
+            # New streams' prompts first; those that finish meanwhile join this step.
+            self.batcher.wait_for_prompts(self.prefill_wait_s)
             with self._lock:
                 lane.active.extend(lane.joining)
                 lane.joining.clear()

@@ -40,7 +40,7 @@ MODEL_SETTINGS = frozenset({
     "parallel_batch_chars", "low_max_queue_texts", "low_max_batch_size", "high_timeout_s", "low_timeout_s",
     "low_lane_workers", "low_lane_nice", "worker_nice", "max_texts_per_request", "max_chars_per_request", "max_queue_chars", "max_chars_per_text", "max_top_k",
     "default_top_k", "max_streams", "step_batching", "generate_flush_ms",
-    "generate_max_messages_per_s",
+    "generate_max_messages_per_s", "generate_prefill_wait_ms",
 })
 
 

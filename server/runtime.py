@@ -122,7 +122,8 @@ class ModelRuntime:
         predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings))
         generator = Generator(predictor, step_batching=settings.step_batching,
                               flush_ms=settings.generate_flush_ms,
-                              max_messages_per_s=settings.generate_max_messages_per_s)
+                              max_messages_per_s=settings.generate_max_messages_per_s,
+                              prefill_wait_ms=settings.generate_prefill_wait_ms)
         return cls(name, version, artifact, backend, batcher, predictor, generator, settings,
                    stats)
 

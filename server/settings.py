@@ -136,6 +136,11 @@ class ServerSettings(BaseSettings):
         "that the flush interval keeps under: with more streams open than generate_flush_ms "
         "allows for, a stream's messages come (open streams / this) seconds apart; 0: no cap."
     )
+    generate_prefill_wait_ms: float = Field(
+        50.0, ge=0, description="While prompts of new Generate streams are queued or in a "
+        "model call, the next step waits for them up to this long, so a burst of new streams "
+        "gets its first characters sooner where the cores are few; 0: steps never wait."
+    )
 
     http2_bdp_probe: bool = Field(
         False, description="HTTP/2 bandwidth-delay probing: PINGs that grow flow-control "

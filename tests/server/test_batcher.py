@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -316,6 +317,106 @@ def test_max_batch_delay_still_applies_after_a_worker_took_a_batch() -> None:
         started_at = loop.time()
         await b.submit(items(loop, [[3]]))
         assert loop.time() - started_at >= 0.09
+        await b.close()
+
+    run(main())
+
+
+def prompts(loop: asyncio.AbstractEventLoop, texts: list[list[int]], deadline=None) -> list[Item]:
+    """Items as Generate's prefill submits them (Item.ahead)."""
+    out = items(loop, texts, deadline)
+    for it in out:
+        it.ahead = True
+    return out
+
+
+async def waited_s(b: Batcher, timeout_s: float) -> float:
+    """Seconds a step's wait_for_prompts(timeout_s) blocked, called from a thread of its own."""
+
+    def wait() -> float:
+        t0 = time.monotonic()
+        b.wait_for_prompts(timeout_s)
+        return time.monotonic() - t0
+
+    return await asyncio.to_thread(wait)
+
+
+def test_a_step_waits_while_a_prompt_is_in_its_model_call() -> None:
+    """Generate's steps let the prompts of new streams go first: the wait ends when the prompt's
+    call returns, not at the timeout; with nothing pending it does not wait."""
+
+    async def main() -> None:
+        backend, b = await held_batcher()
+        loop = asyncio.get_running_loop()
+        assert await waited_s(b, 5.0) < 0.5  # no prompt: at once
+        prompt = asyncio.create_task(b.submit(prompts(loop, [[1, 2]])))
+        assert await started(backend, 1)  # the prompt's call is held
+        step = asyncio.create_task(waited_s(b, 5.0))
+        await asyncio.sleep(0.3)
+        assert not step.done()
+        backend.release.set()
+        assert 0.25 < await step < 4.0
+        assert (await prompt)[0].top_ids.tolist() == [2]
+        assert await waited_s(b, 5.0) < 0.5  # the prompt is done: at once again
+        await b.close()
+
+    run(main())
+
+
+def test_a_step_waits_for_queued_prompts_and_at_most_its_timeout() -> None:
+    async def main() -> None:
+        backend, b = await held_batcher()
+        loop = asyncio.get_running_loop()
+        held = await occupy_both_workers(backend, b)
+        prompt = asyncio.create_task(b.submit(prompts(loop, [[3]])))
+        await asyncio.sleep(0.05)  # queued: both workers are busy
+        assert 0.15 < await waited_s(b, 0.2) < 2.0  # still queued: the timeout ends the wait
+        step = asyncio.create_task(waited_s(b, 5.0))
+        await asyncio.sleep(0.1)
+        backend.release.set()  # the workers finish and take the prompt
+        assert await step < 4.0
+        await asyncio.gather(*held, prompt)
+        await b.close()
+
+    run(main())
+
+
+def test_a_dropped_prompt_ends_the_wait() -> None:
+    """A prompt that expires in the queue is never computed; a step waiting for it goes on."""
+
+    async def main() -> None:
+        backend, b = await held_batcher()
+        loop = asyncio.get_running_loop()
+        held = await occupy_both_workers(backend, b)
+        prompt = asyncio.create_task(b.submit(prompts(loop, [[3]], deadline=loop.time() + 0.05)))
+        step = asyncio.create_task(waited_s(b, 5.0))
+        await asyncio.sleep(0.2)  # the prompt's deadline passed in the queue
+        assert not step.done()
+        backend.release.set()
+        assert await step < 4.0
+        with pytest.raises(DeadlineExceeded):
+            await prompt
+        await asyncio.gather(*held)
+        assert backend.calls == [1, 1]  # the expired prompt was not computed
+        await b.close()
+
+    run(main())
+
+
+def test_a_step_never_waits_for_prompts_only_its_own_worker_could_run() -> None:
+    """One worker: the prompts need the thread the step holds, so it does not wait."""
+
+    async def main() -> None:
+        backend = OneWorkerBackend()
+        b = Batcher(backend)
+        await b.start(warmup=False)
+        backend.release.clear()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(prompts(loop, [[1]])))
+        assert await started(backend, 1)
+        assert await waited_s(b, 5.0) < 0.5
+        backend.release.set()
+        await first
         await b.close()
 
     run(main())

@@ -327,6 +327,17 @@ def test_flush_interval_coalesces_messages_and_keeps_the_text(
     assert counts[0] > 2 and counts[1] <= 2 and counts[2] <= 2
 
 
+def test_the_prefill_wait_comes_from_the_settings(start_server, tiny_artifact: Path) -> None:
+    """--generate-prefill-wait-ms reaches the generator (default 50 ms; 0: steps never wait);
+    the batcher's tests (tests/server/test_batcher.py) check what the wait does."""
+    assert start_server(model=tiny_artifact).server.runtime().generator.prefill_wait_s == 0.05
+    st = start_server(model=tiny_artifact, generate_prefill_wait_ms=0)
+    assert st.server.runtime().generator.prefill_wait_s == 0.0
+    with NextCharClient(st.address, timeout_s=60) as c:
+        text, last = _collect(c, pb.GenerateRequest(prompt=PROMPT, max_chars=20, seed=3))
+    assert len(text) == 20 and last.stop_reason == pb.STOP_REASON_MAX_CHARS
+
+
 def test_the_message_cap_stretches_the_flush_interval_with_the_open_streams(
     start_server, tiny_artifact: Path
 ) -> None:
