@@ -488,6 +488,10 @@ class Batcher:
 
     def _prompts_finished(self, group: list[Item]) -> None:
         """A model call holding prompts returned (their first characters are out)."""
+        # Read without the lock: the common Predict batch skips it. If this group holds
+        # prompts, this thread counted them (under the lock) and nobody else uncounts them.
+        if not self._prompts_taken:
+            return
         n = sum(it.ahead for it in group)
         if n:
             with self._lock:
