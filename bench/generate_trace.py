@@ -13,8 +13,12 @@ every process on Linux) at each stage, and dumps them when told (SIGUSR1):
   yield         the servicer took the first text (GenerationStream.chunks)
   client        the client received it
 all from the moment the client started the burst. Also every model call of the burst (start,
-end, rows, prompt length; T=-1 marks a step). The recording wraps a few functions of the
-server (below) and costs it a few microseconds per stream.
+end, rows, prompt length; T=-1 marks a step), with the CPU time its worker thread spent in the
+call (time.thread_time: the model, and nextchar's Python around it: padding, sampling the
+first characters, posting them) and the wall and CPU time of the backend's run alone (ONNX
+Runtime): a call's wall time beyond its CPU time is time its thread waited for a core or the
+GIL. The recording wraps a few functions of the server (below) and costs it a few
+microseconds per stream.
 
 --tiny serves a 1-layer, 8-unit model of the same vocabulary: model calls cost ~0.1 ms, so what
 is left is the server's per-call cost. With --chars 1 no step runs.
@@ -30,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,12 +50,15 @@ STAGES = ["open", "prefill_done", "first_posted", "yield"]
 
 def serve_traced(argv: list[str]) -> None:
     """The server side: nextchar serve with the stage clocks patched in."""
+    import nextchar.server.backends.onnx as onnx_mod
     import nextchar.server.batcher as batcher_mod
     import nextchar.server.generator as gen_mod
     from nextchar.client.cli import main
 
     streams: dict[int, dict[str, Any]] = {}
-    calls: list[tuple[float, float, int, int]] = []
+    # (start, end, rows, T or -1, thread CPU ms, run wall ms, run CPU ms)
+    calls: list[tuple[float, float, int, int, float, float, float]] = []
+    runs = threading.local()  # the backend run of the call this thread is in
 
     def wrap(cls: Any, name: str, make: Any) -> None:
         setattr(cls, name, make(getattr(cls, name)))
@@ -83,27 +91,31 @@ def serve_traced(argv: list[str]) -> None:
                 yield c
         return chunks
 
-    def on_compute(orig: Any) -> Any:
-        def compute(self: Any, items: list[Any]) -> Any:
-            t0 = time.monotonic()
-            out = orig(self, items)
-            calls.append((t0, time.monotonic(), len(items), max(len(i.ids) for i in items)))
+    def timed(orig: Any, length: Any) -> Any:
+        def call(self: Any, *args: Any) -> Any:
+            t0, c0 = time.monotonic(), time.thread_time()
+            out = orig(self, *args)
+            run_wall, run_cpu = runs.last
+            calls.append((t0, time.monotonic(), len(args[0]), length(args[0]),
+                          1e3 * (time.thread_time() - c0), run_wall, run_cpu))
             return out
-        return compute
+        return call
 
-    def on_step(orig: Any) -> Any:
-        def run_model(self: Any, ids: Any, lengths: Any, state: Any) -> Any:
-            t0 = time.monotonic()
-            out = orig(self, ids, lengths, state)
-            calls.append((t0, time.monotonic(), len(ids), -1))
+    def on_run(orig: Any) -> Any:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0, c0 = time.monotonic(), time.thread_time()
+            out = orig(self, *args, **kwargs)
+            runs.last = (1e3 * (time.monotonic() - t0), 1e3 * (time.thread_time() - c0))
             return out
-        return run_model
+        return run
 
     wrap(gen_mod.Generator, "open", on_open)
     wrap(gen_mod.Generator, "_first_characters", on_first)
     wrap(gen_mod.GenerationStream, "chunks", on_chunks)
-    wrap(batcher_mod.Batcher, "_compute", on_compute)
-    wrap(batcher_mod.Batcher, "run_model", on_step)
+    wrap(onnx_mod.OnnxBackend, "run", on_run)
+    wrap(batcher_mod.Batcher, "_compute",
+         lambda orig: timed(orig, lambda items: max(len(i.ids) for i in items)))
+    wrap(batcher_mod.Batcher, "run_model", lambda orig: timed(orig, lambda ids: -1))
     def dump(*_: Any) -> None:
         # On the main thread (the event loop's), between two of its bytecodes; model threads
         # may still append to `calls`, so it is copied first (list() holds the GIL throughout).
@@ -194,9 +206,16 @@ def main() -> int:
         row: dict[str, Any] = {k: summary([1e3 * (s[k] - t0) for s in mine if k in s])
                                for k in STAGES}
         row["client"] = summary([1e3 * (f - t0) for f in firsts])
+        mine_calls = [c for c in trace["calls"] if t0 <= c[0] <= end]
+        prompts = [c for c in mine_calls if c[3] > 0]
+        row["prompt_calls"] = {"calls": len(prompts), "rows": sum(c[2] for c in prompts),
+                               "wall_ms": round(sum(1e3 * (c[1] - c[0]) for c in prompts), 1),
+                               "thread_cpu_ms": round(sum(c[4] for c in prompts), 1),
+                               "model_cpu_ms": round(sum(c[6] for c in prompts), 1)}
         row["model_calls_until_last_first_char"] = [
-            [round(1e3 * (a - t0), 1), round(1e3 * (b - t0), 1), rows, length]
-            for a, b, rows, length in trace["calls"] if t0 <= a <= end]
+            [round(1e3 * (a - t0), 1), round(1e3 * (b - t0), 1), rows, length, round(cpu, 2),
+             round(run_wall, 2), round(run_cpu, 2)]
+            for a, b, rows, length, cpu, run_wall, run_cpu in mine_calls]
         report["bursts"].append(row)
     stage_p50 = {k: statistics.median(b[k]["p50"] for b in report["bursts"])
                  for k in [*STAGES, "client"]}
@@ -206,6 +225,12 @@ def main() -> int:
     for k, v in stage_p50.items():
         print(f"  {k:<13} {v:7.1f}   per burst: "
               + ", ".join(f"{b[k]['p50']:.1f}" for b in report["bursts"]))
+    print("prompts' model calls per burst (until the last first character): calls, rows, "
+          "wall ms, worker CPU ms, of it ONNX Runtime's CPU ms:")
+    for b in report["bursts"]:
+        p = b["prompt_calls"]
+        print(f"  {p['calls']:3d} calls {p['rows']:3d} rows  wall {p['wall_ms']:6.1f}  "
+              f"cpu {p['thread_cpu_ms']:6.1f}  model cpu {p['model_cpu_ms']:6.1f}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0
