@@ -142,6 +142,28 @@ def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) ->
     return [None] * len(items)
 
 
+# Temperatures for which float32 logits / t in float64 neither overflow nor underflow, so the
+# quotients keep the logits' order and ties exactly.
+ORDER_BY_LOGITS = (1e-30, 1e30)
+
+
+def descending_order(logits: np.ndarray) -> np.ndarray:
+    """Row-wise ids (B, V) of float32 logits, largest first, ties lower id first: exactly
+    np.argsort(-(logits / t), axis=1, kind="stable") in float64 for a temperature t within
+    ORDER_BY_LOGITS (the division keeps the order and the ties of float32 values), from one
+    plain sort of unique int64 keys (the float's bits made order-preserving, then the id): about
+    half the time of the stable argsort, which is most of a step's sampling. Logits are finite
+    or infinite, never NaN (the load probe refuses a model whose outputs are not finite).
+    """
+    v = logits.shape[1]
+    id_bits = max(1, (v - 1).bit_length())
+    neg = -(logits + np.float32(0.0))  # -0.0 and 0.0: one key
+    bits = neg.view(np.int32).astype(np.int64)
+    keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) << id_bits) | np.arange(v, dtype=np.int64)
+    keys.sort(axis=1)
+    return keys & ((1 << id_bits) - 1)
+
+
 def sample_ids(
     logits: np.ndarray, uniforms: np.ndarray, temperature: float, top_k: int, top_p: float
 ) -> np.ndarray:
@@ -155,7 +177,10 @@ def sample_ids(
     if temperature == 0.0:
         return np.argmax(logits, axis=1)
     z = logits.astype(np.float64) / temperature  # (B, V)
-    order = np.argsort(-z, axis=1, kind="stable")  # (B, V)
+    if logits.dtype == np.float32 and ORDER_BY_LOGITS[0] <= temperature <= ORDER_BY_LOGITS[1]:
+        order = descending_order(logits)  # (B, V)
+    else:  # float64 logits, or z may overflow or underflow: ties the logits do not have
+        order = np.argsort(-z, axis=1, kind="stable")
     if 0 < top_k < order.shape[1]:
         order = order[:, :top_k]  # (B, k)
     zs = np.take_along_axis(z, order, axis=1)
