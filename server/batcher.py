@@ -189,10 +189,10 @@ class Batcher:
         self._lock = threading.Lock()
         self._jobs_waiting = 0  # submit_steps() work queued behind the batches (Generate steps)
         # Generate prompts (Item.ahead) queued, and taken into batches not yet finished; steps
-        # waiting in wait_for_prompts() sleep on the condition until both are 0.
+        # in wait_for_prompts() sleep on the condition, notified as these fall.
         self._prompts_queued = 0
         self._prompts_taken = 0
-        self._prompts_idle = threading.Condition(self._lock)
+        self._prompts_changed = threading.Condition(self._lock)
         self._step_waiters = 0
         self._in_flight_texts = 0  # batching off: texts handed to workers but not done
         self._slots = asyncio.Semaphore(backend.workers)  # batching off: one call per worker
@@ -221,7 +221,7 @@ class Batcher:
             self._pending_chars = 0
             self._lane_chars = [0, 0]
             self._prompts_queued = 0
-            self._prompts_idle.notify_all()
+            self._prompts_changed.notify_all()
         if self._delay is not None:
             self._delay.cancel()
         for it in queued:
@@ -274,10 +274,12 @@ class Batcher:
                 self._jobs_waiting -= 1
             raise
 
-    def wait_for_prompts(self, timeout_s: float) -> None:
-        """From `submit_steps` work: blocks this worker thread while Generate prompts
-        (Item.ahead) are queued or in a model call, for at most timeout_s. Returns at once when
-        no other worker would be free to run them (one worker, or the others waiting here too).
+    def wait_for_prompts(self, timeout_s: float, stepping: int) -> None:
+        """From `submit_steps` work: blocks this worker thread while at least `stepping`
+        Generate prompts (Item.ahead) are queued or in a model call, that is while a step over
+        `stepping` streams would advance no more streams than wait for their first
+        character; for at most timeout_s. Returns at once when no other worker would be free
+        to run the prompts (one worker, or the others waiting here too).
 
         Why: on a machine with fewer cores than busy threads, a step running beside the
         prompts of a burst of new streams takes the core that admitting and prefilling them
@@ -285,18 +287,18 @@ class Batcher:
         character")."""
         if timeout_s <= 0:
             return
+
+        def fewer() -> bool:
+            return self._closed or self._prompts_queued + self._prompts_taken < stepping
+
         with self._lock:
-            if self._step_waiters >= self.backend.workers - 1:
+            if fewer() or self._step_waiters >= self.backend.workers - 1:
                 return
             self._step_waiters += 1
             try:
-                self._prompts_idle.wait_for(self._prompts_done, timeout_s)
+                self._prompts_changed.wait_for(fewer, timeout_s)
             finally:
                 self._step_waiters -= 1
-
-    def _prompts_done(self) -> bool:
-        """With the lock held."""
-        return self._closed or not (self._prompts_queued or self._prompts_taken)
 
     # -- submission --------------------------------------------------------------------------
     async def submit(self, items: list[Item]) -> list[Any]:
@@ -483,8 +485,8 @@ class Batcher:
         """With the lock held: a prompt left the queue, into a batch (taken) or dropped."""
         self._prompts_queued -= 1
         self._prompts_taken += taken
-        if self._prompts_done():
-            self._prompts_idle.notify_all()
+        if not taken and self._step_waiters:
+            self._prompts_changed.notify_all()
 
     def _prompts_finished(self, group: list[Item]) -> None:
         """A model call holding prompts returned (their first characters are out)."""
@@ -496,8 +498,8 @@ class Batcher:
         if n:
             with self._lock:
                 self._prompts_taken -= n
-                if self._prompts_done():
-                    self._prompts_idle.notify_all()
+                if self._step_waiters:
+                    self._prompts_changed.notify_all()
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
         """Splits one length group so each chunk stays within the batch limits."""

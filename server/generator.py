@@ -24,11 +24,12 @@ A stream's life:
      (never on the event loop); each step queues the next at the back of the executor's queue,
      so Predict batches queued meanwhile run in between, and the model never waits for the
      event loop to finish sending. Streams join (prefill done) and leave (finished, cancelled,
-     expired) between steps. While prompts of new streams are queued or in a model call, a
-     step first waits for them, up to `prefill_wait_ms`: on a machine with fewer cores than
-     busy threads a step beside them takes the core that admitting and prefilling a burst of
-     new streams needs, and those streams' first characters wait; the streams already
-     generating lose at most that long once.
+     expired) between steps. While at least as many new streams' prompts are queued or in a
+     model call as the step would advance streams (a burst of new streams), the step first
+     waits for them, up to `prefill_wait_ms`: on a machine with fewer cores than busy threads
+     a step beside them takes the core that admitting and prefilling the burst needs, and
+     its streams' first characters wait. A few new streams beside many running ones do not
+     hold the steps up.
   4. Each step posts its new text to the event loop; the consumer (the servicer) sends it as a
      message at most every `flush_ms` per stream: the first text and the end go at once, text
      produced meanwhile rides in the next message. A gRPC message costs the event loop far more
@@ -556,8 +557,12 @@ class Generator:
     def _drive(self, lane: _Lane) -> None:
         """One step of one lane (executor thread), then the lane's next step is queued."""
         try:
-            # New streams' prompts first; those that finish meanwhile join this step.
-            self.batcher.wait_for_prompts(self.prefill_wait_s)
+            # New streams' prompts first while they outnumber the streams this step would
+            # advance (a burst of new streams); those that finish meanwhile join this step.
+            # A steady arrival of a few new streams beside many running ones does not wait.
+            with self._lock:
+                stepping = len(lane.active) + len(lane.joining)
+            self.batcher.wait_for_prompts(self.prefill_wait_s, stepping)
             with self._lock:
                 lane.active.extend(lane.joining)
                 lane.joining.clear()

@@ -137,9 +137,10 @@ class ServerSettings(BaseSettings):
         "allows for, a stream's messages come (open streams / this) seconds apart; 0: no cap."
     )
     generate_prefill_wait_ms: float = Field(
-        50.0, ge=0, description="While prompts of new Generate streams are queued or in a "
-        "model call, the next step waits for them up to this long, so a burst of new streams "
-        "gets its first characters sooner where the cores are few; 0: steps never wait."
+        50.0, ge=0, description="While at least as many prompts of new Generate streams are "
+        "queued or in a model call as the next step would advance streams (a burst of new "
+        "streams), the step waits for them up to this long, so the burst gets its first "
+        "characters sooner where the cores are few; 0: steps never wait."
     )
 
     http2_bdp_probe: bool = Field(

@@ -330,12 +330,13 @@ def prompts(loop: asyncio.AbstractEventLoop, texts: list[list[int]], deadline=No
     return out
 
 
-async def waited_s(b: Batcher, timeout_s: float) -> float:
-    """Seconds a step's wait_for_prompts(timeout_s) blocked, called from a thread of its own."""
+async def waited_s(b: Batcher, timeout_s: float, stepping: int = 1) -> float:
+    """Seconds a step over `stepping` streams blocked in wait_for_prompts, called from a thread
+    of its own."""
 
     def wait() -> float:
         t0 = time.monotonic()
-        b.wait_for_prompts(timeout_s)
+        b.wait_for_prompts(timeout_s, stepping)
         return time.monotonic() - t0
 
     return await asyncio.to_thread(wait)
@@ -343,7 +344,8 @@ async def waited_s(b: Batcher, timeout_s: float) -> float:
 
 def test_a_step_waits_while_a_prompt_is_in_its_model_call() -> None:
     """Generate's steps let the prompts of new streams go first: the wait ends when the prompt's
-    call returns, not at the timeout; with nothing pending it does not wait."""
+    call returns, not at the timeout; with nothing pending it does not wait, nor does a step
+    over more streams than there are prompts pending."""
 
     async def main() -> None:
         backend, b = await held_batcher()
@@ -351,6 +353,7 @@ def test_a_step_waits_while_a_prompt_is_in_its_model_call() -> None:
         assert await waited_s(b, 5.0) < 0.5  # no prompt: at once
         prompt = asyncio.create_task(b.submit(prompts(loop, [[1, 2]])))
         assert await started(backend, 1)  # the prompt's call is held
+        assert await waited_s(b, 5.0, stepping=2) < 0.5  # 2 streams to advance, 1 prompt
         step = asyncio.create_task(waited_s(b, 5.0))
         await asyncio.sleep(0.3)
         assert not step.done()
@@ -368,14 +371,17 @@ def test_a_step_waits_for_queued_prompts_and_at_most_its_timeout() -> None:
         backend, b = await held_batcher()
         loop = asyncio.get_running_loop()
         held = await occupy_both_workers(backend, b)
-        prompt = asyncio.create_task(b.submit(prompts(loop, [[3]])))
+        first = asyncio.create_task(b.submit(prompts(loop, [[3]])))
+        second = asyncio.create_task(b.submit(prompts(loop, [[4, 5]])))
         await asyncio.sleep(0.05)  # queued: both workers are busy
         assert 0.15 < await waited_s(b, 0.2) < 2.0  # still queued: the timeout ends the wait
-        step = asyncio.create_task(waited_s(b, 5.0))
+        step = asyncio.create_task(waited_s(b, 5.0, stepping=2))  # while 2 prompts pend
         await asyncio.sleep(0.1)
-        backend.release.set()  # the workers finish and take the prompt
+        assert not step.done()
+        backend.release.set()  # the workers finish and take the prompts
         assert await step < 4.0
-        await asyncio.gather(*held, prompt)
+        assert [r[0].top_ids.tolist() for r in await asyncio.gather(first, second)] == [[3], [5]]
+        await asyncio.gather(*held)
         await b.close()
 
     run(main())
