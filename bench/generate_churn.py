@@ -19,15 +19,15 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 from generate_bench import commit
-from peer_bench import free_port, peer_artifact
+from peer_bench import Server, free_port, peer_artifact
 
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
@@ -74,26 +74,6 @@ async def drive(address: str, gap_s: float, seconds: float) -> dict[str, float]:
             "short_streams": len(firsts)}
 
 
-def serve(extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nextchar", "serve", "--model", str(peer_artifact()),
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
-        env={**os.environ, "NEXTCHAR_HTTP_PORT": "0", **extra},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(address) as channel:
-                pb_grpc.NextCharStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-            return proc, address
-        except grpc.RpcError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server with {extra} did not start")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gap-ms", type=float, default=3.0, help="between two new short streams")
@@ -102,14 +82,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write every sample and the medians here (JSON)")
     args = ap.parse_args()
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    artifact = peer_artifact()
+    work = Path(tempfile.mkdtemp(prefix="nextchar-churn-"))
     for rep in range(args.repeats):
         for name, extra in VARIANTS.items():
-            proc, address = serve(extra)
+            port = free_port()
+            server = Server(name, [sys.executable, "-m", "nextchar", "serve", "--model",
+                                   str(artifact), "--host", "127.0.0.1", "--port", str(port),
+                                   "--log-level", "WARNING"], port, work, work / f"{name}.log",
+                            {**os.environ, "NEXTCHAR_HTTP_PORT": "0", **extra})
+            server.wait_ready("peer-rnn")
             try:
-                sample = asyncio.run(drive(address, args.gap_ms / 1e3, args.seconds))
+                sample = asyncio.run(drive(server.address, args.gap_ms / 1e3, args.seconds))
             finally:
-                proc.terminate()
-                proc.wait(30)
+                server.stop()
             samples[name].append(sample)
             print(f"rep {rep + 1} {name:<8} long streams {sample['long_chars_per_s']:7.0f} chars/s"
                   f"  short streams' first char p50 {sample['short_first_char_ms_p50']:5.1f} ms"
