@@ -5,7 +5,7 @@ Each request must end in a documented status code (never UNKNOWN or INTERNAL), a
 must be well-formed, and afterwards the server must be alive, SERVING and within a memory bound.
 
     make test                       # a few dozen examples per property
-    make fuzz                       # NEXTCHAR_FUZZ_EXAMPLES=3000: >= 12k requests, report JSON
+    make fuzz                       # NEXTCHAR_FUZZ_EXAMPLES=2000: >= 10k calls, report JSON
 
 Structured requests go through the generated classes (random unicode, control characters,
 huge/negative numbers, NaN/inf, garbage and forged state blobs). Protobuf refuses to serialize
@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import struct
+import subprocess
 import time
 import zlib
 from collections import Counter
@@ -61,6 +63,7 @@ ALLOWED = {
     **{f"kserve.{m}": _CALL for m in (
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
         "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex")},
+    "kserve.ModelInfer well-formed": _CALL,
 }
 METHODS = {
     "Predict": "/nextchar.v1.NextChar/Predict",
@@ -86,6 +89,7 @@ class Target:
         self.stub = pb_grpc.NextCharStub(channel)
         info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         self.vocab = set(info.vocab)
+        self.vocab_list = list(info.vocab)
         self.artifact_id = bytes.fromhex(info.artifact_sha256)[:16]
         self.state_shape = (info.config.num_layers * (2 if info.config.cell == "lstm" else 1),
                             info.config.hidden_size)
@@ -137,6 +141,15 @@ def target(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> Ite
         sp.close()
 
 
+def _commit() -> str:
+    """HEAD's short hash, '+dirty' when the tree has changes: what the report measured."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                              text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _check_alive_and_bounded(t: Target) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -145,8 +158,13 @@ def _check_alive_and_bounded(t: Target) -> None:
     assert t.sp.proc.poll() is None, "the server died"
     t.sample_rss()
     rss_end = t.sp.rss_kib()
+    in_band = sum(n for key, n in codes.items() if " in-band " in key)
     report = {
-        "requests": sum(codes.values()),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
+        "command": f"NEXTCHAR_FUZZ_EXAMPLES={EXAMPLES} pytest tests/server/test_fuzz.py",
+        "requests": sum(codes.values()) - in_band,  # calls; a stream's frames count once
+        "stream_frames_answered": in_band,  # ModelStreamInfer frames, each answered in-band
         "codes": dict(sorted(codes.items())),
         "seconds": round(time.monotonic() - t.started, 1),
         "rss_kib_start": t.rss_start_kib,
@@ -427,10 +445,117 @@ def infer_request(draw: st.DrawFn) -> kpb.ModelInferRequest:
     return r
 
 
-def _check_infer(r: kpb.ModelInferResponse) -> None:
+@st.composite
+def well_formed_infer_request(draw: st.DrawFn, t: Target) -> kpb.ModelInferRequest:
+    """A request that mostly passes validation: `text` (BYTES [N] or [N, 1]) or `ids` (INT64
+    [N, T], `lengths` optional), typed or raw contents, a subset of the outputs, top_k and
+    priority in range, each with an occasional hostile value, so the model path and the answer
+    encoding get fuzzed as well as the validation in front of them."""
+    r = kpb.ModelInferRequest(model_name=MODEL, id=draw(st.text(max_size=8)))
+    raw = draw(st.booleans())
+    n = draw(mostly(st.integers(1, 4), st.integers(0, MAX_TEXTS + 2)))
+    if draw(st.booleans()):
+        texts = [s.encode() for s in draw(st.lists(TEXT, min_size=n, max_size=n))]
+        shape = [n, 1] if draw(st.booleans()) else [n]
+        tensor = r.inputs.add(name="text", datatype="BYTES", shape=shape)
+        if raw:
+            r.raw_input_contents.append(b"".join(struct.pack("<I", len(b)) + b for b in texts))
+        else:
+            tensor.contents.bytes_contents.extend(texts)
+    else:
+        width = draw(mostly(st.integers(1, 40), st.integers(0, MAX_CHARS + 2)))
+        # Up to 66 x 258 ids: from a drawn seed, with at most one drawn out-of-range id.
+        rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+        ids = [rng.randrange(len(t.vocab_list)) for _ in range(n * width)]
+        if ids and draw(st.integers(0, 9)) == 0:
+            ids[draw(st.integers(0, len(ids) - 1))] = draw(st.integers(-2**63, 2**63 - 1))
+        r.inputs.add(name="ids", datatype="INT64", shape=[n, width])
+        lengths = None
+        if draw(st.booleans()):
+            lengths = draw(st.lists(mostly(st.integers(1, max(width, 1)),
+                                           st.integers(-2, width + 2)), min_size=n, max_size=n))
+            r.inputs.add(name="lengths", datatype="INT64", shape=[n])
+        for i, values in enumerate([ids] if lengths is None else [ids, lengths]):
+            if raw:
+                r.raw_input_contents.append(struct.pack(f"<{len(values)}q", *values))
+            else:
+                r.inputs[i].contents.int64_contents.extend(values)
+    names = ["probs", "top_ids", "top_chars", "top_probs"]
+    for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=4)):
+        r.outputs.add(name=name)
+    top_k = draw(st.integers(0, 2))
+    if top_k:
+        r.parameters["top_k"].int64_param = draw(TOP_K)
+    if draw(st.booleans()):
+        r.parameters["priority"].int64_param = draw(mostly(st.integers(0, 2),
+                                                           st.integers(-2**63, 2**63 - 1)))
+    return r
+
+
+def _outputs(r: kpb.ModelInferResponse) -> dict[str, list[Any]]:
+    """Each output's elements, flat, from typed contents or raw_output_contents."""
+    out: dict[str, list[Any]] = {}
+    for i, o in enumerate(r.outputs):
+        if r.raw_output_contents:
+            raw = r.raw_output_contents[i]
+            if o.datatype == "BYTES":
+                values, pos = [], 0
+                while pos < len(raw):
+                    (size,) = struct.unpack_from("<I", raw, pos)
+                    values.append(raw[pos + 4:pos + 4 + size])
+                    pos += 4 + size
+            else:
+                fmt = "f" if o.datatype == "FP32" else "q"
+                values = list(struct.unpack(f"<{len(raw) // 8 if fmt == 'q' else len(raw) // 4}{fmt}",
+                                            raw))
+        else:
+            c = o.contents
+            values = list({"FP32": c.fp32_contents, "INT64": c.int64_contents,
+                           "BYTES": c.bytes_contents}[o.datatype])
+        assert len(values) == math.prod(o.shape), (o.name, o.shape, len(values))
+        out[o.name] = values
+    return out
+
+
+def _check_infer(r: kpb.ModelInferResponse, t: Target | None = None,
+                 request: kpb.ModelInferRequest | None = None) -> None:
+    """Any answer names the model and known outputs; given the request, it is also checked for
+    what it must hold: the outputs asked for (all by default), one row per text, raw contents
+    exactly when the request sent raw inputs, distributions that sum to 1, ranks in order,
+    top_chars the vocabulary's characters for top_ids."""
     assert r.model_name == MODEL and r.outputs
     for out in r.outputs:
         assert out.name in ("probs", "top_ids", "top_chars", "top_probs")
+    if t is None or request is None:
+        return
+    asked = [o.name for o in request.outputs] or ["probs", "top_ids", "top_chars", "top_probs"]
+    assert [o.name for o in r.outputs] == asked
+    assert r.id == request.id
+    assert bool(r.raw_output_contents) == bool(request.raw_input_contents)
+    n = request.inputs[0].shape[0]
+    vocab = len(t.vocab_list)
+    top_k = request.parameters["top_k"].int64_param if "top_k" in request.parameters else 0
+    k = top_k or min(5, vocab)
+    shapes = {"probs": [n, vocab], "top_ids": [n, k], "top_chars": [n, k], "top_probs": [n, k]}
+    for o in r.outputs:
+        assert list(o.shape) == shapes[o.name], (o.name, list(o.shape))
+    values = _outputs(r)
+    if "probs" in values:
+        for row in range(n):
+            p = values["probs"][row * vocab:(row + 1) * vocab]
+            assert all(0.0 <= x <= 1.0 for x in p) and abs(sum(p) - 1.0) < 1e-4
+    if "top_probs" in values:
+        for row in range(n):
+            ranked = values["top_probs"][row * k:(row + 1) * k]
+            assert all(0.0 <= x <= 1.0 for x in ranked)
+            assert ranked == sorted(ranked, reverse=True)
+    if "top_ids" in values:
+        assert all(0 <= i < vocab for i in values["top_ids"])
+        if "top_chars" in values:
+            assert values["top_chars"] == [t.vocab_list[i].encode() for i in values["top_ids"]]
+        if "probs" in values and "top_probs" in values:
+            for j, i in enumerate(values["top_ids"]):
+                assert values["top_probs"][j] == values["probs"][(j // k) * vocab + i]
 
 
 @given(data=st.data())
@@ -443,18 +568,36 @@ def test_kserve_infer_fields(target: Target, data: st.DataObject) -> None:
         _check_infer(response)
 
 
-@given(frames=st.lists(st.one_of(infer_request().map(lambda r: r.SerializeToString()),
-                                 wire_message(), st.binary(max_size=100)), min_size=1,
-                       max_size=4))
+@given(data=st.data())
 @FUZZ
-def test_kserve_stream_infer_frames(target: Target, frames: list[bytes]) -> None:
+def test_kserve_infer_well_formed(target: Target, data: st.DataObject) -> None:
+    request = data.draw(well_formed_infer_request(target))
+    code, response = target.outcome("kserve.ModelInfer well-formed",
+                                    lambda: target.kserve.ModelInfer(request, timeout=30))
+    if code == "OK":
+        _check_infer(response, target, request)
+
+
+@given(data=st.data())
+@FUZZ
+def test_kserve_stream_infer_frames(target: Target, data: st.DataObject) -> None:
+    # A frame is a well-formed request (kept, to check its answer), a field-level one, or bytes.
+    frames: list[tuple[bytes, kpb.ModelInferRequest | None]] = data.draw(st.lists(st.one_of(
+        well_formed_infer_request(target).map(lambda r: (r.SerializeToString(), r)),
+        infer_request().map(lambda r: (r.SerializeToString(), None)),
+        st.one_of(wire_message(), st.binary(max_size=100)).map(lambda b: (b, None))),
+        min_size=1, max_size=4))
     code, responses = target.outcome(
-        "kserve.ModelStreamInfer", lambda: list(target.raw_stream_infer(iter(frames), timeout=30)))
-    for body in responses or []:
+        "kserve.ModelStreamInfer",
+        lambda: list(target.raw_stream_infer(iter([f for f, _ in frames]), timeout=30)))
+    if code == "OK":  # one answer per frame, in order
+        assert len(responses) == len(frames)
+    for body, (_, request) in zip(responses or [], frames, strict=False):
         r = kpb.ModelStreamInferResponse.FromString(body)
         if r.error_message:
             in_band = r.error_message.split(":", 1)[0]
             codes[f"kserve.ModelStreamInfer in-band {in_band}"] += 1
             assert in_band in STREAM_CODES, r.error_message
         else:
-            _check_infer(r.infer_response)
+            codes["kserve.ModelStreamInfer in-band OK"] += 1
+            _check_infer(r.infer_response, target, request)
