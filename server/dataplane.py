@@ -47,6 +47,8 @@ class PredictCall:
     states: list[bytes] = field(default_factory=list)
     return_state: bool = False
     want_probs: bool = False
+    # With per_position: each result's whole distribution after every prefix, (T, V), too.
+    position_probs: bool = False
     model: str = ""  # empty: the default model
     version: str = ""  # empty: the served one; else it must be the served one
     lane: int = HIGH
@@ -157,7 +159,7 @@ class DataPlane:
                 if call.ids is None and not call.want_probs:  # nextchar.v1's Predict
                     results = await p.predict(call.texts, k, call.per_position, call.deadline,
                                               states=call.states, return_state=call.return_state,
-                                              lane=call.lane)
+                                              lane=call.lane, position_probs=call.position_probs)
                     ok = True
                     return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
                 rows = p.encode_texts(call.texts)

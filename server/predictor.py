@@ -27,6 +27,7 @@ class TextResult:
     top_probs: np.ndarray  # (k,) float32
     position_ids: np.ndarray | None = None  # (T,) argmax id after each prefix
     position_probs: np.ndarray | None = None  # (T,)
+    position_dists: np.ndarray | None = None  # (T, V) float32, with PredictOpts.position_dists
     state: bytes = b""  # encoded state after the last character, with return_state
     probs: np.ndarray | None = None  # (V,) float32 next-char distribution, with want_probs
 
@@ -39,6 +40,7 @@ class PredictOpts:
     positions: bool = False
     want_state: bool = False
     want_probs: bool = False
+    position_dists: bool = False  # with positions: every prefix's whole distribution
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -121,6 +123,8 @@ class Predictor:
                 p = softmax(out.position_logits[row, :n])  # (T, V)
                 res.position_ids = p.argmax(axis=1)
                 res.position_probs = p[np.arange(n), res.position_ids]
+                if o.position_dists:
+                    res.position_dists = p
             if o.want_state:
                 res.state = self.state_codec.encode(out.state[:, row, :])
             if o.want_probs:
@@ -209,17 +213,21 @@ class Predictor:
         states: list[bytes] | None = None,
         return_state: bool = False,
         lane: int = HIGH,
+        position_probs: bool = False,
     ) -> list[TextResult]:
         """deadline: absolute, on the running loop's clock (loop.time()).
 
         states: empty, or one encoded state per text (b"" = fresh) that the text continues.
+        position_probs (with per_position): each result's (T, V) distributions as well; for
+        callers in this process (OpenAI logprobs), not sized by check_answer_size.
         """
         k = self.resolve_top_k(top_k)
         encoded = self.encode_texts(texts)
         self.check_answer_size([len(e) for e in encoded], k, per_position, return_state)
         start_states = self.decode_states(states or [], len(texts))
         loop = asyncio.get_running_loop()
-        opts = PredictOpts(k, per_position, return_state)
+        opts = PredictOpts(k, per_position, return_state,
+                           position_dists=per_position and position_probs)
         finish = self.finish_predict
         items = [
             Item(ids=ids, future=loop.create_future(), finish=finish, params=opts,

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import ServingError
+from ..errors import NotFound, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,23 @@ RETRY_AFTER_S = "1"
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 409: "invalid_request_error",
-                 413: "invalid_request_error", 429: "rate_limit_error",
+                 413: "invalid_request_error", 415: "invalid_request_error",
+                 429: "rate_limit_error",
                  503: "service_unavailable", 504: "timeout"}
 _OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large",
                  429: "rate_limit_exceeded", 503: "unavailable", 504: "deadline_exceeded"}
 
 
-class BodyTooLarge(ServingError):
+class BodyTooLarge(ServingError, HTTPException):
+    """A body over max_message_bytes, found while it arrives (chunked, or a Content-Length
+    that lied). Also an HTTPException: FastAPI passes those through from body reading, where it
+    would answer any other exception with a generic 400."""
+
     http_status = 413
+
+    def __init__(self, message: str) -> None:
+        ServingError.__init__(self, message)
+        self.status_code, self.detail, self.headers = 413, message, None
 
 
 def is_openai(path: str) -> bool:
@@ -74,8 +83,9 @@ async def serving_error(request: Request, exc: Exception) -> Response:
     if status == 500:
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(request.url.path, 500, INTERNAL)
+    code = "model_not_found" if isinstance(exc, NotFound) and is_openai(request.url.path) else None
     return error_response(request.url.path, status, exc.message,
-                          param=getattr(exc, "param", None))
+                          param=getattr(exc, "param", None), code=code)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:
@@ -84,27 +94,61 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     where = ".".join(loc)
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+    kind = first.get("type")
+    if kind == "json_invalid":
+        pos = first.get("loc", (None, None))[-1]
+        ctx: Any = first.get("ctx") or {}
+        message = "the request body is not valid JSON" + (
+            f" (at character {pos}: {ctx.get('error', '')})" if isinstance(pos, int) else "")
         where = ""
+    elif not where:  # the body as a whole: empty, not JSON, or not an object
+        content_type = request.headers.get("content-type", "")
+        if content_type and not _is_json(content_type):
+            return error_response(request.url.path, 415, f"Content-Type must be "
+                                  f"application/json, got {content_type[:80]!r}")
+        message = ("the request body is empty: send a JSON object" if kind == "missing"
+                   else "the request body must be a JSON object")
     else:
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        text = str(first.get("msg")).removeprefix("Value error, ")  # our validators' own text
+        message = f"{where}: {text}"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return error_response(request.url.path, 400, message + more, param=where or None)
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/")
+                                           and kind.endswith("+json"))
+
+
+def body_error(cause: BaseException | None) -> str:
+    """What is wrong with a request body that did not parse, from the parser's exception."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid UTF-8 JSON: byte {cause.start} "
+                f"({cause.object[cause.start:cause.start + 1]!r}) {cause.reason}")
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON: it is nested too deeply"
+    return "the request body is not valid JSON"
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    method = request.scope.get("nextchar.method", request.method)  # HEAD runs as GET
     if status == 404:
-        message = f"no such endpoint: {request.method} {request.url.path} (docs/http.md)"
+        message = f"no such endpoint: {method} {request.url.path} (docs/http.md)"
     elif status == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {method} is not allowed on {request.url.path}"
+    elif status == 400 and exc.__cause__ is not None:  # FastAPI: the body did not parse
+        message = body_error(exc.__cause__)
     else:
         message = str(exc.detail)
     response = error_response(request.url.path, status, message)
     if exc.headers:
         response.headers.update(exc.headers)
+    allow = response.headers.get("allow", "")
+    if "GET" in allow.split(", ") and "HEAD" not in allow:  # the call layer answers HEAD
+        response.headers["allow"] = f"{allow}, HEAD"
     return response
 
 

@@ -100,6 +100,11 @@ class CallLayer:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            # Every GET route answers HEAD too (RFC 9110 9.3.2; load balancers probe with it):
+            # the app runs the GET, the server sends its headers and no body.
+            scope = {**scope, "method": "GET", "nextchar.method": "HEAD"}
+            send = _headers_only(send)
         path: str = scope["path"]
         headers: dict[bytes, bytes] = dict(scope["headers"])
         telemetry = self.telemetry
@@ -118,7 +123,7 @@ class CallLayer:
         if health and (self.tokens is None or self.open_health):
             await self._run(scope, receive, send_with_id, status, None)
             return
-        method = route_label(scope["method"], path)
+        method = route_label(scope.get("nextchar.method", scope["method"]), path)
         traceparent = headers.get(b"traceparent")
         seq = None if health else telemetry.enter(
             method, "http", traceparent.decode("latin-1") if traceparent else None)
@@ -192,6 +197,15 @@ class CallLayer:
             if status[0] == 0:
                 log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=e)
                 await _answer(send, scope["path"], 500, INTERNAL)
+
+
+def _headers_only(send: Send) -> Send:
+    async def head(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head
 
 
 async def _answer(send: Send, path: str, status: int, message: str) -> None:

@@ -12,8 +12,8 @@ step-batched streams as gRPC's, DataPlane.generate), a token is one character.
 
 Seeds: choice i of a prompt samples with seed + i, so choice 0 is exactly what gRPC Generate
 answers with the same seed and settings. `logprobs` are the model's own distribution (before
-temperature and top-p) after each prefix, computed by Predict on the prefixes (one batched call
-per few hundred characters).
+temperature and top-p) after each prefix, from Predict with every position's distribution,
+continuing from the state of the piece before (_Scorer): each character is read once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
@@ -131,8 +132,7 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             text = c.prompt + c.text if body.echo else c.text
             lp = None
             if body.logprobs is not None:
-                lp = await _logprobs(plane, body, c.prompt + c.text,
-                                     0 if body.echo else len(c.prompt), request.state.deadline)
+                lp = await _logprobs(plane, body, c, request.state.deadline)
             out.append({"text": text, "index": c.index, "logprobs": lp,
                         "finish_reason": c.finish_reason})
         return _json({**meta, "choices": out, "usage": _usage(choices, body.n)})
@@ -153,15 +153,19 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
                 if max_chars == 0:
                     choices.append(_Choice(index, prompt, None))
                     continue
-                params = GenerateParams(
+                params = GenerateParams(  # OpenAI's top_p 0 keeps the top token alone
                     prompt=prompt, max_chars=max_chars, temperature=body.temperature,
-                    top_k=body.top_k, top_p=body.top_p,
+                    top_k=1 if body.top_p == 0 else body.top_k, top_p=body.top_p or 1.0,
                     seed=None if body.seed is None else (body.seed + i) % (1 << 63),
                     stop=tuple(stops))
                 try:
                     session = plane.generate(GenerateCall(params, body.model, deadline))
                 except InvalidInput as e:
-                    raise OpenAIError(e.message, _param_of(e.message)) from None
+                    param = _param_of(e.message)
+                    message = e.message
+                    if param == "max_tokens" and message.startswith("max_chars "):
+                        message = "max_tokens " + message.removeprefix("max_chars ")
+                    raise OpenAIError(message, param) from None
                 choices.append(_Choice(index, prompt, session))
     except BaseException:
         _close(choices)
@@ -204,49 +208,61 @@ def _usage(choices: list[_Choice], n: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-async def _logprobs(plane: DataPlane, body: CompletionRequest, full: str, first: int,
+class _Scorer:
+    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs with k =
+    body.logprobs, text_offset into the prompt + completion) for one choice's characters, piece
+    by piece as they come. Character j is scored by the model's own distribution (before
+    temperature and top-p) after the text before it; the very first character of the prompt has
+    none (None, as OpenAI answers for an echoed prompt's first token).
+
+    One Predict per piece, with every position's distribution, continuing from the state the
+    piece before returned: each character is read by the model once, however long the text."""
+
+    def __init__(self, plane: DataPlane, body: CompletionRequest, deadline: float | None) -> None:
+        self.plane, self.model, self.deadline = plane, body.model, deadline
+        self.k = body.logprobs or 0
+        self.vocab = plane.model(body.model).artifact.vocab
+        self.index = {ch: i for i, ch in enumerate(self.vocab)}
+        self.state = b""  # fresh
+        self.after: np.ndarray | None = None  # the distribution after the text scored so far
+        self.offset = 0
+
+    async def score(self, piece: str) -> dict[str, Any]:
+        chosen: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        if piece:
+            answer = await self.plane.predict(PredictCall(
+                texts=[piece], top_k=1, per_position=True, position_probs=True,
+                states=[self.state], return_state=True, model=self.model,
+                deadline=self.deadline))
+            (res,) = answer.results
+            dists = res.position_dists
+            assert dists is not None  # position_probs
+            for j, ch in enumerate(piece):
+                before = self.after if j == 0 else dists[j - 1]
+                if before is None:
+                    chosen.append(None)
+                    tops.append(None)
+                    continue
+                chosen.append(_log(float(before[self.index[ch]]) if ch in self.index else 0.0))
+                ranked = np.argsort(-before, kind="stable")[: self.k].tolist()
+                tops.append({self.vocab[i]: _log(float(before[i])) for i in ranked})
+            self.after, self.state = dists[-1], res.state
+        offsets = list(range(self.offset, self.offset + len(piece)))
+        self.offset += len(piece)
+        return {"tokens": list(piece), "token_logprobs": chosen, "top_logprobs": tops,
+                "text_offset": offsets}
+
+
+async def _logprobs(plane: DataPlane, body: CompletionRequest, c: _Choice,
                     deadline: float | None) -> dict[str, Any]:
-    """OpenAI's legacy logprobs object for the characters full[first:]: tokens, token_logprobs,
-    top_logprobs (k = body.logprobs), text_offset (into the prompt + completion). Character j
-    is scored by the distribution after full[:j]; the very first character of a prompt has
-    none (None, as OpenAI answers for an echoed prompt's first token)."""
-    k = body.logprobs or 0
-    m = plane.model(body.model)
-    vocab = m.artifact.vocab
-    index = {ch: i for i, ch in enumerate(vocab)}
-    lim = m.limits
-    scored: dict[int, tuple[float, dict[str, float]]] = {}
-    group: list[int] = []
-    size = 0
-
-    async def flush() -> None:
-        answer = await plane.predict(PredictCall(
-            texts=[full[:j] for j in group], top_k=max(k, 1), want_probs=True,
-            model=body.model, deadline=deadline))
-        for j, res in zip(group, answer.results, strict=True):
-            probs = res.probs
-            assert probs is not None  # want_probs
-            target = full[j]
-            chosen = float(probs[index[target]]) if target in index else 0.0
-            top = {vocab[i]: _log(p) for i, p in zip(res.top_ids[:k].tolist(),
-                                                      res.top_probs[:k].tolist(), strict=True)}
-            scored[j] = (_log(chosen), top)
-        group.clear()
-
-    for j in range(max(first, 1), len(full)):
-        if group and (len(group) >= lim.max_texts_per_request
-                      or size + j > lim.max_chars_per_request):
-            await flush()
-            size = 0
-        group.append(j)
-        size += j
-    if group:
-        await flush()
-    positions = list(range(first, len(full)))
-    return {"tokens": [full[j] for j in positions],
-            "token_logprobs": [scored[j][0] if j in scored else None for j in positions],
-            "top_logprobs": [scored[j][1] if j in scored else None for j in positions],
-            "text_offset": positions}
+    """The whole choice's logprobs: its prompt too when echoed."""
+    scorer = _Scorer(plane, body, deadline)
+    prompt = await scorer.score(c.prompt)
+    completion = await scorer.score(c.text)
+    if not body.echo:
+        return completion
+    return {key: prompt[key] + completion[key] for key in completion}
 
 
 def _log(p: float) -> float:
@@ -273,11 +289,13 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
             await queue.put(e)
 
     tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+    scorers = ({c.index: _Scorer(plane, body, None) for c in choices}
+               if body.logprobs is not None else {})
+    finished: set[int] = set()  # choices whose finish_reason went out
     try:
-        if body.echo:
-            for c in choices:
-                lp = (await _logprobs(plane, body, c.prompt, 0, None)
-                      if body.logprobs is not None else None)
+        for c in choices:
+            lp = await scorers[c.index].score(c.prompt) if scorers else None
+            if body.echo:
                 yield _sse({**meta, "choices": [{"text": c.prompt, "index": c.index,
                                                  "logprobs": lp, "finish_reason": None}]})
         left = len(choices)
@@ -288,16 +306,19 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
             c, chunk = item
             if chunk is None:
                 left -= 1
+                if c.index not in finished:  # e.g. max_tokens 0: no chunk carried the reason
+                    yield _sse({**meta, "choices": [{
+                        "text": "", "index": c.index,
+                        "logprobs": await scorers[c.index].score("") if scorers else None,
+                        "finish_reason": c.finish_reason}]})
                 continue
-            before = c.text
             _finish(c, chunk)
             finish = None if chunk.stop_reason is None else c.finish_reason
             if not chunk.text and finish is None:
                 continue
-            lp = None
-            if body.logprobs is not None:
-                lp = await _logprobs(plane, body, c.prompt + c.text,
-                                     len(c.prompt) + len(before), None)
+            if finish is not None:
+                finished.add(c.index)
+            lp = await scorers[c.index].score(chunk.text) if scorers else None
             yield _sse({**meta, "choices": [{"text": chunk.text, "index": c.index,
                                              "logprobs": lp, "finish_reason": finish}]})
             if gate.streams_must_end:

@@ -25,11 +25,11 @@ from starlette.responses import Response
 from nextchar import __version__
 
 from ..dataplane import DataPlane, PredictCall
-from ..errors import ServingError
+from ..errors import InvalidInput, ServingError
 from ..registry import ModelState
 from ..telemetry import DrainGate
 from ..v2_tensors import output_tensors
-from .errors import INTERNAL, error_body, error_headers
+from .errors import INTERNAL, body_error, error_body, error_headers
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,18 @@ def raw_infer(plane: DataPlane) -> Callable[..., Awaitable[None]]:
 
     async def handle(scope: MutableMapping[str, Any], receive: Receive, send: Send,
                      match: re.Match[str]) -> None:
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
         header_length = None
         for k, v in scope["headers"]:
             if k == b"inference-header-content-length":
                 header_length = v.decode("latin-1")
         status, headers = 200, [(b"content-type", JSON.encode())]
         try:
+            chunks = []
+            while True:  # inside the try: a body over the limit (BodyTooLarge) is a 413
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
             body, n = await infer(plane, b"".join(chunks), header_length, match["name"],
                                   match["version"] or "", scope["state"]["deadline"])
             if n is not None:
@@ -188,13 +188,17 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
     async def repository_index(request: Request) -> Response:
         body = await request.body()
         ready_only = False
-        if body.strip():
+        if body.strip():  # Triton's body is optional: {"ready": true} lists ready models only
             try:
                 doc = json.loads(body)
-            except ValueError:
-                doc = None
-            if isinstance(doc, dict):
-                ready_only = doc.get("ready") is True
+            except (ValueError, RecursionError) as e:
+                raise InvalidInput(body_error(e)) from None
+            if not isinstance(doc, dict):
+                raise InvalidInput('the request body must be a JSON object, e.g. {"ready": true}')
+            ready = doc.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInput(f"ready must be true or false, got {ready!r}")
+            ready_only = ready
         return _json([{"name": m.name, "version": m.version, "state": m.state.value,
                        "reason": m.reason} for m in plane.list_models()
                       if not ready_only or m.state is ModelState.READY])

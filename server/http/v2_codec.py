@@ -26,6 +26,7 @@ import orjson
 
 from ..errors import InvalidInput
 from ..v2_tensors import DTYPES, INPUTS, OUTPUTS, Tensor, lane_of_priority, unpack_bytes
+from .errors import body_error
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -101,6 +102,10 @@ def decode_request(body: bytes, header_length: str | None, max_texts: int) -> In
     try:
         doc = orjson.loads(body)
     except ValueError as e:
+        try:  # orjson's message for bad UTF-8 names neither the byte nor its place
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidInput(body_error(bad)) from None
         raise InvalidInput(f"the request body is not valid JSON: {e}") from None
     doc = _obj(doc, "the request body")
     request_id = doc.get("id")

@@ -255,7 +255,7 @@ def test_completion_logprobs_are_the_models_distribution(tiny_server, name: str)
     ({"prompt": "ab", "temperature": -1}, 400, "temperature"),
     ({"prompt": "ab", "n": 0}, 400, "n"),
     ({"prompt": "a~"}, 400, "prompt"),
-    ({"prompt": [1, 2, 3]}, 400, "prompt.str"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt"),
     ({"prompt": "ab", "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"prompt": "ab", "logprobs": 1000}, 400, "logprobs"),
     ({"prompt": "ab", "best_of": 3}, 400, "best_of"),

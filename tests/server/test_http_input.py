@@ -1,0 +1,214 @@
+"""Unusual and bad HTTP input, each answered with a precise status and the protocol's own error
+body: bodies that do not parse (deep nesting, bad UTF-8, wrong Content-Type, empty), bodies
+over the limit sent chunked, HEAD on every GET route, and the OpenAI fields a client may send as
+null, as strings, or with values whose OpenAI meaning differs from nextchar's own."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import serving
+from http_util import Reply, call
+
+LIMIT = 64 * 1024  # max_message_bytes of this module's server
+
+
+@pytest.fixture(scope="module")
+def st(tiny_artifact: Path) -> Iterator:
+    with serving(model=tiny_artifact, backend="onnx", max_message_bytes=LIMIT) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def name(st) -> str:
+    return st.server.runtime().name
+
+
+def post(st, path: str, raw: bytes, content_type: str | None = "application/json") -> Reply:
+    headers = {} if content_type is None else {"content-type": content_type}
+    return call(st.http_url, "POST", path, raw=raw, headers=headers)
+
+
+def chunked(st, path: str, size: int) -> Reply:
+    """A POST whose body (size bytes of a JSON string) comes chunked, with no Content-Length:
+    the limit can only be found while it arrives."""
+    url = st.http_url.removeprefix("http://")
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    piece = b"a" * 8192
+    parts = [b'{"model": "m", "prompt": "', *([piece] * (size // len(piece))), b'"}']
+    try:
+        conn.request("POST", path, body=iter(parts), encode_chunked=True,
+                     headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
+
+
+def completion(st, **body) -> Reply:
+    return call(st.http_url, "POST", "/v1/completions", body)
+
+
+def openai_error(r: Reply, status: int) -> dict:
+    assert r.status == status, (r.status, r.body)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+# -- bodies that do not parse ------------------------------------------------------------------
+def test_repository_index_refuses_bodies_that_are_not_a_json_object(st) -> None:
+    deep = b"[" * 3000
+    for raw, fragment in [(deep, "nested too deeply"), (b"garbage", "not valid JSON"),
+                          (b"[]", "must be a JSON object"), (b'{"ready": "yes"}', "true or false")]:
+        r = post(st, "/v2/repository/index", raw)
+        assert r.status == 400 and fragment in r.json()["error"], (raw[:20], r.body)
+    assert post(st, "/v2/repository/index", b"").status == 200
+    assert [m["state"] for m in post(st, "/v2/repository/index", b'{"ready": true}').json()] == [
+        "READY"]
+
+
+def test_bad_utf8_is_named_with_its_byte(st, name: str) -> None:
+    body = f'{{"model": "{name}", "prompt": "To \xff be"}}'.encode("latin-1")
+    err = openai_error(post(st, "/v1/completions", body), 400)
+    assert err["message"] == (f"the request body is not valid UTF-8 JSON: byte "
+                              f"{body.index(0xFF)} (b'\\xff') invalid start byte")
+    infer = (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], '
+             b'"data": ["a\xffb"]}]}')
+    r = post(st, f"/v2/models/{name}/infer", infer)
+    assert r.status == 400 and r.json()["error"] == (
+        f"the request body is not valid UTF-8 JSON: byte {infer.index(0xFF)} (b'\\xff') "
+        f"invalid start byte")
+    deep = b'{"texts": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    r = post(st, "/nextchar/v1/predict", deep)
+    assert r.status == 400 and "not valid JSON" in r.json()["error"], r.body
+
+
+def test_wrong_content_type_and_empty_body_say_so(st, name: str) -> None:
+    body = json.dumps({"model": name, "prompt": "To be", "max_tokens": 2}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        err = openai_error(post(st, "/v1/completions", body, content_type), 415)
+        assert err["message"] == f"Content-Type must be application/json, got '{content_type}'"
+    r = post(st, "/nextchar/v1/predict", b'{"texts": ["ab"]}', "text/plain")
+    assert r.status == 415 and r.json() == {
+        "error": "Content-Type must be application/json, got 'text/plain'"}
+    # No Content-Type at all: read as JSON (FastAPI's rule), so it is served.
+    assert post(st, "/v1/completions", body, None).status == 200
+    err = openai_error(post(st, "/v1/completions", b""), 400)
+    assert err["message"] == "the request body is empty: send a JSON object"
+    err = openai_error(post(st, "/v1/completions", b"[1, 2]"), 400)
+    assert err["message"] == "the request body must be a JSON object"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/nextchar/v1/predict",
+                                  "/nextchar/v1/generate", "/v2/models/{name}/infer",
+                                  "/v2/repository/index"])
+def test_a_chunked_body_over_the_limit_is_413(st, name: str, path: str) -> None:
+    r = chunked(st, path.format(name=name), 2 * LIMIT)
+    assert r.status == 413, r.body
+    message = f"request body over max_message_bytes {LIMIT}"
+    if path.startswith("/v1/"):
+        err = openai_error(r, 413)
+        assert err["message"] == message and err["code"] == "request_too_large"
+    else:
+        assert r.json() == {"error": message}
+    assert chunked(st, "/v1/completions", LIMIT // 2).status != 413  # under it: parsed
+
+
+# -- HEAD --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/v2", "/v1/models",
+                                  "/v2/models/{name}", "/nextchar/v1/models"])
+def test_head_answers_every_get_route_without_a_body(st, name: str, path: str) -> None:
+    path = path.format(name=name)
+    got = call(st.http_url, "GET", path)
+    head = call(st.http_url, "HEAD", path)
+    assert (head.status, head.body) == (got.status, b"")
+    assert head.headers["content-length"] == str(len(got.body))
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_on_a_post_route_is_405_and_405s_allow_head(st) -> None:
+    r = call(st.http_url, "HEAD", "/nextchar/v1/predict")
+    assert r.status == 405 and r.headers["allow"] == "POST" and r.body == b""
+    r = call(st.http_url, "POST", "/v1/models", {})
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json()["error"]["message"] == "method POST is not allowed on /v1/models"
+
+
+# -- OpenAI fields -----------------------------------------------------------------------------
+def text_of(r: Reply) -> str:
+    assert r.status == 200, r.body
+    return r.json()["choices"][0]["text"]
+
+
+def test_null_fields_take_their_defaults(st, name: str) -> None:
+    # The openai SDK sends null for a parameter passed as None: OpenAI's schema allows it.
+    plain = text_of(completion(st, model=name, prompt="To be", max_tokens=12, seed=4))
+    nulls = {k: None for k in ("temperature", "top_p", "n", "echo", "stream", "top_k", "stop",
+                               "logprobs", "max_tokens")}
+    assert text_of(completion(st, model=name, prompt="To be", seed=4, **{
+        **nulls, "max_tokens": 12})) == plain
+    assert len(text_of(completion(st, model=name, prompt="To be", seed=4, **nulls))) == 16
+
+
+def test_top_p_zero_is_greedy(st, name: str) -> None:
+    greedy = text_of(completion(st, model=name, prompt="To be", max_tokens=20, temperature=0))
+    for seed in (1, 2):
+        assert text_of(completion(st, model=name, prompt="To be", max_tokens=20, top_p=0,
+                                  seed=seed)) == greedy
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", "5"), ("max_tokens", True), ("echo", 1), ("echo", "yes"), ("seed", "3"),
+    ("logprobs", True), ("n", 1.5), ("stream", "true")])
+def test_fields_are_strictly_typed(st, name: str, field: str, value) -> None:
+    err = openai_error(completion(st, model=name, prompt="To be", **{field: value}), 400)
+    assert err["param"] == field and err["message"].startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("prompt", [1, 2, 3], "prompt: must be a string or a list of strings (token-id arrays are "
+                          "not supported: one token is one character)"),
+    ("prompt", None, "prompt: must be a string or a list of strings"),
+    ("prompt", ["ok", 5], "prompt: must be a string or a list of strings"),
+    ("stop", 5, "stop: must be a string or a list of strings, or null"),
+    ("stop", [5], "stop: must be a string or a list of strings, or null"),
+])
+def test_type_errors_name_the_field_not_the_union(st, name: str, field: str, value,
+                                                  message: str) -> None:
+    err = openai_error(completion(st, model=name, **{"prompt": "To be", field: value}), 400)
+    assert err["param"] == field and err["message"].startswith(message), err
+
+
+def test_messages_use_openais_names(st, name: str) -> None:
+    err = openai_error(completion(st, model=name, prompt="To be", max_tokens=10 ** 8), 400)
+    assert err["param"] == "max_tokens" and err["message"].startswith("max_tokens must be")
+    err = openai_error(completion(st, model="no-such-model", prompt="To be"), 404)
+    assert err["code"] == "model_not_found"
+
+
+def test_a_stream_with_max_tokens_zero_still_finishes_every_choice(st, name: str) -> None:
+    for echo, text in ((False, ""), (True, "To")):
+        events = completion(st, model=name, prompt="To", max_tokens=0, stream=True, n=2,
+                            echo=echo).events()
+        assert events[-1] == "[DONE]"
+        finals = [e["choices"][0] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+        assert sorted(c["index"] for c in finals) == [0, 1]
+        assert all(c["finish_reason"] == "length" and c["text"] == "" for c in finals)
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text * 2
+
+
+def test_logprobs_read_each_character_once(st, name: str) -> None:
+    # One Predict text per piece (prompt, completion), not one per prefix: the work grows with
+    # the text, not with its square.
+    stats = st.server.runtime().stats
+    before = stats.inference_count
+    r = completion(st, model=name, prompt="T", max_tokens=200, logprobs=2, seed=1)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 200 and all(v is not None for v in lp["token_logprobs"])
+    assert stats.inference_count - before == 2
