@@ -127,7 +127,14 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def _is_loopback(host: str) -> bool:
+# Calls that change what the server serves, while auth is off: loopback callers only, so an
+# open port does not let anyone load or unload models (gRPC: grpc/wrapping.py; HTTP: http/v2.py).
+CONTROL_LOOPBACK_ONLY = (
+    "model control (Admin, repository load/unload) is open to loopback callers only while auth "
+    "is off: call from this host, or start the server with --auth-tokens-file and send a token")
+
+
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -138,7 +145,7 @@ def _is_loopback(host: str) -> bool:
 
 def warn_if_exposed(s: ServerSettings, tls: bool, tokens: TokenSet | None) -> None:
     """Start-up warnings for settings that are legal but probably not meant."""
-    if _is_loopback(s.host):
+    if is_loopback(s.host):
         return
     if tokens is None:
         log.warning("listening on %s without auth: anyone who reaches the port may call every "

@@ -46,7 +46,7 @@ def build_app(plane: DataPlane, telemetry: Telemetry, tokens: TokenSet | None,
                   exception_handlers=EXCEPTION_HANDLERS,
                   description="KServe V2 REST, OpenAI-compatible completions and nextchar.v1 "
                   "as JSON, over the same serving core as the gRPC port (docs/http.md).")
-    api.include_router(v2.router(plane, telemetry.gate))
+    api.include_router(v2.router(plane, telemetry.gate, control_loopback_only=tokens is None))
     api.include_router(openai.router(plane, telemetry.gate))
     api.include_router(native.router(plane, telemetry.gate))
     return CallLayer(_FastPaths(api, plane), telemetry, tokens, open_health=settings.auth_open_health,

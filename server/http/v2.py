@@ -8,6 +8,8 @@ plane, with the same validation, batcher and priorities as every front end -> JS
     GET  /v2/models/{name}[/versions/{v}]/ready      200, or 503 {"ready": false}
     POST /v2/models/{name}[/versions/{v}]/infer      inference
     POST /v2/repository/index                        Triton's repository index
+    POST /v2/repository/models/{name}/load | unload  Triton's model control: loopback callers
+                                                     only while auth is off (as gRPC's)
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from starlette.responses import Response
 from nextchar import __version__
 
 from ..dataplane import DataPlane, PredictCall
-from ..errors import InvalidInput, ServingError
+from ..errors import InvalidInput, PermissionDenied, ServingError
 from ..registry import ModelState
+from ..security import CONTROL_LOOPBACK_ONLY, is_loopback
 from ..telemetry import DrainGate
 from ..v2_tensors import output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
@@ -105,8 +108,28 @@ def _ready(doc: dict[str, Any], ready: bool) -> Response:
     return _json({**doc, "ready": ready}, 200 if ready else 503)
 
 
-def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
+def _json_object(body: bytes, example: str) -> dict[str, Any]:
+    """An optional JSON object body ({} when empty)."""
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise InvalidInput(body_error(e)) from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"the request body must be a JSON object, e.g. {example}")
+    return doc
+
+
+def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = False) -> APIRouter:
+    """control_loopback_only: load and unload answer loopback callers only (auth is off)."""
     r = APIRouter(tags=["KServe V2"])
+
+    def check_control(request: Request) -> None:
+        host = request.client.host if request.client is not None else ""
+        if control_loopback_only and not is_loopback(host):
+            log.info("refused %s from %s: not loopback and auth is off", request.url.path, host)
+            raise PermissionDenied(CONTROL_LOOPBACK_ONLY)
 
     @r.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
@@ -186,21 +209,30 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
 
     @r.post("/v2/repository/index", summary="Models known to the server (Triton extension)")
     async def repository_index(request: Request) -> Response:
-        body = await request.body()
-        ready_only = False
-        if body.strip():  # Triton's body is optional: {"ready": true} lists ready models only
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError) as e:
-                raise InvalidInput(body_error(e)) from None
-            if not isinstance(doc, dict):
-                raise InvalidInput('the request body must be a JSON object, e.g. {"ready": true}')
-            ready = doc.get("ready", False)
-            if not isinstance(ready, bool):
-                raise InvalidInput(f"ready must be true or false, got {ready!r}")
-            ready_only = ready
+        # Triton's body is optional: {"ready": true} lists ready models only.
+        ready_only = _json_object(await request.body(), '{"ready": true}').get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput(f"ready must be true or false, got {ready_only!r}")
         return _json([{"name": m.name, "version": m.version, "state": m.state.value,
                        "reason": m.reason} for m in plane.list_models()
                       if not ready_only or m.state is ModelState.READY])
+
+    @r.post("/v2/repository/models/{name}/load",
+            summary="Load a model of the repository, or its newest version (Triton extension)")
+    async def load_model(request: Request, name: str) -> Response:
+        check_control(request)
+        if _json_object(await request.body(), "{}").get("parameters"):
+            raise InvalidInput("load parameters (config overrides, files) are not supported: "
+                               "put settings in the model's config.json")
+        await plane.load_model(name)
+        return _json({})
+
+    @r.post("/v2/repository/models/{name}/unload",
+            summary="Stop serving a model; accepted calls finish first (Triton extension)")
+    async def unload_model(request: Request, name: str) -> Response:
+        check_control(request)
+        _json_object(await request.body(), "{}")
+        await plane.unload_model(name)
+        return _json({})
 
     return r

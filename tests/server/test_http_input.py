@@ -212,3 +212,58 @@ def test_logprobs_read_each_character_once(st, name: str) -> None:
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 200 and all(v is not None for v in lp["token_logprobs"])
     assert stats.inference_count - before == 2
+
+
+# -- repository control ------------------------------------------------------------------------
+def test_repository_load_and_unload_over_rest(tiny_artifact: Path) -> None:
+    with serving(model=tiny_artifact, backend="onnx") as server:
+        url, model = server.http_url, server.server.runtime().name
+        infer = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
+        assert call(url, "POST", f"/v2/models/{model}/infer", infer).status == 200
+        r = call(url, "POST", f"/v2/repository/models/{model}/unload")
+        assert (r.status, r.json()) == (200, {})
+        assert call(url, "POST", f"/v2/models/{model}/infer", infer).status == 404
+        (entry,) = call(url, "POST", "/v2/repository/index").json()
+        assert entry["state"] != "READY"
+        r = call(url, "POST", f"/v2/repository/models/{model}/load", {})
+        assert (r.status, r.json()) == (200, {})
+        assert call(url, "POST", f"/v2/models/{model}/infer", infer).status == 200
+        r = call(url, "POST", f"/v2/repository/models/{model}/load",
+                 {"parameters": {"config": "{}"}})
+        assert r.status == 400 and "not supported" in r.json()["error"]
+        r = call(url, "POST", f"/v2/repository/models/{model}/load", raw=b"garbage")
+        assert r.status == 400 and "not valid JSON" in r.json()["error"]
+        assert call(url, "POST", "/v2/repository/models/no-such-model/load").status == 404
+
+
+def test_repository_control_is_refused_to_other_hosts_while_auth_is_off(st, name: str) -> None:
+    from fastapi import FastAPI
+
+    from nextchar.server.http import v2 as http_v2
+    from nextchar.server.http.errors import EXCEPTION_HANDLERS
+    from nextchar.server.security import CONTROL_LOOPBACK_ONLY
+
+    app = FastAPI(exception_handlers=EXCEPTION_HANDLERS)
+    app.include_router(http_v2.router(st.server.plane, st.server.gate,
+                                      control_loopback_only=True))
+
+    async def post_from(host: str, path: str) -> tuple[int, bytes]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "root_path": "", "headers": [], "client": (host, 5555),
+                 "server": ("10.0.0.1", 8000), "state": {"deadline": None}}
+        await app(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    for action in ("load", "unload"):
+        status, body = st.call(post_from("10.1.2.3", f"/v2/repository/models/{name}/{action}"))
+        assert (status, json.loads(body)) == (403, {"error": CONTROL_LOOPBACK_ONLY})
+    assert st.call(post_from("127.0.0.1", f"/v2/repository/models/{name}/load"))[0] == 200
