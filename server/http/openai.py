@@ -104,7 +104,10 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             raise OpenAIError("prompt is empty: send a string or a list of strings", "prompt")
         if len(prompts) * body.n > MAX_CHOICES:
             raise OpenAIError(f"{len(prompts)} prompts x n {body.n} > {MAX_CHOICES} choices in "
-                              f"one request", "n")
+                              f"one request", "n" if body.n > 1 else "prompt")
+        if body.stream_options is not None and not body.stream:
+            raise OpenAIError("stream_options is only allowed when stream is true",
+                              "stream_options")
         model = plane.model(body.model)  # 404 for an unknown name, before any work
         if body.logprobs is not None:
             lim = model.limits

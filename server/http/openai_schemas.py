@@ -52,7 +52,7 @@ class CompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="nextchar extension: sample from the k most likely "
                        "characters; 0: all.")
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
@@ -78,7 +78,7 @@ class CompletionRequest(BaseModel):
         """The first field set that a character model cannot honour, if any."""
         if self.suffix:
             return "suffix"
-        if self.best_of not in (None, 1):
+        if self.best_of is not None and self.best_of > 1:
             return "best_of"
         if self.presence_penalty not in (None, 0):
             return "presence_penalty"

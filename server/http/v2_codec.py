@@ -125,7 +125,7 @@ def decode_request(body: bytes, header_length: str | None, max_texts: int) -> In
 
 
 def _outputs(outputs: Any, binary_default: bool) -> tuple[list[str], set[str]]:
-    if outputs is None:
+    if outputs is None or outputs == []:  # as gRPC's empty repeated field: every output
         return list(OUTPUTS), set(OUTPUTS) if binary_default else set()
     if not isinstance(outputs, list):
         raise InvalidInput("outputs must be a list of {\"name\": ...} objects")

@@ -267,3 +267,25 @@ def test_repository_control_is_refused_to_other_hosts_while_auth_is_off(st, name
         status, body = st.call(post_from("10.1.2.3", f"/v2/repository/models/{name}/{action}"))
         assert (status, json.loads(body)) == (403, {"error": CONTROL_LOOPBACK_ONLY})
     assert st.call(post_from("127.0.0.1", f"/v2/repository/models/{name}/load"))[0] == 200
+
+
+def test_openai_argument_checks_name_the_right_field(st, name: str) -> None:
+    err = openai_error(completion(st, model=name, prompt=["a"] * 65), 400)
+    assert err["param"] == "prompt" and err["message"] == "65 prompts x n 1 > 64 choices in one request"
+    err = openai_error(completion(st, model=name, prompt=["a"] * 33, n=2), 400)
+    assert err["param"] == "n"
+    err = openai_error(completion(st, model=name, prompt="ab", stream_options={
+        "include_usage": True}), 400)
+    assert err == {"message": "stream_options is only allowed when stream is true",
+                   "type": "invalid_request_error", "param": "stream_options", "code": None}
+    err = openai_error(completion(st, model=name, prompt="ab", best_of=0), 400)
+    assert err["param"] == "best_of" and "greater than or equal to 1" in err["message"]
+    assert completion(st, model=name, prompt="ab", best_of=1, max_tokens=2).status == 200
+
+
+def test_v2_infer_with_an_empty_outputs_list_answers_every_output(st, name: str) -> None:
+    infer = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}],
+             "outputs": []}
+    r = call(st.http_url, "POST", f"/v2/models/{name}/infer", infer)
+    assert [o["name"] for o in r.json()["outputs"]] == ["probs", "top_ids", "top_chars",
+                                                       "top_probs"]
