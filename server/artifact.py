@@ -174,6 +174,9 @@ def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchs
     unk_id = manifest.get("unk_id")
     from .backends import backend_info  # late: the backends package imports this module
 
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        raise ArtifactError(f"{manifest_path}: malformed field 'files': each entry must be "
+                            f'{{"sha256": ..., "bytes": ...}}')
     needed = []
     for b in backends:
         info = backend_info(b)

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,8 +45,21 @@ def _read_pem(path: Path, setting: str, marker: str) -> bytes:
     except OSError as e:
         raise SecurityConfigError(f"{setting} {path}: cannot read ({e.strerror})") from e
     if f"-----BEGIN {marker}".encode() not in data:
-        raise SecurityConfigError(f"{setting} {path}: no PEM '{marker}' block in the file")
+        what = f"PEM '{marker}' block" if marker else "PEM block (-----BEGIN ...)"
+        raise SecurityConfigError(f"{setting} {path}: no {what} in the file")
     return data
+
+
+def _check_key_pair(cert: Path, key: Path) -> None:
+    """gRPC reports a key that is not the certificate's only as log lines and a failed bind;
+    Python's ssl says what is wrong."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        reason = "it is not the certificate's private key" if "MISMATCH" in str(e) else (
+            e.reason or str(e)).lower().replace("_", " ")
+        raise SecurityConfigError(f"--tls-key {key} does not go with --tls-cert {cert}: "
+                                  f"{reason}") from None
 
 
 def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
@@ -62,6 +76,7 @@ def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
             "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)")
     cert = _read_pem(s.tls_cert, "--tls-cert", "CERTIFICATE")
     key = _read_pem(s.tls_key, "--tls-key", "")  # RSA, EC or PKCS#8: any BEGIN block
+    _check_key_pair(s.tls_cert, s.tls_key)
     client_ca = None
     if s.tls_client_ca is not None:
         client_ca = _read_pem(s.tls_client_ca, "--tls-client-ca", "CERTIFICATE")

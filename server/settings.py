@@ -114,11 +114,13 @@ class ServerSettings(BaseSettings):
         description="While one model call runs, start another only once this many characters "
         "are queued; less waits for the running call and joins one bigger batch. 0 = greedy.",
     )
+    # Upper bounds: each worker is a thread (and a session's arena); thousands of them starve
+    # the process of the CPU its signal handling needs.
     backend_workers: int = Field(
-        0, ge=0, description="Concurrent model calls; 0 = the backend's own choice."
+        0, ge=0, le=256, description="Concurrent model calls; 0 = the backend's own choice."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="Threads inside one model call; 0 = the backend's own choice."
+        0, ge=0, le=256, description="Threads inside one model call; 0 = the backend's own choice."
     )
 
     # Streaming generation (docs/streaming.md).

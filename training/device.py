@@ -51,6 +51,9 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
                                 "(needs AVX512); use --precision fp32 or auto")
         return torch.bfloat16
     if requested == "fp16":
+        if device.type == "cpu":  # oneDNN has no fp16 LSTM kernel ("could not create a primitive")
+            raise TrainingError("--precision fp16 is for CUDA: on the CPU use --precision bf16 "
+                                "(CPUs with AVX512-BF16), fp32 or auto")
         return torch.float16
     # auto
     if device.type == "cuda":

@@ -375,9 +375,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         model = model_from_checkpoint(resumed, resume_path).train()
         model.set_dropout(cfg.dropout or 0.0, cfg.embed_dropout or 0.0)
     else:
-        model = CharRNN(CharRNNConfig(len(vocab), cfg.embed_dim, cfg.hidden_size,
-                                      cfg.num_layers, cfg.cell, cfg.dropout or 0.0,
-                                      cfg.embed_dropout or 0.0)).train()
+        mcfg = CharRNNConfig(len(vocab), cfg.embed_dim, cfg.hidden_size, cfg.num_layers,
+                             cfg.cell, cfg.dropout or 0.0, cfg.embed_dropout or 0.0)
+        try:
+            model = CharRNN(mcfg).train()
+        except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
+            if not isinstance(e, MemoryError) and "alloc" not in str(e):
+                raise
+            raise TrainingError(
+                f"the model does not fit in memory (--hidden-size {cfg.hidden_size}, "
+                f"--num-layers {cfg.num_layers}, --embed-dim {cfg.embed_dim}): choose a "
+                f"smaller one") from None
     model.to(device)
     mcfg = model.config
     params = sum(p.numel() for p in model.parameters())

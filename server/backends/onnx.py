@@ -67,7 +67,11 @@ class OnnxBackend(Backend):
         providers = [CUDA_EP, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         self.graph = self._choose_graph(artifact, graph, want_cuda)
         path = artifact.path / (LOOP_ONNX if self.graph == "loop" else STANDARD_ONNX)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT's own classes (InvalidProtobuf, Fail, ...): a bad file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {reason}") from e
         # ORT silently falls back to CPU when the CUDA provider cannot start; report the truth.
         on_cuda = self.session.get_providers()[0] == CUDA_EP
         if device == "cuda" and not on_cuda:

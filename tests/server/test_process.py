@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -107,6 +108,49 @@ def test_serve_refuses_tampered_artifact(tiny_artifact: Path, tmp_path: Path) ->
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not match the manifest" in lines[0]
+
+
+def test_serve_reports_an_onnx_file_ort_cannot_load_in_one_line(tiny_artifact: Path,
+                                                                tmp_path: Path) -> None:
+    bad = tmp_path / "bad"  # random bytes whose checksum the manifest agrees with
+    shutil.copytree(tiny_artifact, bad)
+    junk = bytes(range(256)) * 64
+    (bad / "model_loop.onnx").write_bytes(junk)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["model_loop.onnx"] = {"sha256": hashlib.sha256(junk).hexdigest(),
+                                             "bytes": len(junk)}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad),
+                        "--port", "0", "--http-port", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"nextchar serve: {bad / 'model_loop.onnx'}: ONNX Runtime cannot "
+                           f"load it: ")
+
+
+def test_serve_reports_a_malformed_files_entry_in_one_line(tiny_artifact: Path,
+                                                          tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["model_loop.onnx"] = "0" * 64  # a bare checksum, not an entry
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad),
+                        "--port", "0", "--http-port", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"nextchar serve: {bad / 'manifest.json'}: malformed field "
+                                f"'files': each entry must be {{\"sha256\": ..., \"bytes\": ...}}")
+
+
+def test_serve_bounds_the_worker_count(tiny_artifact: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
+                        "--port", "0", "--backend-workers", "100000"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("nextchar serve: invalid --backend-workers: Input should be "
+                                "less than or equal to 256")
 
 
 def test_serve_refuses_missing_file(tiny_artifact: Path, tmp_path: Path) -> None:

@@ -244,7 +244,14 @@ def test_bad_security_settings_fail_with_one_line(tmp_path: Path, pki: Pki) -> N
     assert "needs --tls-client-ca" in creds(tls_cert=pki.server_cert, tls_key=pki.server_key,
                                             tls_require_client_cert=True)
     assert "cannot read" in creds(tls_cert=tmp_path / "missing.pem", tls_key=pki.server_key)
+    (tmp_path / "empty.txt").write_text("no pem here\n")
     assert "no PEM 'CERTIFICATE'" in creds(tls_cert=pki.server_key, tls_key=pki.server_key)
+    assert "no PEM block (-----BEGIN ...)" in creds(tls_cert=pki.server_cert,
+                                                    tls_key=tmp_path / "empty.txt")
+    # A key that is not the certificate's: gRPC says only "cannot bind" after log lines.
+    assert creds(tls_cert=pki.server_cert, tls_key=pki.client_key) == (
+        f"--tls-key {pki.client_key} does not go with --tls-cert {pki.server_cert}: it is not "
+        f"the certificate's private key")
     assert server_credentials(ServerSettings()) is None
 
     def tokens(**kw) -> str:

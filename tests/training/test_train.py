@@ -193,19 +193,30 @@ def test_resume_of_a_checkpoint_from_before_precision(tiny_corpus: Path, tmp_pat
 @pytest.mark.parametrize("flag, value, message", [
     ("--device", "cuda", "--device cuda: no CUDA device is available"),
     ("--precision", "bf16", "--precision bf16: this CPU has no bf16 support"),
+    ("--precision", "fp16", "--precision fp16 is for CUDA: on the CPU use --precision bf16"),
 ])
 def test_unusable_device_or_precision_is_one_line(flag: str, value: str, message: str,
                                                   tiny_corpus: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     from nextchar.training.device import cpu_bf16_supported
 
-    if (flag == "--device" and torch.cuda.is_available()) or (
-            flag == "--precision" and cpu_bf16_supported()):
+    if (value in ("cuda", "fp16") and torch.cuda.is_available()) or (
+            value == "bf16" and cpu_bf16_supported()):
         pytest.skip(f"{flag} {value} works here")
     assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "1",
                   flag, value, *TINY) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"nextchar train: {message}") and err.count("\n") == 1
+
+
+def test_a_model_too_big_for_memory_is_one_line(tiny_corpus: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    # ~100 GB of weights: torch's allocator refuses at once (RuntimeError, not MemoryError).
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "1",
+                  *TINY, "--hidden-size", "100000000", "--num-layers", "1") == 1
+    err = capsys.readouterr().err
+    assert err == ("nextchar train: the model does not fit in memory (--hidden-size 100000000, "
+                   "--num-layers 1, --embed-dim 8): choose a smaller one\n")
 
 
 # `backend` ties the conftest's CUDA skip to torch alone (not onnxruntime-gpu).
