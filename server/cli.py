@@ -139,6 +139,18 @@ class PortInUse(OSError):
 
 def check_ports_free(settings: ServerSettings) -> None:
     """The gRPC port, and the HTTP and metrics ports when they are on, before the model loads."""
+    chosen = [("--port", settings.port)]
+    if getattr(settings, "http", False):
+        chosen.append(("--http-port", getattr(settings, "http_port", 0)))
+    metrics_host = getattr(settings, "metrics_host", None) or settings.host
+    wildcard = ("", "0.0.0.0", "::")
+    if metrics_host == settings.host or metrics_host in wildcard or settings.host in wildcard:
+        chosen.append(("--metrics-port", getattr(settings, "metrics_port", None) or 0))
+    seen: dict[int, str] = {}
+    for flag, port in chosen:  # two of our own on one port: not "another server"
+        if port and port in seen:
+            raise OSError(f"{seen[port]} and {flag} are both {port}: give each its own port")
+        seen[port] = flag
     check_port_free(settings.host, settings.port)
     if getattr(settings, "http", False) and getattr(settings, "http_port", 0):
         check_port_free(settings.host, settings.http_port, "--http-port", "HTTP ")

@@ -144,6 +144,15 @@ def test_serve_reports_a_malformed_files_entry_in_one_line(tiny_artifact: Path,
                                 f"'files': each entry must be {{\"sha256\": ..., \"bytes\": ...}}")
 
 
+def test_serve_refuses_one_port_for_two_of_its_listeners(tiny_artifact: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
+                        "--port", "18533", "--http-port", "18533"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("nextchar serve: --port and --http-port are both 18533: give "
+                                "each its own port")
+
+
 def test_serve_bounds_the_worker_count(tiny_artifact: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
                         "--port", "0", "--backend-workers", "100000"], capture_output=True,
