@@ -39,7 +39,7 @@ MAX_CHARS = 64  # per text and per generated completion: keeps every example che
 MAX_TEXTS = 32
 RSS_GROWTH_BOUND_KIB = 200 * 1024
 MODEL = "random-rnn"  # the tiny artifact's name
-ALLOWED = {200, 400, 404, 405, 409, 413, 429}
+ALLOWED = {200, 400, 404, 405, 409, 413, 415, 429}
 ROUTES = [("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),
           ("GET", f"/v2/models/{MODEL}"), ("GET", f"/v2/models/{MODEL}/ready"),
           ("POST", f"/v2/models/{MODEL}/infer"), ("POST", "/v2/repository/index"),
@@ -286,10 +286,13 @@ def test_nextchar_generate_bodies(target: Target, body: Any) -> None:
     st.just(b"\xff\xfe{}"), st.text(max_size=50).map(lambda s: s.encode("utf-8", "surrogatepass")),
     st.binary(min_size=MAX_MESSAGE_BYTES + 1, max_size=MAX_MESSAGE_BYTES + 2)),
        header_length=st.one_of(st.none(), st.integers(-5, 300).map(str), st.just("x")),
-       timeout=st.one_of(st.none(), st.none(), st.sampled_from(["-1", "0", "nan", "1e9", "x"])))
+       timeout=st.one_of(st.none(), st.none(), st.sampled_from(["-1", "0", "nan", "1e9", "x"])),
+       content_type=st.sampled_from(["application/json", "application/json", "text/plain",
+                                     "application/x-www-form-urlencoded", "application/ld+json"]))
 def test_raw_bytes_to_every_route(target: Target, route: tuple[str, str], body: bytes,
-                                  header_length: str | None, timeout: str | None) -> None:
-    headers = {}
+                                  header_length: str | None, timeout: str | None,
+                                  content_type: str) -> None:
+    headers = {"content-type": content_type}
     if header_length is not None:
         headers["inference-header-content-length"] = header_length
     if timeout is not None:
