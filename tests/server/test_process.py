@@ -110,19 +110,32 @@ def test_serve_refuses_tampered_artifact(tiny_artifact: Path, tmp_path: Path) ->
     assert len(lines) == 1 and "does not match the manifest" in lines[0]
 
 
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """`nextchar serve ARGS`, run to its end (these are refused at start-up)."""
+    return subprocess.run([sys.executable, "-m", "nextchar", "serve", "--http-port", "0", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _with_entry(tiny_artifact: Path, tmp_path: Path, entry: object,
+                data: bytes | None = None) -> Path:
+    """A copy of the artifact whose manifest lists `entry` for model_loop.onnx (and whose
+    model_loop.onnx holds `data`, when given)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    if data is not None:
+        (bad / "model_loop.onnx").write_bytes(data)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["model_loop.onnx"] = entry
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
 def test_serve_reports_an_onnx_file_ort_cannot_load_in_one_line(tiny_artifact: Path,
                                                                 tmp_path: Path) -> None:
-    bad = tmp_path / "bad"  # random bytes whose checksum the manifest agrees with
-    shutil.copytree(tiny_artifact, bad)
-    junk = bytes(range(256)) * 64
-    (bad / "model_loop.onnx").write_bytes(junk)
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"]["model_loop.onnx"] = {"sha256": hashlib.sha256(junk).hexdigest(),
-                                             "bytes": len(junk)}
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad),
-                        "--port", "0", "--http-port", "0"], capture_output=True, text=True,
-                       timeout=60)
+    junk = bytes(range(256)) * 64  # random bytes whose checksum the manifest agrees with
+    bad = _with_entry(tiny_artifact, tmp_path,
+                      {"sha256": hashlib.sha256(junk).hexdigest(), "bytes": len(junk)}, junk)
+    r = _serve("--model", str(bad), "--port", "0")
     assert r.returncode == 1, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"nextchar serve: {bad / 'model_loop.onnx'}: ONNX Runtime cannot "
@@ -131,32 +144,22 @@ def test_serve_reports_an_onnx_file_ort_cannot_load_in_one_line(tiny_artifact: P
 
 def test_serve_reports_a_malformed_files_entry_in_one_line(tiny_artifact: Path,
                                                           tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_artifact, bad)
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"]["model_loop.onnx"] = "0" * 64  # a bare checksum, not an entry
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(bad),
-                        "--port", "0", "--http-port", "0"], capture_output=True, text=True,
-                       timeout=60)
+    bad = _with_entry(tiny_artifact, tmp_path, "0" * 64)  # a bare checksum, not an entry
+    r = _serve("--model", str(bad), "--port", "0")
     assert r.returncode == 1
     assert r.stderr.strip() == (f"nextchar serve: {bad / 'manifest.json'}: malformed field "
                                 f"'files': each entry must be {{\"sha256\": ..., \"bytes\": ...}}")
 
 
 def test_serve_refuses_one_port_for_two_of_its_listeners(tiny_artifact: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
-                        "--port", "18533", "--http-port", "18533"], capture_output=True,
-                       text=True, timeout=60)
+    r = _serve("--model", str(tiny_artifact), "--port", "18533", "--http-port", "18533")
     assert r.returncode == 1
     assert r.stderr.strip() == ("nextchar serve: --port and --http-port are both 18533: give "
                                 "each its own port")
 
 
 def test_serve_bounds_the_worker_count(tiny_artifact: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "nextchar", "serve", "--model", str(tiny_artifact),
-                        "--port", "0", "--backend-workers", "100000"], capture_output=True,
-                       text=True, timeout=60)
+    r = _serve("--model", str(tiny_artifact), "--port", "0", "--backend-workers", "100000")
     assert r.returncode == 2
     assert r.stderr.strip() == ("nextchar serve: invalid --backend-workers: Input should be "
                                 "less than or equal to 256")
