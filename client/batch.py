@@ -31,6 +31,7 @@ server package lazily and runs the same job in-process through the server's own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +54,8 @@ from .batch_io import (
     INVALID,
     Item,
     JobError,
+    cannot_write,
+    check_paths,
     count_lines,
     describe_char,
     error_record,
@@ -422,38 +425,44 @@ class _Job:
 
     # -- writer ----------------------------------------------------------------------------------
     def writer(self, out: Any, on_written: Callable[[int], None]) -> None:
+        """Appends the chunks in sequence order; a failed write or sync (a full disk, a final
+        fsync the file refuses) stops the job with one line, not a thread's traceback."""
+        try:
+            self._write_in_order(out, on_written)
+            _sync(out)  # the last lines are only there once this succeeds
+        except BaseException as e:  # noqa: BLE001 - reported by run_job
+            self.fail(JobAborted(f"writing the output failed: {_reason(e)}"))
+            with contextlib.suppress(OSError, ValueError):
+                os.fsync(out.fileno())  # keep what did reach the file (the buffer would fail again)
+
+    def _write_in_order(self, out: Any, on_written: Callable[[int], None]) -> None:
         pending: dict[int, Chunk] = {}
         next_seq = 0
         last_sync = time.monotonic()
-        try:
-            while True:
-                try:
-                    msg = self.results.get(timeout=self.opts.flush_every_s)
-                except queue.Empty:
-                    msg = None
-                if msg is _FINAL:
-                    break
-                if isinstance(msg, Chunk):
-                    pending[msg.seq] = msg
-                while next_seq in pending:
-                    chunk = pending.pop(next_seq)
-                    lines = []
-                    for it in chunk.items:
-                        record = it.record or error_record(it, "INTERNAL", "no result")
-                        self.summary.errors += "error" in record
-                        lines.append(_json_line(record))
-                    out.write(b"".join(lines))
-                    self.summary.written += len(chunk.items)
-                    on_written(len(chunk.items))
-                    next_seq += 1
-                    self.window.release()
-                if time.monotonic() - last_sync >= self.opts.flush_every_s:
-                    _sync(out)
-                    last_sync = time.monotonic()
-        except BaseException as e:  # noqa: BLE001 - e.g. a full disk: stop the job, say why
-            self.fail(JobAborted(f"writing the output failed: {e}"))
-        finally:
-            _sync(out)
+        while True:
+            try:
+                msg = self.results.get(timeout=self.opts.flush_every_s)
+            except queue.Empty:
+                msg = None
+            if msg is _FINAL:
+                return
+            if isinstance(msg, Chunk):
+                pending[msg.seq] = msg
+            while next_seq in pending:
+                chunk = pending.pop(next_seq)
+                lines = []
+                for it in chunk.items:
+                    record = it.record or error_record(it, "INTERNAL", "no result")
+                    self.summary.errors += "error" in record
+                    lines.append(_json_line(record))
+                out.write(b"".join(lines))
+                self.summary.written += len(chunk.items)
+                on_written(len(chunk.items))
+                next_seq += 1
+                self.window.release()
+            if time.monotonic() - last_sync >= self.opts.flush_every_s:
+                _sync(out)
+                last_sync = time.monotonic()
 
     # -- producer --------------------------------------------------------------------------------
     def produce(self, items: Iterator[Item]) -> None:
@@ -494,6 +503,11 @@ def _sync(out: Any) -> None:
     os.fsync(out.fileno())
 
 
+def _reason(e: BaseException) -> str:
+    """'No space left on device', not '[Errno 28] No space left on device: ...'."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+
+
 class ServerUnreachable(JobError):
     """GetModelInfo kept failing before the job began: nothing was sent or written, so this is a
     refusal (exit 2), not a stopped job to resume."""
@@ -526,6 +540,37 @@ def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
             time.sleep(delay)
 
 
+def _run_threads(job: _Job, out: Any, on_written: Callable[[int], None],
+                 items: Iterator[Item]) -> bool:
+    """Producer (this thread), workers and writer until the items run out or the job fails;
+    True when Ctrl-C stopped it."""
+    writer = threading.Thread(target=job.writer, args=(out, on_written),
+                              name="nextchar-batch-writer", daemon=True)
+    workers = [threading.Thread(target=job.worker, name=f"nextchar-batch-{k}", daemon=True)
+               for k in range(job.opts.concurrency)]
+    writer.start()
+    for w in workers:
+        w.start()
+    interrupted = False
+    try:
+        job.produce(items)
+    except KeyboardInterrupt:
+        interrupted = True
+        job.fail(JobAborted("interrupted"))
+    except BaseException as e:
+        job.fail(e)
+    finally:
+        for _ in workers:
+            job.work.put(None)
+        # After a failure, in-flight requests need not finish: the writer keeps the in-order
+        # prefix of what has completed, and a rerun redoes the rest.
+        for w in workers:
+            w.join(None if not job.stop.is_set() else 2.0)
+        job.results.put(_FINAL)
+        writer.join()
+    return interrupted
+
+
 def run_job(input_path: Path | str, output_path: Path | str, target: Target,
             opts: JobOptions | None = None) -> JobSummary:
     """Runs (or resumes) one job; JobError before anything is sent, JobAborted part-way."""
@@ -536,30 +581,33 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     if opts.concurrency > MAX_CONCURRENCY:
         raise JobError(f"--concurrency {opts.concurrency}: at most {MAX_CONCURRENCY} requests in "
                        f"flight (one thread each; 2 to 4 per replica keep a server busy)")
-    if not str(output_path) or output.is_dir():
-        raise JobError(f"-o {str(output_path)!r}: the output must be a file path, not a folder")
     if opts.input_format not in ("auto", "text", "jsonl"):
         raise JobError(f"--format {opts.input_format!r}: expected auto, text or jsonl")
-    if not input_path.is_file():
-        raise JobError(f"{input_path}: no such file")
-    if output.resolve() == input_path.resolve():
-        raise JobError("the output must not be the input file")
+    check_paths(input_path, output_path)
     spec = fetch_spec(target, opts)
     top_k = opts.top_k or min(spec.default_top_k, spec.vocab_size)
     if not 1 <= top_k <= spec.max_top_k:
         raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k}")
     texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request)
 
-    fmt = resolve_format(input_path, opts.input_format)
-    i, n = opts.shard
-    total = len(range(i, count_lines(input_path), n))
     model = {"name": spec.name, "version": spec.version, "artifact_sha256": spec.artifact_sha256}
-    meta = job_meta(input_path, fmt, opts.shard, top_k, opts.per_position, model)
+    try:
+        fmt = resolve_format(input_path, opts.input_format)
+        i, n = opts.shard
+        total = len(range(i, count_lines(input_path), n))
+        meta = job_meta(input_path, fmt, opts.shard, top_k, opts.per_position, model)
+    except OSError as e:
+        raise JobError(f"{input_path}: cannot read ({e.strerror or e})") from e
     done, last_index = prepare_output(output, meta, total, opts.restart)
     if done:
         log.info("resuming %s: %d of %d items already there", output, done, total)
     summary = JobSummary(output=output, total=total, resumed=done)
     job = _Job(target, spec, opts, top_k, texts_per_request, summary)
+
+    try:
+        out = output.open("ab")
+    except OSError as e:
+        raise cannot_write(output, e) from e
 
     from tqdm import tqdm  # imported here: `nextchar predict` need not pay for it
 
@@ -568,32 +616,15 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
                disable=not opts.progress, desc=output.name,
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     started = time.monotonic()
-    with output.open("ab") as out:
-        writer = threading.Thread(target=job.writer, args=(out, bar.update),
-                                  name="nextchar-batch-writer", daemon=True)
-        workers = [threading.Thread(target=job.worker, name=f"nextchar-batch-{k}", daemon=True)
-                   for k in range(opts.concurrency)]
-        writer.start()
-        for w in workers:
-            w.start()
-        interrupted = False
+    try:
+        interrupted = _run_threads(job, out, bar.update,
+                                   shard_items(input_path, fmt, opts.shard, done, last_index))
+    finally:
+        bar.close()
         try:
-            job.produce(shard_items(input_path, fmt, opts.shard, done, last_index))
-        except KeyboardInterrupt:
-            interrupted = True
-            job.fail(JobAborted("interrupted"))
-        except BaseException as e:
-            job.fail(e)
-        finally:
-            for _ in workers:
-                job.work.put(None)
-            # After a failure, in-flight requests need not finish: the writer keeps the in-order
-            # prefix of what has completed, and a rerun redoes the rest.
-            for w in workers:
-                w.join(None if not job.stop.is_set() else 2.0)
-            job.results.put(_FINAL)
-            writer.join()
-            bar.close()
+            out.close()
+        except OSError as e:  # what a failed write left in the buffer fails again
+            job.fail(JobAborted(f"writing the output failed: {_reason(e)}"))
     summary.seconds = time.monotonic() - started
     if job.failure is not None:
         if isinstance(job.failure, JobError):

@@ -6,7 +6,8 @@
 
 Rerunning the same command after a crash continues where OUTPUT stops (see docs/batch.md).
 Exit status: 0 done (error records included), 1 stopped part-way (rerun to resume),
-2 refused before starting (bad options, another job's OUTPUT, no server reachable).
+2 refused before starting (bad options, an INPUT or OUTPUT it cannot use, another job's OUTPUT,
+no server reachable).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def add_parser(
         description="One output line per input line, in input order. Rerun the same command to "
                     "resume after a crash. Exit 0: done (error records included); 1: stopped "
                     "part-way, rerun to resume; 2: refused before starting (bad options, "
-                    "another job's OUTPUT, no server reachable).")
+                    "an INPUT or OUTPUT it cannot use, another job's OUTPUT, no server "
+                    "reachable).")
     add_common(p)
     p.add_argument("input", metavar="INPUT", help="one text per line, or JSONL {\"id\", \"text\"}")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",

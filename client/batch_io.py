@@ -9,6 +9,8 @@ OUTPUT's last record says it should.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +26,8 @@ log = logging.getLogger("nextchar.client.batch")
 META_FORMAT = "nextchar-batch-meta"
 META_VERSION = 1
 INVALID = "INVALID_ARGUMENT"
+# Some editors start a UTF-8 file with a byte order mark: it is the file's, not the first text's.
+BOM = codecs.BOM_UTF8
 
 
 class JobError(Exception):
@@ -60,6 +64,42 @@ def describe_char(ch: str) -> str:
     return f"'{shown}' (U+{ord(ch):04X})"
 
 
+# -- paths ---------------------------------------------------------------------------------------
+def check_paths(input_path: Path, output_path: Path | str) -> None:
+    """Refuses, before anything is read, sent or written, an INPUT or OUTPUT a job cannot run or
+    resume on: the input is read three times (count, hash, items) and again on a rerun, so it
+    must be a regular file; OUTPUT is appended to and counted, with its meta file beside it."""
+    if str(input_path) == "-":
+        raise JobError("INPUT -: batch cannot read standard input; it reads INPUT more than once "
+                       "(and again to resume), so save it to a file first")
+    if not input_path.exists():
+        raise JobError(f"{input_path}: no such file")
+    if not input_path.is_file():
+        raise JobError(f"{input_path}: not a regular file; batch reads INPUT more than once (and "
+                       f"again to resume), so it needs a file, not a pipe, folder or device")
+    output = Path(output_path)
+    if not str(output_path) or output.is_dir():
+        raise JobError(f"-o {str(output_path)!r}: the output must be a file path, not a folder")
+    if str(output_path) == "-":
+        raise JobError("-o -: batch cannot write standard output; it appends to OUTPUT and "
+                       "resumes from it, so give a file path")
+    if output.exists() and not output.is_file():
+        raise JobError(f"-o {output}: not a regular file; batch appends to OUTPUT, resumes from "
+                       f"its lines and keeps OUTPUT.meta.json beside it, so give a file path")
+    for parent in output.parents:  # the nearest one that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise JobError(f"-o {output}: cannot write ({parent} is not a folder)")
+            break
+    if output.resolve() == input_path.resolve():
+        raise JobError("the output must not be the input file")
+
+
+def cannot_write(output: Path, e: OSError) -> JobError:
+    where = f"{e.filename}: " if e.filename and str(e.filename) != str(output) else ""
+    return JobError(f"-o {output}: cannot write ({where}{e.strerror or e})")
+
+
 # -- input ---------------------------------------------------------------------------------------
 def resolve_format(path: Path, fmt: str) -> str:
     """auto: .jsonl/.ndjson -> jsonl, .txt -> text, else jsonl when the first line starts '{'."""
@@ -71,7 +111,9 @@ def resolve_format(path: Path, fmt: str) -> str:
     if suffix == ".txt":
         return "text"
     with path.open("rb") as f:
-        for raw in f:
+        for index, raw in enumerate(f):
+            if index == 0:
+                raw = raw.removeprefix(BOM)
             if raw.strip():
                 return "jsonl" if raw.lstrip().startswith(b"{") else "text"
     return "text"
@@ -176,13 +218,39 @@ def meta_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    """The whole file or none of it: a failed write leaves no .tmp behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): \u escapes
+        data = (json.dumps(obj, indent=2) + "\n").encode("ascii")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def start_output(output: Path, meta: dict[str, Any]) -> None:
+    """An empty OUTPUT with this job's meta beside it, or JobError. A new OUTPUT that fails is
+    removed again; an existing one (--restart) may be left empty, which is a fresh job to a
+    rerun whatever meta is beside it."""
+    existed = output.exists()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("wb"):
+            pass
+        _write_json_atomic(meta_path_for(output), meta)
+    except OSError as e:
+        if not existed:
+            with contextlib.suppress(OSError):
+                output.unlink()
+        raise cannot_write(output, e) from e
 
 
 def truncate_torn_tail(path: Path) -> int:
@@ -225,11 +293,9 @@ def prepare_output(output: Path, meta: dict[str, Any], total: int, restart: bool
                    ) -> tuple[int, int | None]:
     """Checks OUTPUT belongs to this job and cuts a torn tail: (lines kept, last line's index)."""
     meta_path = meta_path_for(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     has_output = output.exists() and output.stat().st_size > 0
     if restart or not has_output:
-        output.write_bytes(b"")
-        _write_json_atomic(meta_path, meta)
+        start_output(output, meta)
         return 0, None
     if not meta_path.is_file():
         raise JobError(f"{output} exists and has no {meta_path.name}, so 'nextchar batch' did not "
@@ -242,7 +308,10 @@ def prepare_output(output: Path, meta: dict[str, Any], total: int, restart: bool
     if diffs:
         raise JobError(f"{output} holds another job's results ({'; '.join(diffs)}); rerun the "
                        f"original command to resume it, or pass --restart to start over")
-    torn = truncate_torn_tail(output)
+    try:
+        torn = truncate_torn_tail(output)  # opens OUTPUT for writing, also when nothing is torn
+    except OSError as e:
+        raise cannot_write(output, e) from e
     if torn:
         log.info("%s: dropped a torn last line (%d bytes)", output, torn)
     done = count_lines(output)
@@ -266,6 +335,8 @@ def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
     seen = 0
     with path.open("rb") as f:
         for index, raw in enumerate(f):
+            if index == 0:
+                raw = raw.removeprefix(BOM)
             if index % n != i:
                 continue
             seen += 1

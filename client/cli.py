@@ -11,54 +11,62 @@ the thin client install (no torch, no onnxruntime) still runs `predict`, `info` 
 
 Every failure is one line on stderr, `nextchar COMMAND: ...`, and a non-zero exit: 1 for a
 failed call, 2 for a usage error (argparse's usage lines, then that one line), 141 (quietly)
-when the reader of stdout went away (`nextchar predict ... | head -1`).
+when the reader of stdout went away (`nextchar predict ... | head -1`), 130 (quietly) on Ctrl-C.
+
+This module imports grpc (and the rest of the client) only once `main` runs, so a Ctrl-C while
+those imports run (about 0.2 s) ends as quietly as one later.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from nextchar import __version__
 
-from . import batch_cli
-from .client import (
-    DEFAULT_PORT,
-    UINT32_MAX,
-    NextCharClient,
-    NextCharError,
-    message_to_dict,
-    prediction_to_dict,
-)
+from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX
+
+# typing.TYPE_CHECKING without importing typing before `main` runs (see main); mypy takes any
+# name TYPE_CHECKING as True.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .client import NextCharClient
 
 DEFAULT_SERVER = os.environ.get("NEXTCHAR_SERVER", f"127.0.0.1:{DEFAULT_PORT}")
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports after Ctrl-C
+# The flags whose default comes from the environment: a bad value there is named by its variable.
+ENV_DEFAULTS = {"server": "NEXTCHAR_SERVER", "token": "NEXTCHAR_TOKEN", "tls_ca": "NEXTCHAR_TLS_CA"}
+
+
+def _uint32(text: str, minimum: int) -> int:
+    value = int(text)
+    if not minimum <= value <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be between {minimum} and {UINT32_MAX}, got {value}")
+    return value
 
 
 def _count(text: str) -> int:
     """A uint32 (count or seed), refused by argparse with one line otherwise."""
-    value = int(text)
-    if not 0 <= value <= UINT32_MAX:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {UINT32_MAX}, got {value}")
-    return value
+    return _uint32(text, 0)
 
 
 def _positive_count(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _uint32(text, 1)
 
 
 def _seconds(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if value > MAX_TIMEOUT_S:  # gRPC's deadlines end near 9.2e9 s: longer fails at once
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:.0f} seconds (about 31 "
+                                         f"years), got {text}")
     return value
 
 
@@ -88,6 +96,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> NextCharClient:
+    from .client import NextCharClient
+
     return NextCharClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout_s,
                           tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_server_name=args.tls_server_name,
@@ -108,6 +118,8 @@ def _add_priority(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .client import prediction_to_dict
+
     with _client(args) as c:
         preds = c.predict(args.texts, top_k=args.top_k, per_position=args.per_position,
                           model=args.model, priority=args.priority)
@@ -135,6 +147,8 @@ def json_block(value: object, indent: str = "") -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .client import message_to_dict
+
     with _client(args) as c:
         info = c.model_info(model=args.model)
     print(json_block(message_to_dict(info)))
@@ -142,6 +156,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .client import message_to_dict
+
     with _client(args) as c:
         listing = c.list_models()
     if args.json:
@@ -160,6 +176,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from .client import message_to_dict
+
     with _client(args) as c:
         outcome = c.load_model(args.name)
     print(json.dumps(message_to_dict(outcome), ensure_ascii=False))
@@ -167,6 +185,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
+    from .client import message_to_dict
+
     with _client(args) as c:
         outcome = c.unload_model(args.name)
     print(json.dumps(message_to_dict(outcome), ensure_ascii=False))
@@ -181,6 +201,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    from .client import message_to_dict
+
     with _client(args) as c:
         outcome = c.reload_model(model=args.model)
     print(json.dumps(message_to_dict(outcome), ensure_ascii=False))
@@ -203,6 +225,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The client commands (serve, train and export parse their own flags: LAZY)."""
+    from . import batch_cli
+
     p = argparse.ArgumentParser(prog="nextchar", description="nextchar: next-character prediction over gRPC.")
     p.add_argument("--version", action="version", version=f"nextchar {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -276,11 +300,14 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     """parse_args, except that an unknown flag is reported by its subcommand's parser (usage
-    and message name `nextchar predict`, not `nextchar`), with the nearest real flag."""
+    and message name `nextchar predict`, not `nextchar`), with the nearest real flag; then the
+    checks argparse's types cannot make (_check)."""
+    import difflib
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    sp = subparsers(parser)[args.command]
     if extra:
-        sp = subparsers(parser)[args.command]
         flags = [o for a in sp._actions for o in a.option_strings]
         hint = ""
         for arg in extra:
@@ -289,7 +316,71 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                 hint = f" (did you mean {close[0]}?)"
                 break
         sp.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    _check(sp, args)
     return args
+
+
+def _given(sp: argparse.ArgumentParser, args: argparse.Namespace
+           ) -> Iterator[tuple[str, str, str]]:
+    """(dest, where it came from, value) for every string the subcommand got: `argument --model`
+    (argparse's own name for it) or, for a default read from the environment, the variable."""
+    for action in sp._actions:
+        if action.dest not in vars(args) or isinstance(action, argparse._HelpAction):
+            continue
+        value = getattr(args, action.dest)
+        name = "/".join(action.option_strings) or (
+            action.metavar if isinstance(action.metavar, str) else action.dest)
+        label = f"argument {name}"
+        if action.dest == "server" and value is None:
+            value, label = [DEFAULT_SERVER], ENV_DEFAULTS["server"]
+        elif action.dest in ENV_DEFAULTS and value is not None and value is action.default:
+            label = ENV_DEFAULTS[action.dest]  # the default object itself: not on the command line
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                yield action.dest, label, v
+
+
+def _not_utf8(value: str) -> str | None:
+    """Python decodes a byte of argv or the environment that is not UTF-8 as a lone surrogate
+    (U+DC80..U+DCFF); it would fail deep in gRPC, protobuf or a JSON file as a traceback."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        cp = ord(value[e.start])
+        what = f"byte 0x{cp - 0xDC00:02x}" if 0xDC80 <= cp <= 0xDCFF else f"character U+{cp:04X}"
+        return f"not valid UTF-8 ({what} at position {e.start})"
+    return None
+
+
+def _bad_value(dest: str, value: str) -> str | None:
+    """A server address or token that no call could use (also from the environment)."""
+    from .client import NextCharError, check_token, with_default_port
+
+    try:
+        if dest == "server":
+            with_default_port(value)
+        elif dest == "token" and value:
+            check_token(_strip_newline(value))
+    except NextCharError as e:
+        return e.details
+    return None
+
+
+def _strip_newline(token: str) -> str:
+    # `NEXTCHAR_TOKEN=$(cat token.txt)` keeps the \r of a CRLF file; the server strips the
+    # tokens it reads from its file too.
+    return token.rstrip("\r\n")
+
+
+def _check(sp: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses, as a usage error naming the argument, a value that is not UTF-8, a server
+    address with a port outside 1-65535 and a token that is not printable ASCII."""
+    for dest, label, value in _given(sp, args):
+        problem = _not_utf8(value) or _bad_value(dest, value)
+        if problem:
+            sp.error(f"{label}: {problem}")
+    if getattr(args, "token", None):
+        args.token = _strip_newline(args.token)
 
 
 def _stdout_closed() -> int:
@@ -303,16 +394,71 @@ def _stdout_closed() -> int:
     return EXIT_PIPE_CLOSED
 
 
-def _lazy(module: str, extra: str) -> Callable[[list[str]], int]:
-    def run(argv: list[str]) -> int:
-        import importlib
+def _needs(extra: str, reason: str) -> int:
+    print(f"nextchar: this command needs 'pip install nextchar[{extra}]' ({reason})",
+          file=sys.stderr)
+    return 2
 
+
+def _missing_extra(extra: str, e: ModuleNotFoundError) -> bool:
+    """One of the extra's own packages is missing: an incomplete install. Anything else (a module
+    of nextchar itself, a name inside a module) is a bug and keeps its traceback."""
+    return (e.name or "").partition(".")[0] in EXTRA_PACKAGES[extra]
+
+
+def _load_lazy(argv: list[str]) -> Callable[[], int]:
+    """Imports the package of serve, train or export; the command, to run."""
+    import importlib
+    import importlib.util
+
+    module, extra, _ = LAZY[argv[0]]
+    # Checked before the command runs: training's CLI imports torch inside its main (even for
+    # --help), past an except around the import of the module.
+    key = EXTRA_PACKAGES[extra][0]
+    if importlib.util.find_spec(key) is None:
+        return lambda: _needs(extra, f"No module named {key!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not _missing_extra(extra, e):
+            raise
+        reason = str(e)
+        return lambda: _needs(extra, reason)
+    # training's CLI takes its own subcommand name; serve's parser does not.
+    rest = argv if module.endswith("training.cli") else argv[1:]
+
+    def run() -> int:
         try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            print(f"nextchar: this command needs 'pip install nextchar[{extra}]' ({e})", file=sys.stderr)
-            return 2
-        return int(mod.main(argv))
+            code = int(mod.main(rest))
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            return _stdout_closed()
+        except ModuleNotFoundError as e:
+            if not _missing_extra(extra, e):
+                raise
+            return _needs(extra, str(e))
+
+    return run
+
+
+def _load_client(argv: list[str]) -> Callable[[], int]:
+    """Parses a client command's arguments (importing grpc); the command, to run."""
+    from .client import NextCharError
+
+    args = _parse(argv)
+
+    def run() -> int:
+        try:
+            code = int(args.func(args))
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+            return code
+        except BrokenPipeError:
+            return _stdout_closed()
+        except NextCharError as e:
+            details = " ".join(e.details.split("\n")).strip()
+            print(f"nextchar {args.command}: {e.code.name}: {details}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -324,33 +470,47 @@ LAZY = {
     "export": ("nextchar.training.cli", "train", "export a run to ONNX + TorchScript + manifest"),
 }
 LAZY_HELP = {name: text for name, (_, _, text) in LAZY.items()}
+# The import names of each extra's packages (pyproject.toml); the first is one every run of its
+# commands imports.
+EXTRA_PACKAGES = {
+    "serve": ("pydantic_settings", "pydantic", "numpy", "onnxruntime", "grpc_reflection",
+              "prometheus_client", "uvloop", "fastapi", "uvicorn", "httptools", "orjson"),
+    "train": ("torch", "numpy", "onnx", "onnxruntime", "matplotlib"),
+}
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(EXIT_INTERRUPTED)  # nothing is written yet: nothing to flush or clean up
+
+
+def _sigint_exits() -> Callable[[], object]:
+    """Makes SIGINT end the process at once; returns what puts the previous handler back."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with SIGINT ignored (`nohup`, `cmd &`): keep it so
+        return lambda: None
+    try:
+        signal.signal(signal.SIGINT, _exit_quietly)
+    except ValueError:  # not the main thread (a library caller): signals are not ours to set
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `nextchar` command. Ctrl-C ends it with 130 and nothing on stderr wherever it lands.
+    While the imports run (grpc, the server's or training's packages: 0.2 s and more), SIGINT
+    exits at once: a KeyboardInterrupt raised inside a compiled module's initialisation comes
+    out as a mangled ImportError or an "Exception ignored" line, not as itself. The command
+    then gets KeyboardInterrupt as usual (generate cancels its call, batch stops resumably)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in LAZY:
-        module, extra, _ = LAZY[argv[0]]
-        # training's CLI takes its own subcommand name; serve's parser does not.
-        rest = argv if module.endswith("training.cli") else argv[1:]
-        try:
-            code = _lazy(module, extra)(rest)
-            sys.stdout.flush()
-            return code
-        except BrokenPipeError:
-            return _stdout_closed()
-    args = _parse(argv)
     try:
-        code = int(args.func(args))
-        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
-        return code
-    except BrokenPipeError:
-        return _stdout_closed()
-    except NextCharError as e:
-        details = " ".join(e.details.split("\n")).strip()
-        print(f"nextchar {args.command}: {e.code.name}: {details}", file=sys.stderr)
-        return 1
+        restore = _sigint_exits()
+        try:
+            command = _load_lazy(argv) if argv and argv[0] in LAZY else _load_client(argv)
+        finally:
+            restore()
+        return command()
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

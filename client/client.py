@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import re
 import socket
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextchar.v1 import admin_pb2, admin_pb2_grpc
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
+
+from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -69,9 +72,6 @@ class NextCharError(Exception):
         return cls(code, details or "")
 
 
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
-DEFAULT_PORT = 50051
 PRIORITIES = {"high": pb.PRIORITY_HIGH, "low": pb.PRIORITY_LOW}
 
 
@@ -115,9 +115,15 @@ def priority_value(priority: str | int | None) -> int:
     raise _invalid(f"priority must be 'high' or 'low', got {priority!r}")
 
 
+# What follows the first colon of `host:port`: digits, or nothing (the default port); a sign
+# is caught so `:-1` is refused as a port rather than passed on as a URI.
+_PORT_LIKE = re.compile(r"[-+]?[0-9]*")
+
+
 def with_default_port(server: str) -> str:
-    """'host' -> 'host:50051' (gRPC alone would dial 443); addresses with a port, other URI
-    schemes (unix:, ...) and ipv4:/ipv6: lists stay as written."""
+    """'host' and 'host:' -> 'host:50051' (gRPC alone would dial 443); a port outside 1-65535 is
+    INVALID_ARGUMENT (gRPC would wrap it: :84067 dials 18531). Other URI schemes (unix:, ...)
+    and ipv4:/ipv6: lists stay as written."""
     scheme = ""
     address = server
     for prefix in ("dns:///", "dns:"):
@@ -125,20 +131,23 @@ def with_default_port(server: str) -> str:
             scheme, address = prefix, server[len(prefix):]
             break
     else:
-        if ":" in server and not server.startswith("["):
-            head, _, tail = server.partition(":")
-            if not tail.isdigit() and not _is_ipv6(server):  # a URI scheme (unix:, ipv4:, ...)
+        if ":" in server and not server.startswith("[") and not _is_ipv6(server):
+            if not _PORT_LIKE.fullmatch(server.partition(":")[2]):  # unix:, ipv4:, ...
                 return server
     if address.startswith("["):  # [v6] or [v6]:port
-        return server if "]:" in address else f"{scheme}{address}:{DEFAULT_PORT}"
-    if _is_ipv6(address):  # a bare IPv6 literal: brackets so the port is unambiguous
-        return f"{scheme}[{address}]:{DEFAULT_PORT}"
-    host, sep, port = address.rpartition(":")
-    if sep and port.isdigit():
-        return server
-    if not address:
+        host, _, port = address.partition("]")
+        host, port = host + "]", port.removeprefix(":")
+    elif _is_ipv6(address):  # a bare IPv6 literal: brackets so the port is unambiguous
+        host, port = f"[{address}]", ""
+    else:
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if host in ("", "[]"):
         raise _invalid(f"server address {server!r} names no host")
-    return f"{scheme}{address}:{DEFAULT_PORT}"
+    if not port:
+        return f"{scheme}{host}:{DEFAULT_PORT}"
+    if not (port.isdigit() and port.isascii() and 1 <= int(port) <= 65535):
+        raise _invalid(f"server address {server!r}: port {port} is not between 1 and 65535")
+    return server
 
 
 def _is_ipv6(text: str) -> bool:
@@ -228,6 +237,30 @@ def channel_credentials(
     )
 
 
+def check_token(token: Any) -> str:
+    """A bearer token travels in an HTTP/2 header: printable ASCII without spaces, as the server
+    requires of its tokens. Anything else would fail as gRPC core log lines and INTERNAL
+    "Invalid metadata". The message names the character, never the token (a secret)."""
+    _check_str("token", token)
+    for pos, ch in enumerate(token):
+        if not (ch.isascii() and ch.isprintable()) or ch == " ":
+            raise _invalid(f"token must be printable ASCII without spaces; character "
+                           f"U+{ord(ch):04X} at position {pos} is not")
+    return str(token)
+
+
+def check_timeout(timeout_s: Any) -> float:
+    """A per-call deadline in seconds: > 0, and at most MAX_TIMEOUT_S (gRPC's deadlines end
+    there; a longer one fails DEADLINE_EXCEEDED at once)."""
+    value = _check_float("timeout_s", timeout_s)
+    if not value > 0:
+        raise _invalid(f"timeout_s must be > 0 seconds, got {timeout_s}")
+    if not value <= MAX_TIMEOUT_S:
+        raise _invalid(f"timeout_s must be at most {MAX_TIMEOUT_S:.0f} seconds (about 31 years), "
+                       f"got {timeout_s}")
+    return value
+
+
 class _CallDetails(
     namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
                                 "compression")),
@@ -297,8 +330,10 @@ class NextCharClient:
     ) -> None:
         """tls_server_name: the name to verify in the server's certificate when it differs from
         the address (e.g. an IP address, or several replicas behind one certificate)."""
-        if timeout_s is not None and not (_check_float("timeout_s", timeout_s) > 0):
-            raise _invalid(f"timeout_s must be > 0 seconds (None: no deadline), got {timeout_s}")
+        if timeout_s is not None:  # None: no deadline
+            check_timeout(timeout_s)
+        if token:
+            check_token(token)
         self.timeout_s = timeout_s
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -338,8 +373,7 @@ class NextCharClient:
     def _timeout(self, timeout_s: float | None) -> float | None:
         if timeout_s is None:
             return self.timeout_s
-        if not _check_float("timeout_s", timeout_s) > 0:
-            raise _invalid(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        check_timeout(timeout_s)
         return timeout_s
 
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:

@@ -12,7 +12,7 @@ is given on top of a working command line (a live server for the client commands
 or corpus that does not exist for serve/train, so a value that is accepted stops there instead
 of serving or training). Every outcome must be one of:
 
-- exit 0 with no traceback (the value was valid: a 1e20 s timeout is one), or
+- exit 0 with no traceback (the value was valid), or
 - a non-zero exit with exactly one line on stderr, `nextchar COMMAND: ...`, after argparse's
   usage lines when it is a usage error; no traceback, no gRPC core log line.
 

@@ -285,9 +285,54 @@ def test_message_to_dict_keeps_uint64_as_numbers() -> None:
     ("[::1]:7000", "[::1]:7000"),
     ("unix:/tmp/nextchar.sock", "unix:/tmp/nextchar.sock"),
     ("ipv4:10.0.0.1:1,10.0.0.2:1", "ipv4:10.0.0.1:1,10.0.0.2:1"),
+    ("127.0.0.1:", "127.0.0.1:50051"),  # an empty port: the default, not gRPC's 443
+    ("localhost:", "localhost:50051"),
+    ("[::1]:", "[::1]:50051"),
+    ("dns:///nextchar-headless:", "dns:///nextchar-headless:50051"),
+    ("127.0.0.1:65535", "127.0.0.1:65535"),
+    ("127.0.0.1:1", "127.0.0.1:1"),
 ])
 def test_a_server_without_port_is_50051(given: str, dialled: str) -> None:
     assert with_default_port(given) == dialled
+
+
+@pytest.mark.parametrize("given", ["127.0.0.1:84067", "127.0.0.1:99999", "127.0.0.1:65536",
+                                   "127.0.0.1:0", "127.0.0.1:-1", "[::1]:70000",
+                                   "dns:///nextchar-headless:123456"])
+def test_a_port_outside_1_to_65535_is_refused(given: str) -> None:
+    """gRPC would wrap it: 127.0.0.1:84067 dials port 18531."""
+    port = given.rpartition(":")[2]
+    with pytest.raises(NextCharError) as e:
+        with_default_port(given)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details == (f"server address {given!r}: port {port} is not between 1 and "
+                               f"65535")
+    with pytest.raises(NextCharError):
+        NextCharClient(given)
+
+
+def test_client_refuses_a_timeout_beyond_grpc_deadlines(stub) -> None:
+    """gRPC's deadlines end near 9.2e9 s: a longer timeout failed DEADLINE_EXCEEDED at once."""
+    with pytest.raises(NextCharError) as e:
+        NextCharClient(stub[0], timeout_s=1e10)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details == ("timeout_s must be at most 1000000000 seconds (about 31 years), "
+                               "got 10000000000.0")
+    with NextCharClient(stub[0]) as c, pytest.raises(NextCharError) as e:
+        c.predict(["ab"], timeout_s=float("inf"))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub[1].requests == []
+
+
+@pytest.mark.parametrize("token", ["tok\r", "tok\n", "to ken", "tök", "\x00", "a\udcffb"])
+def test_client_refuses_a_token_that_is_not_printable_ascii(token: str) -> None:
+    """It would go out as a header gRPC refuses: core log lines and INTERNAL 'Invalid
+    metadata'."""
+    with pytest.raises(NextCharError) as e:
+        NextCharClient("127.0.0.1:1", token=token)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details.startswith("token must be printable ASCII without spaces; character ")
+    assert token not in e.value.details
 
 
 def test_server_without_port_dials_50051(stub, capsys) -> None:
