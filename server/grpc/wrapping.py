@@ -22,7 +22,6 @@ the server while services register, so each handler is wrapped once, in one laye
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -33,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import ServingError
 from ..logging_setup import REQUEST_ID_HEADER
-from ..security import bearer_token
+from ..security import CONTROL_LOOPBACK_ONLY, bearer_token, is_loopback
 from ..telemetry import DRAINING_MESSAGE, Telemetry
 
 log = logging.getLogger(__name__)
@@ -83,20 +82,13 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 # peers: an open port must not let anyone reload, load or unload models.
 CONTROL_METHODS = ("/nextchar.v1.Admin/", "/inference.GRPCInferenceService/RepositoryModelLoad",
                    "/inference.GRPCInferenceService/RepositoryModelUnload")
-NOT_LOOPBACK = ("model control (Admin, RepositoryModelLoad/Unload) is open to loopback callers "
-                "only while auth is off: call from this host, or start the server with "
-                "--auth-tokens-file and send a token")
 
 
 def is_loopback_peer(peer: str) -> bool:
     """grpc peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000', 'unix:/path'."""
     if peer.startswith("unix:"):
         return True
-    host = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]"))
 
 
 class _Undecodable:
@@ -160,7 +152,7 @@ class _LoopbackOnly:
     async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if not is_loopback_peer(context.peer()):
             log.info("refused %s from %s: not loopback and auth is off", method, context.peer())
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_LOOPBACK)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, CONTROL_LOOPBACK_ONLY)
 
 
 class CallWrapper:
