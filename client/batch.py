@@ -178,10 +178,14 @@ class LocalTarget:
 
     def __init__(self, path: Path | str, *, model: str = "", priority: str = "low") -> None:
         # Imported here: the thin client install has neither numpy nor onnxruntime.
-        from nextchar.server.batcher import HIGH, LOW
-        from nextchar.server.dataplane import DataPlane
-        from nextchar.server.registry import ModelRegistry
-        from nextchar.server.settings import ServerSettings
+        try:
+            from nextchar.server.batcher import HIGH, LOW
+            from nextchar.server.dataplane import DataPlane
+            from nextchar.server.registry import ModelRegistry
+            from nextchar.server.settings import ServerSettings
+        except ImportError as e:
+            raise ImportError(f"LocalTarget runs the server's core in this process: it needs "
+                              f"'pip install nextchar[serve]' ({e})") from e
 
         if priority not in ("high", "low"):
             raise ValueError(f"priority must be high or low, got {priority!r}")

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace,
         try:
             target = LocalTarget(args.local, model=args.model, priority=args.priority)
         except ImportError as e:
-            return _refuse(f"--local needs 'pip install nextchar[serve]' ({e})")
+            return _refuse(f"--local: {e}")
         except Exception as e:  # ArtifactError, DeviceUnavailable, bad NEXTCHAR_* settings
             return _refuse(f"--local {args.local}: {e}".splitlines()[0])
     else:

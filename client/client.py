@@ -22,7 +22,7 @@ import socket
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,18 +58,41 @@ SERVICE_CONFIG: dict[str, Any] = {
 
 
 class NextCharError(Exception):
-    """A failed call; `code` is the grpc.StatusCode, `details` the server's message."""
+    """A failed call; `code` is the grpc.StatusCode, `details` the server's message,
+    `request_id` the server's `x-request-id` for the call (the id its logs carry; None for a
+    call refused before it reached a server)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as cls(*args), and args is the one formatted message: an error
+        # raised in a process pool's worker would break the pool instead of reaching the caller.
+        return type(self), (self.code, self.details, self.request_id)
 
     @classmethod
     def from_rpc_error(cls, e: grpc.RpcError) -> NextCharError:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        return cls(code, details or "")
+        return cls(code, details or "", _request_id(e))
+
+
+def _request_id(e: grpc.RpcError) -> str | None:
+    """The server sends x-request-id in its initial metadata, or with the status when it fails
+    a call before answering it."""
+    for name in ("trailing_metadata", "initial_metadata"):
+        get = getattr(e, name, None)
+        try:
+            metadata = get() if get is not None else None
+        except Exception:  # an RpcError raised before the call started has no metadata
+            metadata = None
+        for key, value in metadata or ():
+            if key == "x-request-id":
+                return str(value)
+    return None
 
 
 PRIORITIES = {"high": pb.PRIORITY_HIGH, "low": pb.PRIORITY_LOW}
@@ -314,7 +337,60 @@ class _TraceContext(_BearerToken):
                             getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
 
 
+T = TypeVar("T")
+
+
+class Stream(Iterator[T]):
+    """A streaming call's responses: an iterator that is also a context manager; `close()`
+    cancels the call on the server (closing an ended stream does nothing)."""
+
+    def __init__(self, items: Iterator[T]) -> None:
+        self._items = items
+
+    def __next__(self) -> T:
+        return next(self._items)
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Stream[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # What a plain generator does when dropped: a `for` loop that breaks out of the call
+        # itself cancels it at once (CPython frees the iterator then).
+        self.close()
+
+
+def _texts_of(responses: Stream[pb.GenerateResponse]) -> Iterator[str]:
+    with responses:  # closing the texts closes (cancels) the call under them
+        for response in responses:
+            if response.text:
+                yield response.text
+
+
+def _trace_context() -> _TraceContext | None:
+    """The traceparent interceptor where OpenTelemetry's API imports; None without it, and with
+    a partial install (opentelemetry-proto alone has no `opentelemetry.propagate`)."""
+    if importlib.util.find_spec("opentelemetry") is None:
+        return None
+    try:
+        return _TraceContext()
+    except ImportError:
+        return None
+
+
 class NextCharClient:
+    """A client of one server, or of several replicas balanced by gRPC (`servers`). Every
+    method raises NextCharError; the channel is thread-safe, so threads may share a client.
+    timeout_s: each call's default deadline (None: none); a method's own timeout_s=None means
+    this default."""
+
     def __init__(
         self,
         servers: Sequence[str] | str = "127.0.0.1:50051",
@@ -334,6 +410,14 @@ class NextCharClient:
             check_timeout(timeout_s)
         if token:
             check_token(token)
+        max_message_bytes = check_uint("max_message_bytes", max_message_bytes, minimum=1,
+                                       maximum=2**31 - 1)  # gRPC's options are C ints
+        secure = tls or tls_ca is not None or tls_cert is not None or tls_key is not None
+        if tls_server_name and not secure:
+            # Without TLS there is no certificate to verify the name against: a caller who set
+            # it meant TLS, and must not get plaintext instead.
+            raise _invalid("tls_server_name (--tls-server-name) is the name to verify in the "
+                           "server's certificate: it needs TLS (tls=True or tls_ca)")
         self.timeout_s = timeout_s
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -347,7 +431,7 @@ class NextCharClient:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         target = target_for(servers)
         self.target = target
-        if tls or tls_ca is not None or tls_cert is not None:
+        if secure:  # any TLS setting means TLS: a lone key is refused there, never plaintext
             self._channel = grpc.secure_channel(
                 target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
         else:
@@ -355,8 +439,10 @@ class NextCharClient:
         self.channel = self._channel
         if token:
             self.channel = grpc.intercept_channel(self._channel, _BearerToken(token))
-        if importlib.util.find_spec("opentelemetry") is not None:
-            self.channel = grpc.intercept_channel(self.channel, _TraceContext())
+        trace = _trace_context()
+        if trace is not None:
+            self.channel = grpc.intercept_channel(self.channel, trace)
+        self._closed = False
         self.stub = pb_grpc.NextCharStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -368,7 +454,14 @@ class NextCharClient:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _check_open(self) -> None:
+        # gRPC's own error for a closed channel is a bare ValueError.
+        if self._closed:
+            raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this NextCharClient is closed; make a new one")
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         if timeout_s is None:
@@ -378,6 +471,7 @@ class NextCharClient:
 
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         timeout = self._timeout(timeout_s)
+        self._check_open()
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -415,29 +509,32 @@ class NextCharClient:
         timeout_s: float | None = None,
         model: str = "",
         priority: str | int | None = None,
-    ) -> Iterator[str]:
+    ) -> Stream[str]:
         """Yields the generated text, chunk by chunk, as the server produces it.
 
-        Leaving the loop early (break, close(), an exception) cancels the call on the server.
+        The call is cancelled on the server when the stream is closed: by `with c.generate(...)
+        as chunks:`, by `chunks.close()`, or when Python drops the iterator (a `for` loop over
+        the call itself that ends in break or an exception). An iterator kept in a variable
+        lives on after a break, and so does the server's work: close it, or use `with`.
         For the stop reason and the final state, use `generate_responses`. Bad arguments raise
         NextCharError(INVALID_ARGUMENT) here, before the first chunk.
         """
         request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state,
                                    model=model, priority=priority)
-        self._timeout(timeout_s)  # checked now, not at the first chunk
-        return self._generate_texts(request, timeout_s)
-
-    def _generate_texts(self, request: pb.GenerateRequest, timeout_s: float | None
-                        ) -> Iterator[str]:
-        for response in self.generate_responses(request, timeout_s):
-            if response.text:
-                yield response.text
+        return Stream(_texts_of(self.generate_responses(request, timeout_s)))
 
     def generate_responses(
         self, request: pb.GenerateRequest, timeout_s: float | None = None
-    ) -> Iterator[pb.GenerateResponse]:
-        """The raw Generate stream; the last response has stop_reason (and state) set."""
-        call = self.stub.Generate(request, timeout=self._timeout(timeout_s))
+    ) -> Stream[pb.GenerateResponse]:
+        """The raw Generate stream; the last response has stop_reason (and state) set. Closing
+        it cancels the call, as for `generate`."""
+        timeout = self._timeout(timeout_s)  # checked now, not at the first response
+        self._check_open()
+        return Stream(self._responses(request, timeout))
+
+    def _responses(self, request: pb.GenerateRequest, timeout: float | None
+                   ) -> Iterator[pb.GenerateResponse]:
+        call = self.stub.Generate(request, timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as e:
