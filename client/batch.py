@@ -104,6 +104,7 @@ class ModelSpec:
     max_chars_per_text: int
     max_top_k: int
     default_top_k: int
+    max_chars_per_request: int = 0  # 0: the server does not say (a server before it did)
 
 
 class Target(Protocol):
@@ -130,6 +131,7 @@ def spec_from_info(info: pb.GetModelInfoResponse) -> ModelSpec:
         max_chars_per_text=lim.max_chars_per_text,
         max_top_k=lim.max_top_k,
         default_top_k=lim.default_top_k,
+        max_chars_per_request=lim.max_chars_per_request,
     )
 
 
@@ -235,7 +237,8 @@ class LocalTarget:
                 vocab=None if a.unk_id is not None else frozenset(a.vocab),
                 vocab_size=a.vocab_size, max_texts_per_request=lim.max_texts_per_request,
                 max_chars_per_text=lim.max_chars_per_text,
-                max_top_k=min(lim.max_top_k, a.vocab_size), default_top_k=lim.default_top_k)
+                max_top_k=min(lim.max_top_k, a.vocab_size), default_top_k=lim.default_top_k,
+                max_chars_per_request=lim.max_chars_per_request)
 
         return cast(ModelSpec, self._rpc(view()))
 
@@ -321,6 +324,10 @@ def validate(item: Item, spec: ModelSpec) -> None:
         item.record = error_record(item, INVALID, f"text has {len(text)} characters > the "
                                                   f"server's max_chars_per_text "
                                                   f"{spec.max_chars_per_text}")
+    elif spec.max_chars_per_request and len(text) > spec.max_chars_per_request:
+        item.record = error_record(item, INVALID, f"text has {len(text)} characters > the "
+                                                  f"server's max_chars_per_request "
+                                                  f"{spec.max_chars_per_request}")
     elif spec.vocab is not None:
         for pos, ch in enumerate(text):
             if ch not in spec.vocab:
@@ -470,14 +477,23 @@ class _Job:
 
     # -- producer --------------------------------------------------------------------------------
     def produce(self, items: Iterator[Item]) -> None:
-        chunk = Chunk(0)
+        """Chunks of at most texts_per_request texts and the server's max_chars_per_request
+        characters: long texts make shorter chunks, or the server would refuse valid lines."""
+        max_chars = self.spec.max_chars_per_request or sys.maxsize
+        chunk, chars = Chunk(0), 0
         for item in items:
             validate(item, self.spec)
+            size = len(item.text or "") if item.record is None else 0
+            if chunk.items and chars + size > max_chars:
+                if not self._submit(chunk):
+                    return
+                chunk, chars = Chunk(chunk.seq + 1), 0
             chunk.items.append(item)
+            chars += size
             if len(chunk.items) >= self.texts_per_request:
                 if not self._submit(chunk):
                     return
-                chunk = Chunk(chunk.seq + 1)
+                chunk, chars = Chunk(chunk.seq + 1), 0
         if chunk.items:
             self._submit(chunk)
 

@@ -465,7 +465,7 @@ def _load_client(argv: list[str]) -> Callable[[], int]:
 
 # Subcommands whose code lives in other packages: name -> (module, extra, help).
 LAZY = {
-    "serve": ("nextchar.server.cli", "serve", "serve an artifact over gRPC"),
+    "serve": ("nextchar.server.cli", "serve", "serve models over gRPC and HTTP"),
     "train": ("nextchar.training.cli", "train", "train a model (--preset hello, --corpus ...)"),
     "export": ("nextchar.training.cli", "train", "export a run to ONNX + TorchScript + manifest"),
 }

@@ -61,6 +61,7 @@ class Limits:
     max_queue_texts: int
     max_streams: int = 256
     max_chars_per_request: int = 262144
+    max_queue_chars: int = 1 << 20  # per lane; enforced by the batcher, advertised from here
 
     @classmethod
     def from_settings(cls, s: ServerSettings) -> Limits:
@@ -73,6 +74,7 @@ class Limits:
             max_queue_texts=s.max_queue_texts,
             max_streams=s.max_streams,
             max_chars_per_request=s.max_chars_per_request,
+            max_queue_chars=s.max_queue_chars,
         )
 
 

@@ -88,6 +88,8 @@ class NextCharServicer(pb_grpc.NextCharServicer):
                 default_top_k=min(lim.default_top_k, lim.max_top_k, a.vocab_size),
                 max_queue_texts=lim.max_queue_texts,
                 max_streams=lim.max_streams,
+                max_chars_per_request=lim.max_chars_per_request,
+                max_queue_chars=lim.max_queue_chars,
             ),
             has_unknown_token=a.unk_id is not None,
             server_version=__version__,

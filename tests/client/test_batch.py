@@ -502,3 +502,26 @@ def test_thin_client_imports_no_numpy() -> None:
             "bad = {'numpy', 'onnxruntime', 'torch'} & set(sys.modules); "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# -- the server's character budget per request --------------------------------------------------
+def test_chunks_keep_to_the_servers_characters_per_request(tmp_path: Path, tiny_artifact: Path,
+                                                          server_thread: Any) -> None:
+    """GetModelInfo advertises max_chars_per_request; chunks close before it (texts of 30
+    characters, 100 per request: 3 a chunk), so no valid line is refused and split again, and a
+    line longer than the budget is an error record without a call."""
+    texts = ["abcdefghij" * 3] * 20
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts[:10]) + "x" * 150 + "\n"
+                                     + "".join(t + "\n" for t in texts[10:]), encoding="utf-8")
+    with server_thread(model=tiny_artifact, backend="onnx", max_chars_per_request=100) as st:
+        target = Wrapped(remote(st.address))
+        assert target.model_spec().max_chars_per_request == 100
+        summary = run_job(tmp_path / "in.txt", tmp_path / "out.jsonl", target,
+                          JobOptions(texts_per_request=64, top_k=2, progress=False))
+        target.close()
+    assert (summary.written, summary.errors, summary.retries) == (21, 1, 0)
+    assert target.calls == 7  # 3+3+3+1 before the long line (a chunk boundary), 3+3+3+1 after
+    records = read_records(tmp_path / "out.jsonl")
+    assert records[10]["error"] == {"code": "INVALID_ARGUMENT", "message": (
+        "text has 150 characters > the server's max_chars_per_request 100")}
+    assert all(len(r["top"]) == 2 for i, r in enumerate(records) if i != 10)
