@@ -138,6 +138,10 @@ class DataPlane:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.accepting = False  # set once warm; False again while draining
+        # Set at a drain's first moment, before `accepting` turns off: during the pre-stop wait
+        # calls are still served, but every readiness answer (gRPC health, KServe's
+        # ServerReady/ModelReady, V2 REST) already says not ready, so balancers move away.
+        self.draining = False
 
     def _check(self) -> None:
         if not self.accepting:
@@ -197,7 +201,7 @@ class DataPlane:
         return rt
 
     def server_ready(self) -> bool:
-        return self.accepting and self.registry.all_ready()
+        return self.accepting and not self.draining and self.registry.all_ready()
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """NOT_FOUND for a name the server does not know; False while not serving it."""
@@ -206,7 +210,7 @@ class DataPlane:
         if rt is not None and version and version != rt.version:
             raise NotFound(f"model '{rt.name}' has no version '{version}' loaded; it serves "
                            f"version '{rt.version}'")
-        return rt is not None and self.accepting
+        return rt is not None and self.accepting and not self.draining
 
     def list_models(self) -> list[ModelStatus]:
         out = []

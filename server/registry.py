@@ -15,8 +15,11 @@ counted: a stream that began before the swap keeps its own version, and only tha
 its memory is freed then and not later.
 
 A version that fails is logged, counted (nextchar_model_reloads_total{result="failure"}) and
-not tried again until its manifest changes or RETRY_AFTER_S passed (Admin calls included: a
-broken newest version cannot be used to make the server re-verify it in a loop).
+not tried again by polling until its files or the model's config.json change; a load call
+re-verifies an unchanged one at most every RETRY_AFTER_S (a broken newest version cannot be used
+to make the server re-verify it in a loop). A config.json change reloads the served version
+with the new settings. Polling forgets a model whose folder left the repository, unloading it
+if it was served (Triton's poll mode does the same).
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ import numpy as np
 from .artifact import Artifact, sha256_file
 from .backends import Backend
 from .errors import ArtifactError, FailedPrecondition, InvalidInput, NotFound, NotReady
-from .repository import ModelSource, model_settings, scan_repository
+from .repository import (
+    ModelSource,
+    model_folder,
+    model_settings,
+    scan_repository,
+    version_fingerprint,
+)
 from .runtime import ModelRuntime, open_model
 from .settings import ServerSettings
 from .stats import ModelStats
@@ -47,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-6
-RETRY_AFTER_S = 30.0  # a failed version (same manifest) is re-verified at most this often
+RETRY_AFTER_S = 30.0  # a failed version (same files) is re-verified at most this often
 
 
 class ModelState(enum.Enum):
@@ -78,6 +87,10 @@ def same_weights(a: Artifact, b: Artifact) -> bool:
         return {name: entry.get("sha256") for name, entry in x.manifest["files"].items()}
 
     return a.model_config == b.model_config and a.vocab == b.vocab and sums(a) == sums(b)
+
+
+def _failure_key(path: Path, model_dir: Path) -> tuple[Path, str]:
+    return path, version_fingerprint(path, model_dir)
 
 
 def _manifest_sha(path: Path) -> str:
@@ -111,6 +124,7 @@ class ModelSlot:
         self.wanted = True  # should be loaded: not unloaded by an operator
         self._lock = asyncio.Lock()
         self._failed: dict[tuple[Path, str], tuple[float, str]] = {}  # -> (when, why)
+        self._served_settings = settings  # what the served version was started with
         self._opened: tuple[Path, Artifact, Backend] | None = None  # from open_initial()
         self._last_problem = ""
 
@@ -138,7 +152,7 @@ class ModelSlot:
                 if fail_fast and not self.source.versioned:
                     raise
                 first_error = first_error or e
-                self._failed[(path, _manifest_sha(path))] = (time.monotonic(), _reason(e))
+                self._failed[_failure_key(path, self.source.root)] = (time.monotonic(), _reason(e))
                 self.registry.count_reload(self.name, "failure")
                 log.error("model %s: version %s not loaded, trying an older one: %s",
                           self.name, path.name, e)
@@ -160,12 +174,15 @@ class ModelSlot:
             self._fail(f"version {path.name} not loaded ({_reason(e)})")
             raise
         self._swap(rt)
+        self._served_settings = self.settings
         return True
 
     # -- load / reload / unload ------------------------------------------------------------
     async def load(self, *, retry_failed: bool = True, reason: str = "admin") -> LoadOutcome:
         """Loads the newest version if it is not the one served (and the model if it is not
-        loaded, falling back to older versions then). ReloadFailed when nothing new serves."""
+        loaded, falling back to older versions then), or the served one again when config.json
+        changed. ReloadFailed when nothing new serves; with retry_failed False (polling) a
+        loaded model's problems are logged once and returned as the outcome's reason."""
         async with self._lock:
             self.wanted = True
             current = self.current
@@ -179,22 +196,26 @@ class ModelSlot:
                     self._fail(str(e))
                     raise ReloadFailed(str(e)) from e
                 self._problem(f"{e}; still serving version {served}")
+                if retry_failed:  # a caller asked: the load did not happen, say so
+                    raise ReloadFailed(f"model {self.name}: {e}; still serving version "
+                                       f"{served}") from e
                 return LoadOutcome(self.name, False, served, served, served_sha, str(e))
             if current is not None:
                 newest = candidates[0]
-                if newest == current.artifact.path and _manifest_sha(newest) == served_sha:
+                if newest == current.artifact.path and _manifest_sha(newest) == served_sha \
+                        and self.settings == self._served_settings:
                     return LoadOutcome(self.name, False, served, served, served_sha,
                                        f"version {served} is already the newest")
                 candidates = candidates[:1]  # a running model never falls back to older ones
             errors = []
             for path in candidates:
-                key = (path, _manifest_sha(path))
+                key = _failure_key(path, self.source.root)
                 failed = self._failed.get(key)
                 if failed is not None and (not retry_failed
                                            or time.monotonic() - failed[0] < RETRY_AFTER_S):
                     errors.append(f"version {path.name} failed {time.monotonic() - failed[0]:.0f}s "
                                   f"ago ({failed[1]}); not re-verified before {RETRY_AFTER_S:.0f}s "
-                                  f"or a changed manifest")
+                                  f"or a change to its files or config.json")
                     continue
                 log.info("%s: loading model %s from %s (serving %s)", reason, self.name, path,
                          served or "nothing")
@@ -213,6 +234,7 @@ class ModelSlot:
                     continue
                 self._failed.pop(key, None)
                 self._swap(rt)
+                self._served_settings = self.settings
                 self.registry.count_reload(self.name, "success")
                 log.info("%s: now serving model %s version %s (artifact %s, sha256 %s…), was %s",
                          reason, self.name, rt.version, artifact.version, artifact.sha256[:12],
@@ -433,10 +455,14 @@ class ModelRegistry:
 
     # -- polling and explicit control --------------------------------------------------------
     async def load(self, name: str, reason: str = "admin") -> LoadOutcome:
-        if name and name not in self.slots and self.settings.model_repository is not None:
-            path = self.settings.model_repository / name
-            if path.is_dir() and not name.startswith("."):
-                self._add_slot(name, path)
+        repo = self.settings.model_repository
+        if name and name not in self.slots and repo is not None:
+            path = model_folder(repo, name)
+            if path is None:  # not added: an unknown name leaves readiness as it was
+                raise NotFound(f"model '{name}' is not in the repository: a model is a folder "
+                               f"directly under {repo} holding an artifact or <version>/ "
+                               f"artifacts; models: {', '.join(sorted(self.slots)) or 'none'}")
+            self._add_slot(name, path)
         return await self.slot(name).load(retry_failed=True, reason=reason)
 
     async def unload(self, name: str) -> str:
@@ -460,6 +486,8 @@ class ModelRegistry:
             except ArtifactError as e:
                 log.warning("%s", e)
                 found = {}
+            else:
+                await self._forget_removed(found, reason)
             for name, path in found.items():
                 if name not in self.slots:
                     log.info("%s: new model folder %s", reason, path)
@@ -471,6 +499,22 @@ class ModelRegistry:
                 await slot.load(retry_failed=False, reason=reason)
             except ReloadFailed:
                 pass  # logged and counted by load()
+
+    async def _forget_removed(self, found: dict[str, Path], reason: str) -> None:
+        """Models whose folder left the repository (or stopped holding a model): a FAILED one
+        would keep the server not ready for a folder that is gone."""
+        for name, slot in list(self.slots.items()):
+            if name in found or name == self._primary:
+                continue
+            if slot.current is not None:
+                log.info("%s: model folder %s is gone: unloading model %s", reason,
+                         slot.source.root, name)
+                await slot.unload()
+            else:
+                log.info("%s: model folder %s is gone: forgetting model %s", reason,
+                         slot.source.root, name)
+            del self.slots[name]
+            self.changed()
 
     async def _poll(self) -> None:
         while True:

@@ -21,6 +21,7 @@ are those of MODEL_SETTINGS; anything else is refused with the list of allowed k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -81,13 +82,59 @@ class ModelSource:
         return path.name if self.versioned else artifact_version
 
 
+def looks_like_model(path: Path) -> bool:
+    """An artifact directory, or a directory with at least one <version>/manifest.json. Other
+    folders (lost+found at a volume's root, a model still being copied in) are not models."""
+    if (path / "manifest.json").is_file():
+        return True
+    try:
+        return any(v.is_dir() and not v.name.startswith(".") and (v / "manifest.json").is_file()
+                   for v in path.iterdir())
+    except OSError:  # unreadable (lost+found is root's, mode 700)
+        return False
+
+
 def scan_repository(root: Path) -> dict[str, Path]:
-    """Model name -> model directory, for every non-hidden folder of the repository."""
+    """Model name -> model directory, for every non-hidden folder of the repository that
+    holds a model (looks_like_model)."""
     if not root.is_dir():
         raise ArtifactError(f"--model-repository {root}: no such directory (a directory of "
                             f"<model>/ folders, each an artifact or <version>/ artifacts)")
     return {p.name: p for p in sorted(root.iterdir())
-            if p.is_dir() and not p.name.startswith(".")}
+            if p.is_dir() and not p.name.startswith(".") and looks_like_model(p)}
+
+
+def model_folder(root: Path, name: str) -> Path | None:
+    """The repository folder a load call names, or None when `name` is not one: a model name is
+    a folder name directly under the repository (as in Triton), never a path, so a caller cannot
+    make the server load a directory from elsewhere on its filesystem."""
+    if name in ("", ".", "..") or name.startswith(".") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).is_absolute():
+        return None
+    path = root / name
+    return path if path.is_dir() and looks_like_model(path) else None
+
+
+def version_fingerprint(path: Path, model_dir: Path) -> str:
+    """What a failed version is remembered by: every file's name, size and mtime in its
+    directory, and the model's config.json. A version copied in file by file, or repaired in
+    place, is tried again once its files change; an unchanged broken one is not re-verified."""
+    h = hashlib.sha256()
+    for p in sorted([*_files(path), model_dir / CONFIG_FILE]):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(f"{p.relative_to(model_dir) if p.is_relative_to(model_dir) else p}\0"
+                 f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _files(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_file()]
+    except OSError:
+        return []
 
 
 def model_settings(base: ServerSettings, model_dir: Path) -> ServerSettings:

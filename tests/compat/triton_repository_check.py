@@ -71,7 +71,7 @@ def main() -> None:
         try:
             client.load_model("no-such-model")
         except InferenceServerException as e:
-            assert "not served here" in e.message(), e.message()
+            assert "is not in the repository" in e.message(), e.message()
             checks += 1
         else:
             raise AssertionError("loading an unknown model succeeded")

@@ -188,13 +188,15 @@ def test_a_broken_model_is_reported_and_the_others_serve(start_server, repositor
 def test_without_strict_readiness_a_broken_model_leaves_the_server_serving(
         start_server, repository: Path) -> None:
     shutil.rmtree(repository / "lstm-dna")
-    (repository / "lstm-dna").mkdir()  # a model folder with nothing loadable in it
+    (repository / "lstm-dna" / "1").mkdir(parents=True)  # a version with nothing loadable in it
+    (repository / "lstm-dna" / "1" / "manifest.json").write_text("{}")
     st = start_server(model_repository=repository, strict_readiness=False)
     with NextCharClient(st.address) as c:
         assert c.health() == "SERVING"
         models = {m.name: m for m in c.list_models().models}
         assert models["lstm-dna"].state == pb.MODEL_STATE_FAILED
-        assert "neither an artifact" in models["lstm-dna"].reason
+        assert models["lstm-dna"].reason.startswith(
+            f"{repository / 'lstm-dna'}: no version loads (newest: ")
 
 
 class PredictLoad:

@@ -1,0 +1,190 @@
+"""What an operator does to a model repository while it serves, and what the server makes of it:
+load calls that name a path instead of a model, folders that hold no model (lost+found),
+models whose folder goes away, a version copied in file by file, and config.json edits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nextchar.client import NextCharClient, NextCharError
+
+VOCAB = "abcdefgh "
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from nextchar.training.export import build_random_artifact
+
+    base = tmp_path_factory.mktemp("repo-src")
+    return {name: build_random_artifact(base / name, vocab=VOCAB, embed_dim=8, hidden_size=16,
+                                        num_layers=1, seed=i, name=name)
+            for i, name in enumerate(("alpha", "beta", "elsewhere"))}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, sources: dict[str, Path]) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(sources["alpha"], root / "alpha" / "1")
+    shutil.copytree(sources["beta"], root / "beta" / "1")
+    return root
+
+
+def _poll(st: Any) -> None:
+    st.call(st.server.registry.poll_once())
+
+
+def _models(c: NextCharClient) -> dict[str, str]:
+    return {m.name: m.version for m in c.list_models().models}
+
+
+def _health_becomes(c: NextCharClient, want: str, timeout_s: float = 10) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (got := c.health()) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def _error(fn: Callable[..., Any], *args: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(NextCharError) as e:
+        fn(*args)
+    return e.value.code, e.value.details
+
+
+# -- load names a model, never a path ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["{elsewhere}", "alpha/../../elsewhere", "alpha/1", "/etc", "..",
+                                  ".", "alpha/", ".hidden", "nope"])
+def test_load_takes_a_folder_name_of_the_repository_only(start_server, repo: Path,
+                                                         sources: dict[str, Path],
+                                                         name: str) -> None:
+    (repo / ".hidden").mkdir()
+    name = name.format(elsewhere=sources["elsewhere"])
+    if name == "alpha/../../elsewhere":  # a path that climbs out to a real artifact
+        shutil.copytree(sources["elsewhere"], repo.parent / "elsewhere")
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        code, details = _error(c.load_model, name)
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert details == (f"model '{name}' is not in the repository: a model is a folder "
+                           f"directly under {repo} holding an artifact or <version>/ artifacts; "
+                           f"models: alpha, beta")
+        assert _models(c) == {"alpha": "1", "beta": "1"}
+        assert c.health() == "SERVING"  # an unknown name leaves readiness alone
+
+
+def test_a_model_folder_added_later_loads_by_name(start_server, repo: Path,
+                                                  sources: dict[str, Path]) -> None:
+    st = start_server(model_repository=repo)
+    shutil.copytree(sources["elsewhere"], repo / "gamma" / "3")
+    with NextCharClient(st.address) as c:
+        assert c.load_model("gamma").version == "3"
+        assert _models(c) == {"alpha": "1", "beta": "1", "gamma": "3"}
+
+
+# -- folders that hold no model ---------------------------------------------------------------------
+def test_folders_without_a_model_are_ignored_at_start_and_by_polling(start_server,
+                                                                     repo: Path) -> None:
+    (repo / "lost+found").mkdir()
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        assert _models(c) == {"alpha": "1", "beta": "1"}
+        (repo / "copying").mkdir()  # a model's folder before its first manifest arrives
+        (repo / "copying" / "1").mkdir()
+        _poll(st)
+        assert _models(c) == {"alpha": "1", "beta": "1"}
+        assert c.health() == "SERVING"
+
+
+def test_a_failed_model_whose_folder_goes_is_forgotten(start_server, repo: Path) -> None:
+    broken = repo / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{not json")
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        assert _health_becomes(c, "NOT_SERVING") == "NOT_SERVING"  # strict readiness
+        shutil.rmtree(repo / "broken")
+        _poll(st)
+        assert _models(c) == {"alpha": "1", "beta": "1"}
+        assert _health_becomes(c, "SERVING") == "SERVING"
+
+
+def test_polling_unloads_a_served_model_whose_folder_goes(start_server, repo: Path) -> None:
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        shutil.rmtree(repo / "beta")
+        _poll(st)
+        assert _models(c) == {"alpha": "1"}
+        code, details = _error(c.predict, ["abc"], 0, False, None, (), False, "beta")
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert details == "model 'beta' is not served here; models: alpha"
+        assert c.health() == "SERVING"
+
+
+# -- a version copied in file by file ---------------------------------------------------------------
+def test_a_version_failed_mid_copy_loads_once_its_files_are_there(start_server, repo: Path,
+                                                                   sources: dict[str, Path]) -> None:
+    st = start_server(model_repository=repo)
+    v2 = repo / "alpha" / "2"
+    v2.mkdir()
+    shutil.copy(sources["alpha"] / "manifest.json", v2)  # the manifest first, as `cp -r` may
+    with NextCharClient(st.address) as c:
+        _poll(st)
+        assert _models(c)["alpha"] == "1"  # version 2 failed: its model files are missing
+        _poll(st)
+        assert _models(c)["alpha"] == "1"  # unchanged files: not re-verified
+        for f in sources["alpha"].iterdir():
+            if f.name != "manifest.json":
+                shutil.copy(f, v2)
+        _poll(st)
+        assert _models(c)["alpha"] == "2"
+
+
+# -- config.json ------------------------------------------------------------------------------------
+def test_a_config_change_is_applied_by_load_and_by_polling(start_server, repo: Path) -> None:
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        assert c.model_info("alpha").limits.max_top_k == len(VOCAB)
+        (repo / "alpha" / "config.json").write_text(json.dumps({"max_top_k": 4}))
+        loaded = c.load_model("alpha")
+        assert loaded.version == "1"
+        assert c.model_info("alpha").limits.max_top_k == 4
+        assert len(c.predict(["abc"], top_k=4, model="alpha")[0].top) == 4
+        (repo / "alpha" / "config.json").write_text(json.dumps({"max_top_k": 2}))
+        _poll(st)
+        assert c.model_info("alpha").limits.max_top_k == 2
+
+
+def test_a_bad_config_fails_the_load_and_the_served_version_stays(start_server,
+                                                                  repo: Path) -> None:
+    st = start_server(model_repository=repo)
+    config = repo / "alpha" / "config.json"
+    with NextCharClient(st.address) as c:
+        config.write_text(json.dumps({"max_top_k": -1}))
+        code, details = _error(c.load_model, "alpha")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert details.startswith(f"model alpha: {config}: max_top_k: ")
+        assert details.endswith("; still serving version 1")
+        config.write_text(json.dumps({"bogus": 1}))
+        code, details = _error(c.reload_model, "alpha")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"{config}: unknown setting(s) bogus" in details
+        assert [len(p.top) for p in c.predict(["abc"], top_k=3, model="alpha")] == [3]
+        assert c.health() == "SERVING"
+
+
+def test_load_of_a_served_model_whose_folder_went_says_so(start_server, repo: Path) -> None:
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        shutil.rmtree(repo / "beta")
+        code, details = _error(c.load_model, "beta")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert details == (f"model beta: {repo / 'beta'}: no such directory (an artifact "
+                           f"directory or a directory of <version>/ artifact directories); "
+                           f"still serving version 1")
