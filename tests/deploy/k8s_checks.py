@@ -254,6 +254,19 @@ def check_server(docs: list[dict[str, Any]]) -> list[str]:
                 problems.append(f"{kind} grpc port {probe['grpc']['port']} != settings port {s.port}")
             if s.tls_cert is not None:
                 problems.append(f"{kind}: kubelet's gRPC probe is plaintext, the server is TLS")
+        elif "httpGet" in probe:
+            get = probe["httpGet"]
+            if get["port"] not in ("http", s.http_port):
+                problems.append(f"{kind} httpGet port {get['port']} is not the HTTP port "
+                                f"{s.http_port}")
+            if not s.http:
+                problems.append(f"{kind}: an HTTP probe, but the server serves no HTTP")
+            want = "/v2/health/live" if kind == "livenessProbe" else "/v2/health/ready"
+            if get.get("path") != want:
+                problems.append(f"{kind} httpGet path {get.get('path')} != {want}")
+            if (get.get("scheme", "HTTP") == "HTTPS") != (s.tls_cert is not None):
+                problems.append(f"{kind} httpGet scheme {get.get('scheme', 'HTTP')}, the server "
+                                f"is {'TLS' if s.tls_cert is not None else 'plaintext'}")
         elif "exec" in probe:
             cmd = " ".join(probe["exec"]["command"])
             if f"127.0.0.1:{s.port}" not in cmd or "nextchar health" not in cmd:

@@ -111,8 +111,13 @@ def test_overlays_do_what_they_say(rendered: dict[str, list[dict[str, Any]]]) ->
     assert gpu["image"].startswith("nextchar-server-cuda:")
     tls = settings("overlays/tls-auth")
     assert tls.tls_cert is not None and tls.tls_key is not None and tls.auth_tokens_file is not None
-    assert all("exec" in server("overlays/tls-auth")[p]
-               for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all("exec" in server("overlays/tls-auth")[p] for p in ("startupProbe", "readinessProbe"))
+    # Liveness is the process answering, not the models' readiness (a restart cannot fix a
+    # model): /v2/health/live, over TLS where the server is TLS.
+    assert server("overlays/cpu")["livenessProbe"]["httpGet"] == {"path": "/v2/health/live",
+                                                                 "port": "http"}
+    assert server("overlays/tls-auth")["livenessProbe"]["httpGet"] == {
+        "path": "/v2/health/live", "port": "http", "scheme": "HTTPS"}
     secrets = {d["metadata"]["name"].rsplit("-", 1)[0]: d
                for d in rendered["overlays/tls-auth"] if d["kind"] == "Secret"}
     assert secrets["nextchar-tls"]["type"] == "kubernetes.io/tls"
@@ -164,6 +169,8 @@ def test_broken_copy_fails_validation(tree: Path, tmp_path: Path, path: str, old
     ("base/deployment.yaml", "port: 50051\n            periodSeconds: 5",
      "port: 50052\n            periodSeconds: 5", "readinessProbe grpc port 50052"),
     ("base/deployment.yaml", 'value: "9100"', 'value: "9101"', "metrics"),
+    ("base/deployment.yaml", "path: /v2/health/live", "path: /v2/health/ready",
+     "livenessProbe httpGet path /v2/health/ready != /v2/health/live"),
     ("base/deployment.yaml", "name: NEXTCHAR_GRACE_S", "name: NEXTCHAR_GRACE_SECONDS",
      "NEXTCHAR_GRACE_SECONDS: no such server setting"),
     ("base/deployment.yaml", "enableServiceLinks: false", "enableServiceLinks: true",
