@@ -40,7 +40,7 @@ from .security import (
     server_credentials,
     warn_if_exposed,
 )
-from .settings import ServerSettings
+from .settings import ServerSettings, host_port
 from .telemetry import CallTracker, DrainGate, Telemetry
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextChar"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+# Health names a status for the server ("") and for every service it registers, so a probe
+# that names one (Kubernetes `grpc: {service: ...}`) gets SERVING/NOT_SERVING, not NOT_FOUND.
+HEALTH_SERVICE_NAMES = ("", SERVICE_NAME, ADMIN_SERVICE_NAME, kserve.SERVICE_NAME)
 FLUSH_S = 1.0
 
 
@@ -118,7 +121,7 @@ class NextCharServer:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(AioReflectionServicer(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              kserve.SERVICE_NAME, ADMIN_SERVICE_NAME, reflection.SERVICE_NAME]), wrapped)
-        address = f"{s.host}:{s.port}"
+        address = host_port(s.host, s.port)  # gRPC takes IPv6 in brackets only
         if credentials is None:
             self.port = server.add_insecure_port(address)
         else:
@@ -133,12 +136,12 @@ class NextCharServer:
 
             self._http = HttpServer(build_app(self.plane, telemetry, tokens, s), s)
             self.http_port = await self._http.start()  # on this loop; answers 503 until ready
-            log.info("HTTP on %s:%d (%s): KServe V2 REST, OpenAI /v1, nextchar JSON", s.host,
-                     self.http_port, "TLS" if self._http.tls else "plaintext")
+            log.info("HTTP on %s (%s): KServe V2 REST, OpenAI /v1, nextchar JSON",
+                     host_port(s.host, self.http_port), "TLS" if self._http.tls else "plaintext")
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        log.info("listening on %s:%d (%s, %s event loop); models: %s", s.host, self.port,
+        log.info("listening on %s (%s, %s event loop); models: %s", host_port(s.host, self.port),
                  "TLS" if credentials else "plaintext",
                  type(asyncio.get_running_loop()).__module__.split(".")[0],
                  ", ".join(self.registry.slots) or "none")
@@ -178,8 +181,8 @@ class NextCharServer:
                                else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        for name in HEALTH_SERVICE_NAMES:
+            await self.health.set(name, status)
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -217,6 +220,7 @@ class NextCharServer:
         started = loop.time()
         self.metrics.draining.set(1)
         self.gate.draining = True  # HTTP health turns not-ready with gRPC health
+        self.plane.draining = True  # and KServe's ServerReady/ModelReady with them
         await self.health.enter_graceful_shutdown()
         await self.registry.stop_polling()
         if self._server is None:

@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -23,7 +23,7 @@ from .artifact import ArtifactError
 from .backends import DeviceUnavailable
 from .logging_setup import configure_logging
 from .security import SecurityConfigError
-from .settings import ServerSettings
+from .settings import ServerSettings, host_port
 
 log = logging.getLogger("nextchar.server")
 
@@ -63,9 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flags_from_args(argv: list[str]) -> dict[str, Any]:
+    """The settings given on the command line (the rest come from NEXTCHAR_* or defaults)."""
+    return vars(build_parser().parse_args(argv))
+
+
 def settings_from_args(argv: list[str]) -> ServerSettings:
-    args: dict[str, Any] = vars(build_parser().parse_args(argv))
-    return ServerSettings(**args)
+    return ServerSettings(**flags_from_args(argv))
+
+
+def setting_name(field: str, flags: Mapping[str, Any]) -> str:
+    """What the user wrote for a setting: its flag if given, else its variable (flags win, so a
+    value not on the command line came from the environment)."""
+    if field in flags:
+        return "--" + field.replace("_", "-")
+    return f"NEXTCHAR_{field.upper()}"
+
+
+def serving_lines(settings: ServerSettings, port: int, metrics_port: int | None,
+                  http_port: int | None) -> list[str]:
+    """What `nextchar serve` prints once SERVING: an address a client can dial ([::1]:50051),
+    then URLs; each on the host its listener is bound to."""
+    lines = [f"nextchar serving on {host_port(settings.host, port)}"]
+    if metrics_port is not None:
+        lines.append(f"nextchar metrics on "
+                     f"http://{host_port(settings.metrics_host, metrics_port)}/metrics")
+    if http_port is not None:  # a later line: readers of the lines above are unchanged
+        scheme = "https" if settings.tls_cert is not None else "http"
+        lines.append(f"nextchar http on {scheme}://{host_port(settings.host, http_port)}")
+    return lines
 
 
 async def _serve(settings: ServerSettings) -> None:
@@ -94,12 +120,8 @@ async def _serve(settings: ServerSettings) -> None:
     loop.add_signal_handler(signal.SIGHUP, server.request_reload, "SIGHUP")
     port = await starting
     tune_gc()
-    print(f"nextchar serving on {settings.host}:{port}", flush=True)
-    if server.metrics_port is not None:
-        print(f"nextchar metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
-    if server.http_port is not None:  # a later line: readers of the lines above are unchanged
-        scheme = "https" if settings.tls_cert is not None else "http"
-        print(f"nextchar http on {scheme}://{settings.host}:{server.http_port}", flush=True)
+    for line in serving_lines(settings, port, server.metrics_port, server.http_port):
+        print(line, flush=True)
     await server.wait()
     await asyncio.gather(*stopping)
 
@@ -172,6 +194,7 @@ def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") 
                                    flags=socket.AI_PASSIVE)
     except OSError:
         return  # an unresolvable --host: gRPC's bind reports it
+    where = f"{what}{host_port(host, port)}"
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -179,25 +202,26 @@ def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") 
                 s.bind(address)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise PortInUse(f"{what}{host}:{port} is already in use (another server?): "
+                    raise PortInUse(f"{where} is already in use (another server?): "
                                     f"stop it, or pick another {flag} (0 picks a free one)"
                                     ) from e
                 if e.errno == errno.EADDRNOTAVAIL:
-                    raise OSError(f"cannot bind {what}{host}:{port}: {host} is not an address "
-                                  f"of this machine (--host)") from e
+                    raise OSError(f"cannot bind {where}: {host} is not an address of this "
+                                  f"machine (--host)") from e
                 if e.errno == errno.EACCES:
-                    raise OSError(f"cannot bind {what}{host}:{port}: permission denied (ports "
+                    raise OSError(f"cannot bind {where}: permission denied (ports "
                                   f"below 1024 need privileges; pick another {flag})") from e
                 raise
 
 
 def main(argv: list[str]) -> int:
+    flags = flags_from_args(argv)
     try:
-        settings = settings_from_args(argv)
+        settings = ServerSettings(**flags)
     except ValidationError as e:
         err = e.errors()[0]
-        flag = "--" + "-".join(str(part) for part in err["loc"]).replace("_", "-")
-        print(f"nextchar serve: invalid {flag}: {err['msg']}", file=sys.stderr)
+        name = setting_name(str(err["loc"][0]), flags) if err["loc"] else "settings"
+        print(f"nextchar serve: invalid {name}: {err['msg']}", file=sys.stderr)
         return 2
     model = getattr(settings, "model", None)
     if model is not None and Path(model).is_file():
@@ -210,8 +234,9 @@ def main(argv: list[str]) -> int:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1
     if not isinstance(logging.getLevelName(str(settings.log_level).upper()), int):
-        print(f"nextchar serve: invalid --log-level {settings.log_level!r}: expected DEBUG, "
-              f"INFO, WARNING, ERROR or CRITICAL", file=sys.stderr)
+        print(f"nextchar serve: invalid {setting_name('log_level', flags)} "
+              f"{settings.log_level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL",
+              file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
@@ -232,8 +257,9 @@ def main(argv: list[str]) -> int:
         # was taken after check_port_free; anything else is a bug and keeps its traceback.
         if "bind" not in str(e):
             raise
-        print(f"nextchar serve: cannot bind {settings.host}:{settings.port} (in use, or not "
-              f"an address of this machine): pick another --port or --host", file=sys.stderr)
+        print(f"nextchar serve: cannot bind {host_port(settings.host, settings.port)} (in use, "
+              f"or not an address of this machine): pick another --port or --host",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .settings import host_port
+
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
 
@@ -128,7 +130,7 @@ class Metrics:
         """Starts /metrics on a daemon thread; returns the bound port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         bound = int(self._http.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        log.info("metrics on http://%s/metrics", host_port(host, bound))
         return bound
 
     def close(self) -> None:

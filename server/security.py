@@ -25,6 +25,8 @@ from pathlib import Path
 
 import grpc
 
+from nextchar.kserve import grpc_predict_v2_pb2
+
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,12 @@ AUTH_HEADER = "authorization"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/",
                        "/grpc.reflection.v1.ServerReflection/")
+_KSERVE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# The gRPC twins of HTTP's open /v2/health/live and /v2/health/ready (http/middleware.py), so a
+# probe needs a token on neither front end or on both; ModelReady stays closed, as HTTP's
+# /v2/models/{name}/ready is.
+KSERVE_HEALTH_METHODS = tuple(f"/{_KSERVE.full_name}/{_KSERVE.methods_by_name[name].name}"
+                              for name in ("ServerLive", "ServerReady"))
 
 
 class SecurityConfigError(Exception):
@@ -126,7 +134,7 @@ def load_tokens(s: ServerSettings) -> TokenSet | None:
 
 def open_method(method: str, s: ServerSettings) -> bool:
     """Whether a method is answered without a token while auth is on."""
-    if method.startswith(HEALTH_PREFIX):
+    if method.startswith(HEALTH_PREFIX) or method in KSERVE_HEALTH_METHODS:
         return s.auth_open_health
     if method.startswith(REFLECTION_PREFIXES):
         return s.auth_open_reflection
@@ -150,12 +158,16 @@ CONTROL_LOOPBACK_ONLY = (
 
 
 def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, localhost, and 127.x as a dual-stack socket reports it
+    (::ffff:127.0.0.1)."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # IPv6 only
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def warn_if_exposed(s: ServerSettings, tls: bool, tokens: TokenSet | None) -> None:

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .backends import BackendName
@@ -20,8 +22,15 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC targets and URLs write it: an IPv6 address in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NEXTCHAR_", extra="ignore")
+    # Compose and Kubernetes blank a variable (`NEXTCHAR_METRICS_PORT=`) to unset it.
+    model_config = SettingsConfigDict(env_prefix="NEXTCHAR_", extra="ignore",
+                                      env_ignore_empty=True)
 
     model: Path = Field(Path("runs/demo/artifact"), description="Artifact directory to serve (`make demo` writes runs/demo/artifact).")
     model_repository: Path | None = Field(
@@ -47,7 +56,8 @@ class ServerSettings(BaseSettings):
         description="onnx backend graph: loop (CPU-fast, folded embedding), standard (ORT's "
         "RNN kernels; cuDNN on CUDA); auto = loop on CPU when the artifact has it.",
     )
-    host: str = Field("127.0.0.1", description="Bind address; containers set 0.0.0.0.")
+    host: str = Field("127.0.0.1", description="Bind address (IPv6 as ::1 or [::1]); "
+                      "containers set 0.0.0.0.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http: bool = Field(
         True, description="Serve HTTP on --http-port too (KServe V2 REST, OpenAI-compatible "
@@ -210,3 +220,17 @@ class ServerSettings(BaseSettings):
     auth_open_reflection: bool = Field(
         False, description="With auth on, server reflection needs no token."
     )
+
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _bare_address(cls, host: str) -> str:
+        """`[::1]` as well as `::1`: kept bare, since sockets and uvicorn take the address alone
+        and `host_port` adds the brackets where gRPC and URLs need them."""
+        if not (host.startswith("[") and host.endswith("]")):
+            return host
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise PydanticCustomError(  # its text alone, without pydantic's "Value error, "
+                "ipv6_brackets", "{host}: brackets hold an IPv6 address, e.g. [::1]",
+                {"host": host}) from None

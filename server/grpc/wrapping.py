@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -85,7 +86,9 @@ CONTROL_METHODS = ("/nextchar.v1.Admin/", "/inference.GRPCInferenceService/Repos
 
 
 def is_loopback_peer(peer: str) -> bool:
-    """grpc peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000', 'unix:/path'."""
+    """grpc peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:%5B::1%5D:5000' (a URI: gRPC
+    percent-encodes the brackets), 'unix:/path'."""
+    peer = unquote(peer)
     if peer.startswith("unix:"):
         return True
     return is_loopback(peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]"))

@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from ..settings import ServerSettings
+from ..settings import ServerSettings, host_port
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot bind HTTP {host}:{port}: {e.strerror} (another server? pick "
+        raise OSError(f"cannot bind HTTP {host_port(host, port)}: {e.strerror} (another server? pick "
                       f"another --http-port, 0 picks a free one, or --no-http)") from e
     return sock
 

@@ -243,7 +243,7 @@ def test_a_failed_version_is_not_reverified_on_every_admin_call(start_server, ti
             for _ in range(5):
                 code, details = _code(c.reload_model)
                 assert code == grpc.StatusCode.FAILED_PRECONDITION
-                assert "not re-verified before 30s or a changed manifest" in details
+                assert "not re-verified before 30s or a change to its files or config.json" in details
         finally:
             registry_module.open_model = real_open
         assert opened == []  # the broken version was not opened again
