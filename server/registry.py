@@ -208,6 +208,7 @@ class ModelSlot:
                                        f"version {served} is already the newest")
                 candidates = candidates[:1]  # a running model never falls back to older ones
             errors = []
+            tried = []  # the failures of this call's attempts (not the skipped versions)
             for path in candidates:
                 key = _failure_key(path, self.source.root)
                 failed = self._failed.get(key)
@@ -231,6 +232,7 @@ class ModelSlot:
                     log.error("%s: model %s version %s not loaded: %s", reason, self.name,
                               path.name, why, exc_info=not isinstance(e, ArtifactError | FailedPrecondition))
                     errors.append(f"version {path.name} not loaded ({why})")
+                    tried.append(errors[-1])
                     continue
                 self._failed.pop(key, None)
                 self._swap(rt)
@@ -245,6 +247,11 @@ class ModelSlot:
             if current is None:
                 self._fail(message)
                 raise ReloadFailed(f"model {self.name}: {message}")
+            # Still READY on the old version; ListModels and RepositoryIndex say why the newer
+            # one is not served (Triton's index lists a failed version with its reason).
+            if tried and self.reason != "; ".join(tried):
+                self.reason = "; ".join(tried)
+                self.registry.changed()
             if not retry_failed:
                 return LoadOutcome(self.name, False, served, served, served_sha, message)
             raise ReloadFailed(f"model {self.name}: {message}; still serving version {served}")

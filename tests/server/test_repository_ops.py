@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from nextchar.client import NextCharClient, NextCharError
+from nextchar.v1 import nextchar_pb2 as pb
 
 VOCAB = "abcdefgh "
 
@@ -188,3 +189,19 @@ def test_load_of_a_served_model_whose_folder_went_says_so(start_server, repo: Pa
         assert details == (f"model beta: {repo / 'beta'}: no such directory (an artifact "
                            f"directory or a directory of <version>/ artifact directories); "
                            f"still serving version 1")
+
+
+def test_the_index_says_why_a_newer_version_is_not_served(start_server, repo: Path) -> None:
+    st = start_server(model_repository=repo)
+    (repo / "alpha" / "2").mkdir()
+    (repo / "alpha" / "2" / "manifest.json").write_text("{not json")
+    with NextCharClient(st.address) as c:
+        _poll(st)
+        alpha = {m.name: m for m in c.list_models().models}["alpha"]
+        assert (alpha.version, alpha.state) == ("1", pb.MODEL_STATE_READY)
+        assert alpha.reason.startswith("version 2 not loaded (")
+        shutil.rmtree(repo / "alpha" / "2")
+        shutil.copytree(repo / "alpha" / "1", repo / "alpha" / "3")
+        _poll(st)
+        alpha = {m.name: m for m in c.list_models().models}["alpha"]
+        assert (alpha.version, alpha.reason) == ("3", "")
