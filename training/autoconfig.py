@@ -24,6 +24,11 @@ SMALL_CORPUS_CHARS = 300_000
 CPU_CHARS_PER_S = 15_000.0
 CUDA_CHARS_PER_S = 1_000_000.0
 CALIBRATION_STEPS = 20
+BPTT = 64
+# The shortest window auto picks for a short text; a text too short for one stream of it is
+# refused, saying how many characters a run needs (min_train_chars).
+MIN_BPTT = 8
+WINDOWS_PER_STREAM = 8
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,8 @@ def choose_sizes(train_chars: int) -> Sizes:
     """Model size, learning rate, BPTT and validation interval from the corpus size."""
     eval_every = 100 if train_chars < 2_000_000 else 250  # small corpora turn sooner
     if train_chars < SMALL_CORPUS_CHARS:
-        return Sizes(hidden_size=256, num_layers=1, lr=8e-3, bptt=64, eval_every=eval_every)
-    return Sizes(hidden_size=512, num_layers=1, lr=8e-3, bptt=64, eval_every=eval_every)
+        return Sizes(hidden_size=256, num_layers=1, lr=8e-3, bptt=BPTT, eval_every=eval_every)
+    return Sizes(hidden_size=512, num_layers=1, lr=8e-3, bptt=BPTT, eval_every=eval_every)
 
 
 def choose_regularization(planned_epochs: float) -> Regularization:
@@ -67,10 +72,23 @@ def choose_regularization(planned_epochs: float) -> Regularization:
     return Regularization(dropout=0.35, embed_dropout=0.1, weight_decay=0.05)
 
 
+def choose_bptt(train_chars: int, streams: int = 1) -> int:
+    """64, or for a text too short to give `streams` streams of 8 such windows each, the
+    longest window that does, but not under MIN_BPTT: a tiny corpus still trains."""
+    fits = (train_chars // max(1, streams) - WINDOWS_PER_STREAM) // (WINDOWS_PER_STREAM + 1)
+    return max(MIN_BPTT, min(BPTT, fits))
+
+
+def min_train_chars(streams: int = 1) -> int:
+    """The fewest training characters a carried-state run takes: one window of MIN_BPTT + 1 per
+    stream (data.StreamBatches)."""
+    return streams * (MIN_BPTT + 1) + MIN_BPTT
+
+
 def choose_batch_size(train_chars: int, bptt: int, world: int = 1) -> int:
     """128 rows per process (big matrix products are what a CPU does fastest), fewer when the
     text cannot fill 128 streams of at least 8 windows each."""
-    per_stream = 8 * (bptt + 1)
+    per_stream = WINDOWS_PER_STREAM * (bptt + 1)
     return max(1, min(128, (train_chars - bptt) // (per_stream * world)))
 
 

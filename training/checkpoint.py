@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,8 @@ FORMAT_VERSION = 1
 FILENAME = "checkpoint.pt"  # the last state of a run: what --resume continues
 BEST_FILENAME = "best.pt"  # the lowest validation loss the run saw: what export ships
 REQUIRED = ("model_config", "vocab", "model_state")
+# torch.save writes a zip archive: a file that does not start like one was never a checkpoint.
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def checkpoint_path(run_or_file: str | Path, which: str = "last") -> Path:
@@ -77,11 +80,24 @@ def _plain(value: Any) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:  # torch's weights-only refusal puts the reason on a later line
+    """The reason in torch's message: its first sentence (what follows is advice)."""
+    lines = [ln.strip().split(". ")[0] for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):  # torch's weights-only refusal puts the reason on a later line
         if "error:" in ln.lower():
-            return ln[:300]
+            rest = ln[ln.lower().index("error:") + len("error:"):].strip()
+            return (ln if rest or i + 1 == len(lines) else lines[i + 1])[:300]
     return lines[0][:300] if lines else type(e).__name__
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why the file cannot be a checkpoint at all (empty, not a zip archive), or None."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
+        return "is empty"
+    if head != ZIP_MAGIC:
+        return "is not a file torch.save wrote"
+    return None
 
 
 def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, Any]:
@@ -89,6 +105,11 @@ def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, A
     path = checkpoint_path(run_or_file, which)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file, not a nextchar checkpoint")
+    why = _not_a_torch_file(path)
+    if why:
+        raise CheckpointError(f"{path} is not a nextchar checkpoint (it {why})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... here
@@ -108,18 +129,73 @@ def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, A
     return ckpt
 
 
+def _check_vocab(vocab: Any, vocab_size: int) -> None:
+    if not isinstance(vocab, list):
+        raise ValueError(f"vocab is a {type(vocab).__name__}, not a list of characters")
+    for i, c in enumerate(vocab):
+        if not isinstance(c, str) or len(c) != 1:
+            raise ValueError(f"vocab entry {i} is {c!r}, not one character")
+    if vocab_size != len(vocab):
+        raise ValueError(f"vocab of {len(vocab)} characters for vocab_size {vocab_size}")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("vocab has duplicate characters")
+
+
+def _shape(t: Any) -> str:
+    return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_state(model: CharRNN, state: Any) -> None:
+    """Names the first tensor that is missing, extra or of the wrong shape (load_state_dict
+    lists them all on lines after its first, which says only that there were errors)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"model_state is a {type(state).__name__}, not a dict of tensors")
+    want = model.state_dict()
+    for name, tensor in want.items():
+        if name not in state:
+            raise ValueError(f"model_state lacks {name}")
+        got = state[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            raise ValueError(f"model_state's {name} is {_shape(got)}, the model_config needs "
+                             f"{_shape(tensor)}")
+    extra = [k for k in state if k not in want]
+    if extra:
+        raise ValueError(f"model_state holds {extra[0]}, which the model_config has no place for")
+
+
+def _first_non_finite(model: CharRNN) -> str | None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
+            return f"{kind} in {name}"
+    return None
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> CharRNN:
-    """A float32 CharRNN in eval mode with the checkpoint's weights."""
+    """A float32 CharRNN in eval mode with the checkpoint's weights, all of them finite."""
     try:
         config = CharRNNConfig(**ckpt["model_config"])
-        vocab = ckpt["vocab"]
-        if config.vocab_size != len(vocab) or any(len(c) != 1 for c in vocab):
-            raise ValueError(f"vocab of {len(vocab)} entries for vocab_size {config.vocab_size}")
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("vocab has duplicate characters")
+        _check_vocab(ckpt["vocab"], config.vocab_size)
         model = CharRNN(config)
+        _check_state(model, ckpt["model_state"])
         model.load_state_dict(ckpt["model_state"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path} does not describe a valid model: {_first_line(e)}") \
             from None
+    bad = _first_non_finite(model)
+    if bad:  # what a diverged run leaves: every output of such a model is nan
+        raise CheckpointError(f"{path} holds non-finite weights ({bad}): the run diverged; use "
+                              "an earlier checkpoint or train again with a lower --lr")
     return model.float().eval()
+
+
+def finite_or_none(value: Any) -> Any:
+    """A JSON-safe copy: nan and inf (no validation text, a diverged loss) become None, since
+    JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

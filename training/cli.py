@@ -9,19 +9,23 @@
 Errors the user can act on (missing corpus, corrupt checkpoint, failed parity gate, a bad
 flag value, ...) print one line, `nextchar train: ...` or `nextchar export: ...`, and exit
 non-zero (1; 2 for a command line argparse rejects, after its usage line); no traceback.
+SIGINT and SIGTERM exit 130 and 143: training saves its current step first, export removes its
+temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-from .errors import TrainingError
+from .errors import Interrupted, Terminated, TrainingError
 
 AUTO = "auto: from the corpus size and budget, see docs/training.md"
 
@@ -55,7 +59,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="last", choices=["last", "best"], default=None,
                    help="continue the run in --out from its last checkpoint (checkpoint.pt) "
                         "or, with `--resume best`, from its best (best.pt) (default: off)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (its files are deleted as the new run "
+                        "starts), or write into a folder that holds other files")
     t.add_argument("--seed", type=int, default=d["seed"], help=_d("weights and data order",
                                                                   d["seed"]))
     t.add_argument("--max-minutes", type=float, default=None,
@@ -142,17 +148,33 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Arg
     return []
 
 
+def _hello(args: argparse.Namespace) -> int:
+    from .device import resolve_device, resolve_precision
+    from .train import train_hello
+
+    if args.corpus or args.resume:
+        raise TrainingError("--preset hello trains on 'hello' alone: drop --corpus/--resume")
+    # Refused as for a language model when this machine lacks them; the preset itself always
+    # trains on the CPU in float32, which is what makes its fixed seeds give the same result.
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    if (args.device != "auto" and device.type != "cpu") or (args.precision != "auto" and dtype):
+        print("nextchar train: warning: --preset hello trains on the CPU in float32 (its fixed "
+              "seeds give the same models every run): ignoring --device/--precision",
+              file=sys.stderr)
+    out = "runs/hello" if args.out is None else args.out
+    result = train_hello(out, quiet=args.quiet, overwrite=args.overwrite)
+    return 0 if result["all_ohlol"] else 1
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train, train_hello
+    from .train import TrainConfig, train
 
     if args.preset == "hello":
-        if args.corpus or args.resume:
-            raise TrainingError("--preset hello trains on 'hello' alone: drop --corpus/--resume")
-        result = train_hello(args.out or "runs/hello", quiet=args.quiet)
-        return 0 if result["all_ohlol"] else 1
+        return _hello(args)
     config = TrainConfig(
-        out=args.out or "runs/lm", corpus=list(args.corpus), name=args.name,
-        resume=args.resume is not None, resume_from=args.resume or "last",
+        out="runs/lm" if args.out is None else args.out, corpus=list(args.corpus),
+        name=args.name, resume=args.resume is not None, resume_from=args.resume or "last",
         overwrite=args.overwrite, seed=args.seed, max_minutes=args.max_minutes,
         max_steps=args.max_steps, threads=args.threads, device=args.device,
         cell=args.cell, embed_dim=args.embed_dim, hidden_size=args.hidden_size,
@@ -167,13 +189,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated, as SIGINT raises KeyboardInterrupt, so that export removes
+    its temporary folder on either (the default action of SIGTERM kills without cleanup)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import GRAPH_FILES, export_artifact
 
-    out = export_artifact(args.run, args.out, version=args.version, name=args.name,
-                          checkpoint=args.checkpoint)
+    with _sigterm_raises():
+        out = export_artifact(args.run, args.out, version=args.version, name=args.name,
+                              checkpoint=args.checkpoint)
     manifest = json.loads((out / "manifest.json").read_text("utf-8"))
     choice, parity = manifest["checkpoint"], manifest["parity"]
+    if choice.get("warning"):
+        print(f"nextchar export: warning: {choice['warning']}", file=sys.stderr)
     for graph, reason in parity["failed"].items():
         print(f"nextchar export: warning: {GRAPH_FILES[graph]} left out of the artifact: "
               f"{reason}", file=sys.stderr)
@@ -210,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("nextchar.training").addHandler(logging.NullHandler())
     try:
         return _train(args) if args.command == "train" else _export(args)
+    except Interrupted as e:  # training saved its state first
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_status
     except TrainingError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
@@ -219,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

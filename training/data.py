@@ -125,22 +125,41 @@ def _decode(data: bytes, where: str) -> str:
         raise CorpusError(f"{where} is not UTF-8 text (byte {e.start})") from None
 
 
-def read_corpus(paths: Sequence[str | Path]) -> list[Document]:
-    """UTF-8 files, or folders read recursively (hidden entries skipped), in sorted order."""
+def _folder_files(root: Path, skip: Sequence[Path]) -> list[Path]:
+    """The files below root, sorted: symlinked folders are followed (each real folder once, so
+    a link loop ends), hidden entries and the skipped folders (the run being written) are not."""
+    skipped = {os.path.realpath(p) for p in skip}
+    seen: set[str] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or real in skipped:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        found += [Path(dirpath, n) for n in filenames
+                  if not n.startswith(".") and Path(dirpath, n).is_file()]
+    return sorted(found)
+
+
+def read_corpus(paths: Sequence[str | Path], skip: Sequence[Path] = ()) -> list[Document]:
+    """UTF-8 files, or folders read recursively (hidden entries and the folders in `skip`
+    left out, symlinked folders followed), in sorted order."""
     files: list[Path] = []
     for raw in paths:
+        if not str(raw).strip():  # Path("") is ".": the whole working folder
+            raise CorpusError("corpus path is empty")
         path = Path(raw).expanduser()
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            found = _folder_files(path, skip)
             if not found:
                 raise CorpusError(f"corpus folder {path} holds no files")
             files.extend(found)
+        elif path.exists():
+            raise CorpusError(f"corpus path {path} is not a regular file or folder")
         else:
             raise CorpusError(f"corpus path not found: {path}")
     docs = [Document(str(f), clean_text(_decode(f.read_bytes(), str(f)))) for f in files]
@@ -296,7 +315,10 @@ def corpus_fingerprint(docs: Sequence[Document]) -> str:
 
 def split_corpus(docs: Sequence[Document], val_fraction: float = 0.1) -> Split:
     """Per document, the head goes to train and the tail (from the first line start at or after
-    `1 - val_fraction` of its length) to validation: deterministic, and every play is in both."""
+    `1 - val_fraction` of its length) to validation: deterministic, and every play is in both.
+    When that holds nothing out (every document is one line, say), the last whole documents
+    go to validation instead, from the first that starts at or after `1 - val_fraction` of
+    the corpus."""
     if not 0.0 <= val_fraction < 1.0:
         raise CorpusError(f"val fraction must be in [0, 1), got {val_fraction}")
     train, val = [], []
@@ -307,8 +329,24 @@ def split_corpus(docs: Sequence[Document], val_fraction: float = 0.1) -> Split:
             cut = len(d.text) if newline < 0 else newline + 1
         train.append(d.text[:cut])
         val.append(d.text[cut:])
+    if val_fraction > 0 and not any(val):
+        train, val = _split_by_document(docs, val_fraction)
     # A blank line separates documents, as within them between scenes.
     return Split(train="\n".join(t for t in train if t), val="\n".join(v for v in val if v))
+
+
+def _split_by_document(docs: Sequence[Document], val_fraction: float) -> tuple[list[str],
+                                                                              list[str]]:
+    """Whole documents: the head of the list to train, the tail to validation (at least one
+    document each; with a single document, all of it to train)."""
+    total, start, first_val = sum(len(d.text) for d in docs), 0, len(docs)
+    for i, d in enumerate(docs):
+        if start >= total * (1.0 - val_fraction):
+            first_val = i
+            break
+        start += len(d.text)
+    first_val = max(1, min(first_val, len(docs) - 1)) if len(docs) > 1 else 1
+    return [d.text for d in docs[:first_val]], [d.text for d in docs[first_val:]]
 
 
 def build_vocab(text: str) -> list[str]:
@@ -351,7 +389,8 @@ class StreamBatches:
     """
 
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1,
+                 hint: str = "lower --batch-size or --bptt (or leave both on auto)") -> None:
         streams = batch_size * world
         self.stream_len = (len(ids) - bptt) // streams
         if self.stream_len < bptt + 1:
@@ -360,7 +399,7 @@ class StreamBatches:
             raise CorpusError(
                 f"training text too short ({len(ids)} chars) for {streams} streams of "
                 f"{bptt}+1: --batch-size {batch_size}{per_process} with --bptt {bptt} needs at "
-                f"least {need} chars; lower --batch-size or --bptt (or leave both on auto)"
+                f"least {need} chars; {hint}"
             )
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
         self.rank, self.streams = rank, streams
@@ -408,10 +447,10 @@ class RandomWindows:
     draw for batch k depends only on (seed, rank, k), so resuming needs just k."""
 
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, hint: str = "lower --bptt") -> None:
         if len(ids) < bptt + 2:
             raise CorpusError(f"training text too short ({len(ids)} chars) for windows of "
-                              f"{bptt}: needs at least {bptt + 2} chars; lower --bptt")
+                              f"{bptt}: needs at least {bptt + 2} chars; {hint}")
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
         self.seed, self.rank, self.batch_index = seed, rank, 0
 

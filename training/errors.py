@@ -19,3 +19,17 @@ class ExportError(TrainingError):
 
 class ParityError(ExportError):
     """Eager, TorchScript and ONNX Runtime disagree beyond the tolerance."""
+
+
+class Interrupted(TrainingError):
+    """SIGINT or SIGTERM stopped training after it saved its state; `exit_status` is 128 + the
+    signal (130, 143), what a shell reports for a process the signal ended."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class Terminated(BaseException):
+    """SIGTERM (what `docker stop` sends) during export. A BaseException, as KeyboardInterrupt
+    is, so that no `except Exception` swallows it and every cleanup on the way out runs."""

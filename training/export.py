@@ -42,8 +42,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import sha256_file
-from .errors import ExportError, ParityError
+from .errors import CheckpointError, ExportError, ParityError
 from .model import CharRNN, CharRNNConfig
+from .names import name_problem
 from .onnx_loop import build_loop_graph
 
 FORMAT = "nextchar-artifact"
@@ -312,13 +313,26 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _check_out_path(out_dir: str | Path) -> Path:
+    """-o must name a folder of its own: "" is the working folder (Path("") is "."), which
+    the final rename cannot replace, so it would fail only after the whole export."""
+    if not str(out_dir).strip():
+        raise ExportError("-o is empty: name the artifact folder to write")
+    path = Path(out_dir)
+    if path.name in ("", ".", ".."):
+        raise ExportError(f"-o {out_dir} is not a folder export can write: name a new or "
+                          "artifact folder (such as artifacts/mine)")
+    return path
+
+
 def _prepare_target(out_dir: Path) -> None:
-    """The target may be absent, empty, or an earlier artifact (replaced); nothing else."""
+    """The target may be absent, empty, or an earlier artifact (replaced) holding nothing but
+    artifact files: anything else in it would be lost with it."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a folder")
-    entries = list(out_dir.iterdir())
+    entries = sorted(out_dir.iterdir())
     if not entries:
         return
     try:
@@ -329,6 +343,12 @@ def _prepare_target(out_dir: Path) -> None:
     if not is_artifact:
         raise ExportError(f"{out_dir} is not empty and holds no nextchar artifact; "
                           "refusing to replace it")
+    artifact_files = {"manifest.json", *GRAPH_FILES.values()}
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
+               if p.name not in artifact_files or not p.is_file()]
+    if foreign:
+        raise ExportError(f"{out_dir} holds an artifact and also {', '.join(foreign)}, which "
+                          "replacing it would delete: move them away or choose another -o")
 
 
 def _checkpoint_choice(source: str | Path, which: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -346,12 +366,21 @@ def _checkpoint_choice(source: str | Path, which: str) -> tuple[dict[str, Any], 
     }
     last_path = path.parent / FILENAME
     if path.name == BEST_FILENAME and last_path.exists():
-        last = load_checkpoint(last_path)
-        choice["last_step"] = last.get("step")
-        choice["last_val_nats_per_char"] = (last.get("metrics") or {}).get("val_nats_per_char")
+        # Only for the record (the run's last step): a damaged checkpoint.pt must not keep
+        # an intact best.pt from being exported.
+        try:
+            last = load_checkpoint(last_path)
+        except CheckpointError as e:
+            choice["warning"] = f"the run's last step is left out of the manifest: {e}"
+            log.warning("%s", choice["warning"])
+        else:
+            choice["last_step"] = last.get("step")
+            choice["last_val_nats_per_char"] = (last.get("metrics") or {}).get(
+                "val_nats_per_char")
     elif Path(source).is_dir() and which == "best":
-        choice["note"] = f"no {BEST_FILENAME} in the run (the hello preset, or a run from " \
-                         f"before best tracking): exported {FILENAME}"
+        choice["note"] = f"no {BEST_FILENAME} in the run (the hello preset, a run stopped " \
+                         f"before its first validation, or one from before best tracking): " \
+                         f"exported {FILENAME}"
     return ckpt, choice
 
 
@@ -364,10 +393,19 @@ def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
     Graphs that fail the parity gate or onnx.checker are left out (the manifest's
     `parity.failed` says why, and a warning is logged); ParityError when none passes.
     Raises CheckpointError, ExportError or ParityError; on error out_dir is untouched."""
+    if not str(run_dir_or_checkpoint_path).strip():
+        raise ExportError("the run to export is empty: name a run folder or checkpoint file")
+    out_dir = _check_out_path(out_dir)
+    for value, what in ((name, "--name"), (version, "--version")):
+        if value is not None and name_problem(value, what):
+            raise ExportError(str(name_problem(value, what)))
     ckpt, choice = _checkpoint_choice(run_dir_or_checkpoint_path, checkpoint)
-    model = model_from_checkpoint(ckpt, choice["file"])
+    model = model_from_checkpoint(ckpt, checkpoint_path(run_dir_or_checkpoint_path, checkpoint))
     config = model.config
-    out_dir = Path(out_dir)
+    name = name or ckpt.get("name") or f"nextchar-{config.cell}"
+    problem = name_problem(str(name), "the run's name")  # a run from before names were checked
+    if problem:
+        raise ExportError(f"{problem}; pass --name")
     _prepare_target(out_dir)
     now = datetime.now(timezone.utc)
     version = version or now.strftime("%Y%m%d-%H%M%S")
@@ -408,7 +446,7 @@ def export_artifact(run_dir_or_checkpoint_path: str | Path, out_dir: str | Path,
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "name": name or ckpt.get("name") or f"nextchar-{config.cell}",
+            "name": name,
             "version": version,
             "created_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "vocab": list(ckpt["vocab"]),

@@ -9,7 +9,8 @@ Truncated BPTT with the state carried between windows (each batch row continues 
 before it), AdamW with linear warmup and cosine decay to `min_lr_ratio * lr` over the step or
 time budget, optional bf16 autocast, gradient clipping, periodic validation in nats and bits per
 character, a checkpoint after every validation, a loss-curve PNG. Under torchrun, DDP over gloo:
-every rank trains on its own streams and only rank 0 validates and writes.
+every rank trains on its own streams and only rank 0 validates and writes. A loss that is not
+a number stops the run (diverged); SIGINT and SIGTERM save the current step, then stop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -34,13 +36,15 @@ from . import autoconfig, data, hello
 from .checkpoint import (
     BEST_FILENAME,
     FILENAME,
+    finite_or_none,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
 from .device import precision_name, resolve_device, resolve_precision
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, CorpusError, Interrupted, TrainingError
 from .model import CharRNN, CharRNNConfig
+from .names import name_problem
 
 LN2 = math.log(2)
 
@@ -50,6 +54,12 @@ AUTO_FIELDS = ("hidden_size", "num_layers", "dropout", "embed_dropout", "batch_s
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_THREADS = 1024
+# Wider is past any machine's memory (an LSTM 2**31 wide is 275 GB), and torch cannot even
+# take a size from 2**63 on.
+MAX_WIDTH = 2**31 - 1
+METRICS_FILENAME, CURVE_FILENAME = "metrics.json", "loss.png"
+# Everything a run writes into its folder: what --overwrite clears before a new run starts.
+RUN_FILES = (FILENAME, BEST_FILENAME, METRICS_FILENAME, CURVE_FILENAME)
 
 
 @dataclass
@@ -102,11 +112,22 @@ class TrainConfig:
             raise TrainingError(f"--device must be one of {', '.join(DEVICES)}")
         if self.resume_from not in ("last", "best"):
             raise TrainingError(f"--resume takes last or best, got {self.resume_from!r}")
+        if not str(self.out).strip():
+            raise TrainingError("--out is empty: name the run folder")
+        if any(not str(p).strip() for p in self.corpus):
+            raise TrainingError("corpus path is empty")
+        if self.name is not None and name_problem(self.name, "--name"):
+            raise TrainingError(str(name_problem(self.name, "--name")))
         for key in ("batch_size", "bptt", "eval_every", "embed_dim", "hidden_size",
                     "num_layers", "eval_chars"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise TrainingError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        for key in ("embed_dim", "hidden_size"):
+            value = getattr(self, key)
+            if value is not None and value > MAX_WIDTH:
+                raise TrainingError(f"--{key.replace('_', '-')} must be <= {MAX_WIDTH} (2**31 "
+                                    f"- 1), got {value}")
         for key in ("dropout", "embed_dropout"):
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:
@@ -150,6 +171,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true on any rank: every rank then takes the same turn."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in t.tolist()]
 
     def max(self, value: float) -> float:
         if self.world == 1:
@@ -219,8 +248,8 @@ def evaluate(model: CharRNN, ids: torch.Tensor, streams: int = 32, bptt: int = 2
 
 
 def _corpus(cfg: TrainConfig, d: Dist) -> tuple[str, list[data.Document]]:
-    if cfg.corpus:
-        return "corpus", data.read_corpus(cfg.corpus)
+    if cfg.corpus:  # a run folder inside the corpus folder is not text to learn
+        return "corpus", data.read_corpus(cfg.corpus, skip=[Path(cfg.out)])
     # Rank 0 fetches and caches; the others then read the cache.
     docs = data.load_default_corpus() if d.main else None
     d.barrier()
@@ -252,9 +281,40 @@ def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> Train
         raise CheckpointError(f"{path} holds an unusable training config: {e}") from None
 
 
+def ignored_on_resume(cfg: TrainConfig, resumed: TrainConfig) -> list[str]:
+    """The options given on the command line (not left at their default) that the resumed run
+    does not take, because the checkpoint's values win: `--cell gru (the run's: lstm)`."""
+    ignored = []
+    for f in fields(TrainConfig):
+        if f.name in _RESUME_OVERRIDES or f.name == "name":
+            continue
+        given, kept = getattr(cfg, f.name), getattr(resumed, f.name)
+        if given != f.default and given != kept:
+            ignored.append(f"--{f.name.replace('_', '-')} {given} (the run's: {kept})")
+    return ignored
+
+
+def _corpus_words(train_config: Any) -> str:
+    """How a checkpoint's corpus was given: `--corpus a.txt notes` or `the default corpus`."""
+    paths = train_config.get("corpus") if isinstance(train_config, dict) else None
+    return f"--corpus {' '.join(map(str, paths))}" if paths else "the default corpus"
+
+
+def _check_resumed_corpus(cfg: TrainConfig, resumed: dict[str, Any], path: Path) -> None:
+    """Before any corpus is read: a run trained on its own files resumes only with --corpus
+    (else the default corpus would be fetched and read, only to be refused)."""
+    saved = resumed.get("train_config") or {}
+    if saved.get("corpus") and not cfg.corpus:
+        raise CheckpointError(f"{path} was trained on {_corpus_words(saved)}: pass the same "
+                              "--corpus to resume it")
+
+
 def _resolve_sizes(cfg: TrainConfig, train_chars: int, world: int) -> list[str]:
     """Fills the auto size fields in place from the corpus size; returns the names filled."""
     sizes = autoconfig.choose_sizes(train_chars)
+    # A short text gets shorter windows (choose_bptt), so that it trains at all.
+    streams = (cfg.batch_size or 1) * world
+    sizes = replace(sizes, bptt=autoconfig.choose_bptt(train_chars, streams))
     filled = []
     for key in ("hidden_size", "num_layers", "lr", "bptt", "eval_every"):
         if getattr(cfg, key) is None:
@@ -283,13 +343,128 @@ def _cpu(value: Any) -> Any:
     return value
 
 
-def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm:
-    """On a terminal a live bar; in a log (stderr not a terminal) one line per ~30 s, as
+def _batches(cfg: TrainConfig, train_ids: torch.Tensor, val_chars: int, d: Dist,
+             auto: list[str]) -> data.StreamBatches | data.RandomWindows:
+    """The training batches; a text too short for them is one line that says what to change
+    (only the sizes given on the command line can be lowered: auto already went as low as it
+    goes)."""
+    carry = cfg.state == "carry"
+    sizes = ("batch_size", "bptt") if carry else ("bptt",)
+    given = [f"--{k.replace('_', '-')}" for k in sizes if k not in auto]
+    if not given:
+        need = autoconfig.min_train_chars(d.world) if carry else autoconfig.MIN_BPTT + 2
+        if len(train_ids) < need:
+            raise CorpusError(
+                f"the training text is too short ({len(train_ids)} chars): a run needs at least "
+                f"{need}; add text" + (" or lower --val-fraction" if val_chars else ""))
+    hint = (f"lower {' or '.join(given)} (or leave {'both' if len(given) > 1 else 'it'} on "
+            "auto)" if given else "add text")
+    batches_cls = data.StreamBatches if carry else data.RandomWindows
+    return batches_cls(train_ids, cfg.batch_size, cfg.bptt, cfg.seed, d.rank, d.world,
+                       hint=hint)
+
+
+def check_out_folder(out: Path, resume: bool, overwrite: bool, resumable: bool = True) -> None:
+    """Before anything is read: --out must be a folder or not exist yet (under folders), and
+    one that holds anything (a run, or files of its own) is written only with --resume or
+    --overwrite, so that nothing is replaced or mixed with another run by surprise."""
+    for folder in [out, *out.parents]:
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "is a file" if folder == out else f"is under {folder}, a file"
+                raise TrainingError(f"--out {out} {where}, not a folder: choose another --out")
+            break
+    if resume or overwrite or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if FILENAME in entries:
+        resume_hint = "pass --resume to continue that run or " if resumable else "pass "
+        raise TrainingError(f"{out / FILENAME} exists: {resume_hint}--overwrite to replace it")
+    run_files = [name for name in entries if name in RUN_FILES]
+    if run_files:
+        raise TrainingError(f"{out} holds a run's {', '.join(run_files)}: pass --overwrite to "
+                            "replace it")
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise TrainingError(f"{out} is not empty ({shown}) and holds no run: choose a new or empty "
+                        "--out, or pass --overwrite to write the run beside those files")
+
+
+def clear_run(out: Path) -> list[str]:
+    """Deletes the files an earlier run wrote into out (--overwrite), so that none of them
+    (a best.pt of another model, say) outlives it; returns their names."""
+    gone = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            gone.append(name)
+    return gone
+
+
+class LogProgress:
+    """Progress where stderr is not a terminal (a log file, a container): a plain line every
+    interval_s, since a bar redrawn with \\r there is one line that only grows."""
+
+    def __init__(self, total: int | None, initial: int, interval_s: float = 30.0) -> None:
+        self.total, self.n, self.interval_s = total, initial, interval_s
+        self.postfix: dict[str, Any] = {}
+        self.last = time.monotonic()
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.interval_s:
+            self.last = time.monotonic()
+            of = f"/{self.total}" if self.total else ""
+            values = ", ".join(f"{k} {v}" for k, v in self.postfix.items())
+            print(f"step {self.n}{of}" + (f": {values}" if values else ""), file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm | LogProgress:
+    """On a terminal a live bar; in a log (stderr not a terminal) a line per ~30 s, as
     `nextchar batch` does, instead of a redraw per step."""
-    tty = sys.stderr.isatty()
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(total, initial)
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                disable=not enabled, file=sys.stderr, mininterval=0.5 if tty else 30.0,
-                ascii=not tty)
+                disable=not enabled, file=sys.stderr, mininterval=0.5)
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what `docker stop` and Kubernetes send)
+    ask the loop to stop after the current step and save, instead of ending the process with
+    every step since the last validation lost. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:  # started ignoring it (nohup, `cmd &`): keep so
+                continue
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (a library caller): not ours to set
+                break
+            self.previous[sig] = previous
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -315,15 +490,18 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
     out = Path(cfg.out)
     ckpt_path, best_path = out / FILENAME, out / BEST_FILENAME
-    if d.main and ckpt_path.exists() and not (cfg.resume or cfg.overwrite):
-        raise TrainingError(
-            f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to replace it"
-        )
+    if d.main:
+        check_out_folder(out, cfg.resume, cfg.overwrite)
 
     resume_path = best_path if cfg.resume_from == "best" else ckpt_path
     resumed = load_checkpoint(resume_path) if cfg.resume else None
     if resumed:
-        cfg = _resumed_config(cfg, resumed, resume_path)
+        given, cfg = cfg, _resumed_config(cfg, resumed, resume_path)
+        ignored = ignored_on_resume(given, cfg)
+        if ignored:
+            say(f"warning: --resume continues the run as it was trained; ignoring "
+                f"{', '.join(ignored)}")
+        _check_resumed_corpus(cfg, resumed, resume_path)
     else:
         cfg = replace(cfg)  # the auto fields are filled in below; the caller's stays as given
     corpus_name, docs = _corpus(cfg, d)
@@ -342,15 +520,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         "val_dropped": dict(val_dropped.most_common(20)),
     }
     if resumed and resumed.get("corpus", {}).get("sha256") != corpus_info["sha256"]:
-        raise CheckpointError(f"{resume_path} was trained on a different corpus; cannot resume")
+        raise CheckpointError(f"{resume_path} was trained on a different corpus "
+                              f"({_corpus_words(resumed.get('train_config'))}); cannot resume")
     if train_dropped:  # the vocabulary of a resumed run may miss characters of new text
         raise CheckpointError("the corpus has characters outside the run's vocabulary")
-    if len(val_ids) < 2:
-        say("warning: no validation text; val loss is reported as nan, and the best "
-            "checkpoint is the last")
+    saved_chars = (resumed or {}).get("corpus", {}).get("train_chars", len(train_ids))
+    if saved_chars != len(train_ids):  # one-line documents were all training text before
+        raise CheckpointError(f"{resume_path} was trained on {saved_chars} characters of this "
+                              f"corpus and this nextchar splits it into {len(train_ids)} for "
+                              "training: start a new run (--overwrite)")
+    has_val = len(val_ids) >= 2
+    if not has_val:
+        _no_validation(cfg, say)
 
     auto = list((resumed or {}).get("auto", {}).get("fields", [])) if resumed else []
     auto += _resolve_sizes(cfg, len(train_ids), d.world)
+    # Before the model is built: a text too short for the batches ends the run here.
+    batches = _batches(cfg, train_ids, len(val_ids), d, auto)
     amp_dtype = resolve_precision(cfg.precision, device)
     chars_per_step = cfg.batch_size * cfg.bptt * d.world
     default_rate = (autoconfig.CUDA_CHARS_PER_S if device.type == "cuda"
@@ -380,7 +566,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         try:
             model = CharRNN(mcfg).train()
         except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
-            if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            if not isinstance(e, MemoryError) and not ("alloc" in str(e)
+                                                       or "overflow" in str(e)):
                 raise
             raise TrainingError(
                 f"the model does not fit in memory (--hidden-size {cfg.hidden_size}, "
@@ -396,10 +583,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # fp16 needs loss scaling (its range cannot hold small gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    batches_cls = data.StreamBatches if cfg.state == "carry" else data.RandomWindows
-    batches = batches_cls(train_ids, cfg.batch_size, cfg.bptt, cfg.seed, d.rank, d.world)
 
     step, train_time_s, chars_seen = 0, 0.0, 0
+    saved_step: int | None = None  # the step checkpoint.pt holds (for a diverged run's line)
     history: dict[str, Any] = {"train": {"step": [], "time_s": [], "nats": []},
                                "val": {"step": [], "time_s": [], "nats": []}}
     best: dict[str, Any] = {"step": None, "val_nats_per_char": math.inf, "file": BEST_FILENAME}
@@ -412,8 +598,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
             chars_seen, history = int(resumed["chars_seen"]), resumed["history"]
             if resumed.get("best"):
                 best = dict(resumed["best"])
-                best["val_nats_per_char"] = float(best["val_nats_per_char"])
+                saved_val = best["val_nats_per_char"]  # None: not finite (no validation text)
+                best["val_nats_per_char"] = math.inf if saved_val is None else float(saved_val)
             evals_since_best = int(resumed.get("evals_since_best", 0))
+            saved_step = step if resume_path == ckpt_path else None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{resume_path} cannot be resumed: {e}") from None
         say(f"resuming {resume_path} at step {step} ({train_time_s:.0f} s trained; best so "
@@ -458,21 +646,45 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
             "versions": {"torch": torch.__version__},
         }
 
-    def checkpoint(metrics: dict[str, Any], improved: bool) -> None:
+    def checkpoint(metrics: dict[str, Any], improved: bool, validated: bool = True) -> None:
         """checkpoint.pt is the last state (for --resume); best.pt the lowest validation
-        loss so far (what `nextchar export` ships). Both are complete checkpoints."""
+        loss so far (what `nextchar export` ships). Both are complete checkpoints. A state
+        saved without a validation (on a signal) never becomes best.pt by default."""
+        nonlocal saved_step
         if not d.main:
             return
         body = payload(metrics)
         save_checkpoint(ckpt_path, body)
-        if improved or not best_path.exists():
+        if improved or (validated and not best_path.exists()):
             save_checkpoint(best_path, body)
-        (out / "metrics.json").write_text(json.dumps({**metrics, "best": body["best"]},
-                                                     indent=1) + "\n")
+        saved_step = step
+        # JSON has no nan: a loss that is not a number (no validation text) is null.
+        text = json.dumps(finite_or_none({**metrics, "best": body["best"]}), indent=1,
+                          allow_nan=False)
+        (out / METRICS_FILENAME).write_text(text + "\n")
         from .curves import save_run_curve  # matplotlib: only the process that writes needs it
 
-        save_run_curve(history, out / "loss.png", f"{name}: {_summary(metrics)}",
+        save_run_curve(history, out / CURVE_FILENAME, f"{name}: {_summary(metrics)}",
                        best_step=best["step"])
+
+    def run_metrics(nats: float, chars: int, final: bool) -> dict[str, Any]:
+        train_nats = history["train"]["nats"][-1] if history["train"]["nats"] else float("nan")
+        return {
+            "val_nats_per_char": nats, "val_bits_per_char": nats / LN2,
+            "val_chars_evaluated": chars, "val_full": final or chars == len(val_ids),
+            "train_nats_per_char": train_nats, "train_bits_per_char": train_nats / LN2,
+            "steps": step, "train_time_s": round(train_time_s, 2), "chars_seen": chars_seen,
+            "params": params, "world_size": d.world, "corpus": corpus_info["name"],
+            "corpus_sha256": corpus_info["sha256"],
+            "val_chars_dropped": corpus_info["val_chars_dropped"],
+            "device": device.type, "precision": precision_name(amp_dtype),
+        }
+
+    def diverged(what: str, value: float) -> TrainingError:
+        kept = f"; {ckpt_path} keeps step {saved_step}" if saved_step is not None else ""
+        clip = " or leave --grad-clip on" if cfg.grad_clip == 0 else ""
+        return TrainingError(f"{what} became {value} at step {step} (training diverged); lower "
+                             f"--lr{clip}{kept}")
 
     def validate(final: bool) -> tuple[dict[str, Any], bool]:
         """Scores the model; returns its metrics and whether it is a new best."""
@@ -480,106 +692,134 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         ids = val_ids if final else val_ids[: cfg.eval_chars]
         nats = evaluate(model, ids) if d.main else float("nan")
         d.barrier()
+        if d.any(d.main and has_val and not math.isfinite(nats))[0]:
+            raise diverged("validation loss", nats)
         history["val"]["step"].append(step)
         history["val"]["time_s"].append(train_time_s)
         history["val"]["nats"].append(nats)
-        # nan (no validation text) never improves, so the best is then the first checkpoint
-        # written; `not nats >= best` would rank nan first.
-        improved = nats < best["val_nats_per_char"]
+        # Without validation text (nats is nan) every checkpoint is the best so far, so that
+        # best.pt is the last one, what export then ships.
+        improved = not has_val or nats < best["val_nats_per_char"]
         if improved:
             best.update(step=step, val_nats_per_char=nats, train_time_s=round(train_time_s, 2))
             evals_since_best = 0
         else:
             evals_since_best += 1
-        train_nats = history["train"]["nats"][-1] if history["train"]["nats"] else float("nan")
-        return {
-            "val_nats_per_char": nats, "val_bits_per_char": nats / LN2,
-            "val_chars_evaluated": len(ids), "val_full": final or len(ids) == len(val_ids),
-            "train_nats_per_char": train_nats, "train_bits_per_char": train_nats / LN2,
-            "steps": step, "train_time_s": round(train_time_s, 2), "chars_seen": chars_seen,
-            "params": params, "world_size": d.world, "corpus": corpus_info["name"],
-            "corpus_sha256": corpus_info["sha256"],
-            "val_chars_dropped": corpus_info["val_chars_dropped"],
-            "device": device.type, "precision": precision_name(amp_dtype),
-        }, improved
+        return run_metrics(nats, len(ids), final), improved
+
+    def save_and_stop(signum: int) -> Interrupted:
+        """On SIGINT or SIGTERM: the state after this step to checkpoint.pt (not validated, so
+        best.pt stays, unless without validation text best.pt is the last state anyway)."""
+        metrics = {**run_metrics(float("nan"), 0, False), "interrupted": True}
+        checkpoint(metrics, improved=not has_val, validated=False)
+        what = signal.Signals(signum).name
+        return Interrupted(f"{what}: stopped at step {step}, saved {ckpt_path}; continue with "
+                           "--resume", 128 + signum)
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and not resumed:
+            gone = clear_run(out)
+            if gone:
+                say(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {out}")
     state = model.initial_state(cfg.batch_size)
     bar = progress_bar(cfg.max_steps, step, d.main and cfg.progress)
     window_loss, window_n = 0.0, 0
     progress = progress_of(step, train_time_s)
     start_step, start_time_s, stopped_early = step, train_time_s, False
-    while progress < 1.0:
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, step, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y, fresh = batches.next()  # (B, T) each
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if fresh or cfg.state == "reset":
-            state = model.initial_state(cfg.batch_size)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits, state = runner(x, state)  # (B, T, V), (S, B, H)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        state = state.detach().float()
-        loss_value = loss.item()  # also waits for the GPU, so the step time below is real
-        step += 1
-        chars_seen += x.numel() * d.world
-        train_time_s = d.max(train_time_s + time.perf_counter() - t0)
-        progress = progress_of(step, train_time_s)
-        if (auto_reg and cfg.max_minutes and not resumed
-                and step == start_step + autoconfig.CALIBRATION_STEPS):
-            # The first estimate of the epochs used a nominal speed; now the run knows its
-            # own (on this machine, under this load), so settle dropout and decay for it.
-            rate = (step - start_step) * chars_per_step / max(1e-9, train_time_s - start_time_s)
-            epochs_planned = settle_regularization(rate)
-            model.set_dropout(cfg.dropout, cfg.embed_dropout)
+    with StopSignals() as signals:
+        while progress < 1.0:
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, step, progress)
             for group in optimizer.param_groups:
-                group["weight_decay"] = cfg.weight_decay
-            say(f"step {step}: {rate / 1000:.1f} k chars/s -> ~{epochs_planned:.1f} epochs: "
-                f"dropout {cfg.dropout:g}/{cfg.embed_dropout:g}, weight decay "
-                f"{cfg.weight_decay:g}")
+                group["lr"] = lr
+            x, y, fresh = batches.next()  # (B, T) each
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if fresh or cfg.state == "reset":
+                state = model.initial_state(cfg.batch_size)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits, state = runner(x, state)  # (B, T, V), (S, B, H)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            state = state.detach().float()
+            loss_value = loss.item()  # also waits for the GPU, so the step time below is real
+            step += 1
+            chars_seen += x.numel() * d.world
+            train_time_s = d.max(train_time_s + time.perf_counter() - t0)
+            progress = progress_of(step, train_time_s)
+            # One collective for both, so that every rank stops at the same step.
+            bad_loss, stop = d.any(not math.isfinite(loss_value), signals.signum is not None)
+            if bad_loss:  # the weights are now past saving: the files keep the last good state
+                bar.close()
+                raise diverged("loss", loss_value)
+            if (auto_reg and cfg.max_minutes and not resumed
+                    and step == start_step + autoconfig.CALIBRATION_STEPS):
+                # The first estimate of the epochs used a nominal speed; now the run knows its
+                # own (on this machine, under this load), so settle dropout and decay for it.
+                rate = (step - start_step) * chars_per_step / max(1e-9,
+                                                                  train_time_s - start_time_s)
+                epochs_planned = settle_regularization(rate)
+                model.set_dropout(cfg.dropout, cfg.embed_dropout)
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = cfg.weight_decay
+                say(f"step {step}: {rate / 1000:.1f} k chars/s -> ~{epochs_planned:.1f} "
+                    f"epochs: dropout {cfg.dropout:g}/{cfg.embed_dropout:g}, weight decay "
+                    f"{cfg.weight_decay:g}")
 
-        window_loss, window_n = window_loss + loss_value, window_n + 1
-        if step % 10 == 0 or progress >= 1.0:
-            nats = window_loss / window_n
-            history["train"]["step"].append(step)
-            history["train"]["time_s"].append(round(train_time_s, 3))
-            history["train"]["nats"].append(nats)
-            window_loss, window_n = 0.0, 0
-            bar.set_postfix(loss=f"{nats:.3f}", bpc=f"{nats / LN2:.3f}", lr=f"{lr:.1e}",
-                            min=f"{train_time_s / 60:.1f}", refresh=False)
-        bar.update(1)
-        if step % cfg.eval_every == 0 and progress < 1.0:
-            metrics, improved = validate(final=False)
-            say(f"step {step}: val {metrics['val_nats_per_char']:.4f} nats/char "
-                f"({metrics['val_bits_per_char']:.4f} bits/char), train "
-                f"{metrics['train_nats_per_char']:.4f}, {train_time_s:.0f} s"
-                + (" (best)" if improved else f" (best {best['val_nats_per_char']:.4f} at "
-                   f"step {best['step']})"))
-            checkpoint(metrics, improved)
-            if cfg.patience and d.max(float(evals_since_best >= cfg.patience)) > 0:
-                stopped_early = True
-                say(f"early stop: {evals_since_best} validations without a new best "
-                    f"(--patience {cfg.patience})")
-                break
-    bar.close()
-    metrics, improved = validate(final=True)
-    metrics["stopped_early"] = stopped_early
-    checkpoint(metrics, improved)
+            window_loss, window_n = window_loss + loss_value, window_n + 1
+            if step % 10 == 0 or progress >= 1.0 or stop:
+                nats = window_loss / window_n
+                history["train"]["step"].append(step)
+                history["train"]["time_s"].append(round(train_time_s, 3))
+                history["train"]["nats"].append(nats)
+                window_loss, window_n = 0.0, 0
+                bar.set_postfix(loss=f"{nats:.3f}", bpc=f"{nats / LN2:.3f}", lr=f"{lr:.1e}",
+                                min=f"{train_time_s / 60:.1f}", refresh=False)
+            bar.update(1)
+            if stop:
+                bar.close()
+                raise save_and_stop(signals.signum or signal.SIGTERM)
+            if step % cfg.eval_every == 0 and progress < 1.0:
+                metrics, improved = validate(final=False)
+                say(f"step {step}: val {metrics['val_nats_per_char']:.4f} nats/char "
+                    f"({metrics['val_bits_per_char']:.4f} bits/char), train "
+                    f"{metrics['train_nats_per_char']:.4f}, {train_time_s:.0f} s"
+                    + (" (best)" if improved else f" (best {best['val_nats_per_char']:.4f} at "
+                       f"step {best['step']})"))
+                checkpoint(metrics, improved)
+                if cfg.patience and d.max(float(evals_since_best >= cfg.patience)) > 0:
+                    stopped_early = True
+                    say(f"early stop: {evals_since_best} validations without a new best "
+                        f"(--patience {cfg.patience})")
+                    break
+        bar.close()
+        # A signal from here on changes nothing: the final validation and save finish anyway.
+        metrics, improved = validate(final=True)
+        metrics["stopped_early"] = stopped_early
+        checkpoint(metrics, improved)
     say(f"done: {_summary(metrics)}; checkpoint {ckpt_path}; best {best_path}: step "
         f"{best['step']}, val {best['val_nats_per_char']:.4f} nats/char")
     return {**metrics, "best": {**best, "val_nats_per_char": _finite(best["val_nats_per_char"])}}
+
+
+def _no_validation(cfg: TrainConfig, say: Callable[[str], None]) -> None:
+    """Without validation text nothing can rank checkpoints: best.pt follows the last one, and
+    --patience, which counts validations without a new best, has nothing to count."""
+    why = ("--val-fraction 0" if cfg.val_fraction == 0 else
+           f"--val-fraction {cfg.val_fraction:g} holds out no whole line of this corpus")
+    if cfg.patience:
+        raise TrainingError(f"--patience needs validation text, and there is none ({why}): "
+                            "drop --patience, or add text")
+    say(f"warning: no validation text ({why}): val loss is reported as nan, and best.pt is "
+        "always the last checkpoint")
 
 
 def _finite(value: float) -> float | None:
@@ -589,13 +829,37 @@ def _finite(value: float) -> float | None:
 # --- the seed's task -----------------------------------------------------------------------
 
 
-def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False) -> dict[str, Any]:
+def _holds_only_a_hello_run(out: Path) -> bool:
+    """Whether out holds the hello preset's files and nothing else: training it again writes
+    the same model (fixed seeds, float32 on the CPU), so replacing them loses nothing."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    if FILENAME not in names or not names <= {FILENAME, CURVE_FILENAME}:
+        return False
+    try:
+        train_config = load_checkpoint(out / FILENAME).get("train_config") or {}
+    except CheckpointError:
+        return False
+    return isinstance(train_config, dict) and train_config.get("preset") == "hello"
+
+
+def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
+                overwrite: bool = False) -> dict[str, Any]:
     """Trains the seed's three models on hello -> ohlol and saves the embedding model as a run
-    checkpoint in out_dir (vocab e h l o, cell rnn), ready for `export`.
+    checkpoint in out_dir (vocab e h l o, cell rnn), ready for `export`. A folder that holds
+    anything but an earlier hello run is refused, as for a language model, unless `overwrite`
+    (which first deletes an earlier run's files there: its best.pt would otherwise be what
+    export ships). An earlier hello run is replaced: the fixed seeds give the same model.
 
     Returns {"models": {key: {"predicted", "loss", "epochs", "seed", "title"}},
              "all_ohlol": bool, "checkpoint": str}.
     """
+    out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise TrainingError("--out is empty: name the run folder")
+    overwrite = overwrite or _holds_only_a_hello_run(out)
+    check_out_folder(out, resume=False, overwrite=overwrite, resumable=False)
     log = None if quiet else print
     models: dict[str, Any] = {}
     losses: dict[str, list[float]] = {}
@@ -610,7 +874,10 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False) -> dict
     assert isinstance(trained, CharRNN)  # the last plan is the embedding model
 
     embedding = models["embedding_rnn"]
-    out = Path(out_dir)
+    if overwrite:
+        gone = clear_run(out)
+        if log and gone:
+            log(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {out}")
     path = save_checkpoint(out / FILENAME, {
         "name": "hello-rnn",
         "model_config": trained.config.to_dict(),
@@ -633,7 +900,7 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False) -> dict
     })
     from .curves import save_hello_curve
 
-    save_hello_curve(losses, out / "loss.png")
+    save_hello_curve(losses, out / CURVE_FILENAME)
     all_ohlol = all(m["predicted"] == hello.TARGET for m in models.values())
     if log:
         log("")

@@ -5,6 +5,7 @@ the manifest records it; early stopping and `--resume` from either checkpoint.""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -106,3 +107,66 @@ def test_early_stopping(random_words: Path, tmp_path: Path,
     assert "early stop: 2 validations without a new best (--patience 2)" in out
     last, best = _load(run / "checkpoint.pt"), _load(run / "best.pt")
     assert last["metrics"]["stopped_early"] and last["step"] == best["step"] + 2 * 20 < 400
+
+
+# -- without validation text ------------------------------------------------------------------
+NO_VAL = ["--hidden-size", "8", "--embed-dim", "4", "--eval-every", "2", "--threads", "1",
+          "--no-progress"]
+
+
+def _strict_json(path: Path) -> dict:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_without_validation_text_best_is_the_last(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """A one-line corpus holds nothing out: best.pt follows the last checkpoint (what the
+    warning says), so export ships the last state, and metrics.json stays JSON (null, not NaN).
+    --resume of such a run works, and its best.pt still follows."""
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog and then some more\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--corpus", str(corpus), "--out", str(run), "--max-steps", "6",
+                     *NO_VAL]) == 0
+    out = capsys.readouterr().out
+    assert "warning: no validation text (--val-fraction 0.1 holds out no whole line of this " \
+           "corpus): val loss is reported as nan, and best.pt is always the last checkpoint" in out
+    assert _load(run / "best.pt")["step"] == _load(run / "checkpoint.pt")["step"] == 6
+    metrics = _strict_json(run / "metrics.json")
+    assert metrics["val_nats_per_char"] is None and metrics["best"]["step"] == 6
+
+    assert cli.main(["train", "--corpus", str(corpus), "--out", str(run), "--max-steps", "8",
+                     "--resume", *NO_VAL]) == 0
+    assert _load(run / "best.pt")["step"] == 8
+
+
+def test_patience_without_validation_text_is_refused(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("line one of the corpus\nline two of the corpus\n" * 20)
+    assert cli.main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
+                     "--max-steps", "6", "--val-fraction", "0", "--patience", "1",
+                     *NO_VAL]) == 1
+    assert capsys.readouterr().err == (
+        "nextchar train: --patience needs validation text, and there is none (--val-fraction "
+        "0): drop --patience, or add text\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_line_documents_hold_out_whole_documents(tmp_path: Path) -> None:
+    """A folder of one-line files: the per-document split keeps every line for training, so
+    the last files (from 90% of the corpus on) are held out instead, and validation runs."""
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    for i in range(20):
+        (lines / f"{i:02d}.txt").write_text(f"line {i:02d} of twenty, each a file\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--corpus", str(lines), "--out", str(run), "--max-steps", "4",
+                     "--patience", "1", *NO_VAL]) == 0
+    last = _load(run / "checkpoint.pt")
+    one = len("line 00 of twenty, each a file\n")
+    assert last["corpus"]["val_chars"] == 2 * one + 1  # the last two files, a blank line between
+    assert all(math.isfinite(v) for v in last["history"]["val"]["nats"])

@@ -67,13 +67,38 @@ def test_not_a_nextchar_checkpoint(tmp_path: Path) -> None:
 
 
 def test_wrong_shapes_are_a_clear_error(good_checkpoint: Path, tmp_path: Path) -> None:
+    """The line names the first tensor that does not fit and both shapes (torch's own first
+    line, "Error(s) in loading state_dict for CharRNN:", names nothing)."""
     from nextchar.training.export import export_artifact
 
     ckpt = load_checkpoint(good_checkpoint)
     ckpt["model_config"]["hidden_size"] = 9
     save_checkpoint(tmp_path / "c.pt", ckpt)
-    with pytest.raises(CheckpointError, match="does not describe a valid model"):
+    with pytest.raises(CheckpointError) as e:
         export_artifact(tmp_path / "c.pt", tmp_path / "art")
+    assert str(e.value) == (f"{tmp_path / 'c.pt'} does not describe a valid model: "
+                            "model_state's rnn.weight_ih_l0 is 8x10, the model_config needs 9x10")
+
+
+def test_a_vocab_entry_of_two_characters_is_named(good_checkpoint: Path, tmp_path: Path) -> None:
+    from nextchar.training.checkpoint import model_from_checkpoint
+
+    ckpt = load_checkpoint(good_checkpoint)
+    ckpt["vocab"][2] = "ll"
+    with pytest.raises(CheckpointError, match=r"^c.pt does not describe a valid model: vocab "
+                                              r"entry 2 is 'll', not one character$"):
+        model_from_checkpoint(ckpt, "c.pt")
+
+
+@pytest.mark.parametrize("content, why", [(b"", "it is empty"),
+                                          (b"hello\n" * 10, "it is not a file torch.save wrote")],
+                         ids=["empty", "text"])
+def test_a_file_that_is_no_checkpoint_says_so(content: bytes, why: str, tmp_path: Path) -> None:
+    """Not torch's "Please file an issue ... WeightsUnpickler error:" for a text file."""
+    (tmp_path / "notes.pt").write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "notes.pt")
+    assert str(e.value) == f"{tmp_path / 'notes.pt'} is not a nextchar checkpoint ({why})"
 
 
 def test_real_process_exit_status(good_checkpoint: Path, tmp_path: Path) -> None:

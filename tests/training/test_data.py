@@ -34,6 +34,42 @@ def test_read_corpus_errors(tmp_path: Path) -> None:
         data.read_corpus([tmp_path / "empty"])
 
 
+def test_empty_path_and_fifo_say_what_they_are(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("not to be read: Path('') is the working folder\n")
+    with pytest.raises(CorpusError, match="^corpus path is empty$"):
+        data.read_corpus([""])
+    os.mkfifo(tmp_path / "fifo")  # reading it would block until a writer came
+    with pytest.raises(CorpusError, match=f"^corpus path {tmp_path / 'fifo'} is not a regular "
+                                          "file or folder$"):
+        data.read_corpus([tmp_path / "fifo"])
+
+
+def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.txt").write_text("linked text\n")
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("own text\n")
+    (root / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # must not recurse
+    docs = data.read_corpus([root])
+    assert [d.name for d in docs] == [str(root / "a.txt"), str(root / "sub" / "link" / "c.txt")]
+
+
+def test_the_run_folder_inside_the_corpus_is_skipped(tiny_corpus: Path) -> None:
+    run = tiny_corpus / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"PK\x03\x04 binary, not UTF-8 \xff")
+    (run / "metrics.json").write_text("{}\n")
+    names = [Path(d.name).name for d in data.read_corpus([tiny_corpus], skip=[run])]
+    assert names == ["a.txt", "b.txt"]
+
+
 def test_clean_text_strips_gutenberg_and_normalises() -> None:
     raw = ("\ufeffThe Project Gutenberg EBook of X\r\n\r\n*** START OF THIS PROJECT GUTENBERG "
            "EBOOK X ***\r\n\r\n\r\n\r\nHAMLET.  \r\nTo be.\r\n\r\n\r\n\r\nOr not.\r\n"
@@ -52,6 +88,17 @@ def test_split_is_deterministic_and_per_document() -> None:
     assert split.val.startswith("a line 90\n") and split.val.endswith("b line 99\n")
     assert "b line 90\n" in split.val and "b line 90\n" not in split.train
     assert len(split.train) + len(split.val) == sum(len(d.text) for d in docs) + 2
+
+
+def test_one_line_documents_fall_back_to_whole_documents() -> None:
+    """Each document is one line, so no line start lies in its tail: the last documents (from
+    90% of the corpus's characters on) are validation, whole."""
+    docs = [data.Document(str(i), f"document number {i:02d}\n") for i in range(30)]
+    split = data.split_corpus(docs, 0.1)
+    assert split.val == "document number 27\n\ndocument number 28\n\ndocument number 29\n"
+    assert split.train.startswith("document number 00\n") and "number 27" not in split.train
+    assert data.split_corpus(docs[:1], 0.1).val == ""  # one line in all: nothing to hold out
+    assert data.split_corpus(docs, 0.0).val == ""
 
 
 def test_vocab_encode_and_dropped_characters() -> None:

@@ -207,3 +207,122 @@ def test_export_of_a_checkpoint_file(hello_run: tuple[Path, dict], tmp_path: Pat
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["version"] == "20261127-101500" and m["name"] == "hello-rnn"
     assert m["training"]["predicted"] == "ohlol"
+
+
+# -- what export refuses before it writes anything, and what it no longer refuses -----------
+def _run_with_best(hello_run: tuple[Path, dict], tmp_path: Path) -> Path:
+    """A run folder whose best.pt is intact (the hello model) and whose checkpoint.pt is not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = (hello_run[0] / "checkpoint.pt").read_bytes()
+    (run / "best.pt").write_bytes(good)
+    (run / "checkpoint.pt").write_bytes(good[:3000])
+    return run
+
+
+def test_a_corrupt_checkpoint_pt_does_not_block_an_intact_best(hello_run: tuple[Path, dict],
+                                                               tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    run = _run_with_best(hello_run, tmp_path)
+    assert cli.main(["export", str(run / "best.pt"), "-o", str(tmp_path / "art")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("nextchar export: warning: the run's last step is left out of the "
+                          f"manifest: {run / 'checkpoint.pt'} is not a readable checkpoint")
+    assert err.count("\n") == 1 and "checkpoint: best.pt, step 25" in out
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert "last_step" not in m["checkpoint"] and m["checkpoint"]["warning"]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--name", "team/model"), ("--name", "a\tb"), ("--name", "-x"), ("--name", ""),
+    ("--version", "v 1"), ("--version", "1\n2"), ("--version", "x" * 129)])
+def test_names_and_versions_a_server_cannot_route_are_refused(flag: str, value: str,
+                                                              hello_run: tuple[Path, dict],
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture
+                                                              ) -> None:
+    assert cli.main(["export", str(hello_run[0]), "-o", str(tmp_path / "art"),
+                     f"{flag}={value}"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"nextchar export: {flag} {value!r} is refused: names and versions take "
+                   "letters, digits, '.', '_' and '-' only (at most 128, the first a letter or "
+                   "digit)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_names_are_valid() -> None:
+    from datetime import datetime, timezone
+
+    from nextchar.training.names import name_problem
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")  # export's default version
+    for value in ("shakespeare-lstm", "corpus-gru", "hello-rnn", "random-rnn", "nextchar-lstm",
+                  "bench-rnn-h256", "20261202-052127", "v1", "1.2.0", stamp):
+        assert name_problem(value, "--name") is None, value
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_an_unwritable_out_is_refused_up_front(out: str, hello_run: tuple[Path, dict],
+                                               tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export, "_trace", lambda *a: pytest.fail("the export ran"))
+    assert cli.main(["export", str(hello_run[0]), "-o", out]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nextchar export: -o ") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_beside_an_artifact_are_not_deleted(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    art = build_random_artifact(tmp_path / "art", VOCAB)
+    (art / "NOTES.md").write_text("notes")
+    (art / "keep").mkdir()
+    before = sorted(p.name for p in art.iterdir())
+    run = tmp_path / "run"
+    model = CharRNN(CharRNNConfig(len(VOCAB), 4, 8, 1, "rnn"))
+    save_checkpoint(run / "checkpoint.pt", {"name": "x", "model_config": model.config.to_dict(),
+                                            "vocab": list(VOCAB), "model_state":
+                                                model.state_dict()})
+    assert cli.main(["export", str(run), "-o", str(art)]) == 1
+    assert capsys.readouterr().err == (
+        f"nextchar export: {art} holds an artifact and also NOTES.md, keep/, which replacing "
+        "it would delete: move them away or choose another -o\n")
+    assert sorted(p.name for p in art.iterdir()) == before
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = CharRNN(CharRNNConfig(len(VOCAB), 4, 8, 1, "gru"))
+    state = model.state_dict()
+    state["head.bias"][2] = float("nan")
+    path = tmp_path / "diverged.pt"
+    save_checkpoint(path, {"name": "x", "model_config": model.config.to_dict(),
+                           "vocab": list(VOCAB), "model_state": state})
+    assert cli.main(["export", str(path), "-o", str(tmp_path / "art")]) == 1
+    assert capsys.readouterr().err == (
+        f"nextchar export: {path} holds non-finite weights (nan in head.bias): the run "
+        "diverged; use an earlier checkpoint or train again with a lower --lr\n")
+    assert not (tmp_path / "art").exists()
+
+
+def test_sigterm_during_export_leaves_no_temporary_folder(hello_run: tuple[Path, dict],
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import os
+    import signal
+
+    original = export._trace
+
+    def trace_then_terminated(model, example):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `docker stop` would, mid-export
+        return original(model, example)
+
+    monkeypatch.setattr(export, "_trace", trace_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["export", str(hello_run[0]), "-o", str(tmp_path / "art")]) == 143
+    assert capsys.readouterr().err == "nextchar export: terminated\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -234,3 +234,84 @@ def test_cuda_training_is_device_independent(backend: str, tiny_corpus: Path,
     assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "6",
                   "--resume", "--device", "cpu", *TINY) == 0
     assert cli.main(["export", str(run), "-o", str(tmp_path / "art")]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--hidden-size", "--embed-dim"])
+@pytest.mark.parametrize("value", ["9223372036854775808", "99999999999999999999"])
+def test_a_width_past_any_memory_is_one_line(flag: str, value: str, tiny_corpus: Path,
+                                             tmp_path: Path, capsys: pytest.CaptureFixture
+                                             ) -> None:
+    """From 2**63 on torch cannot even take the size (a TypeError traceback)."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), *TINY,
+                  flag, value) == 1
+    assert capsys.readouterr().err == (f"nextchar train: {flag} must be <= 2147483647 "
+                                       f"(2**31 - 1), got {value}\n")
+
+
+def test_auto_shortens_the_window_for_a_tiny_corpus(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("hello world, tiny corpus line\n" * 4)
+    run = tmp_path / "r"
+    assert _train("--corpus", str(corpus), "--out", str(run), "--max-steps", "2",
+                  "--hidden-size", "8", "--embed-dim", "4", "--threads", "1",
+                  "--no-progress") == 0
+    cfg = torch.load(run / "checkpoint.pt", weights_only=True)["train_config"]
+    assert (cfg["batch_size"], cfg["bptt"]) == (1, 12)  # (120 - 8) // 9
+
+    # Too short even for that: the line says how much text a run needs, not to lower
+    # sizes that auto already chose as low as they go.
+    corpus.write_text("hello\n")
+    assert _train("--corpus", str(corpus), "--out", str(tmp_path / "r2"), "--max-steps", "2",
+                  "--val-fraction", "0", "--hidden-size", "8", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert err == ("nextchar train: the training text is too short (6 chars): a run needs at "
+                   "least 17; add text\n")
+    # With one size given, only that one is the user's to lower.
+    corpus.write_text("hello world, tiny corpus line\n" * 4)
+    assert _train("--corpus", str(corpus), "--out", str(tmp_path / "r3"), "--max-steps", "2",
+                  "--batch-size", "16", "--hidden-size", "8", "--no-progress") == 1
+    assert capsys.readouterr().err.endswith("; lower --batch-size (or leave it on auto)\n")
+
+
+def test_resume_names_what_it_ignores_and_the_runs_corpus(tiny_corpus: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from nextchar.training import data
+
+    run = tmp_path / "run"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "2",
+                  *TINY) == 0
+    capsys.readouterr()
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "3",
+                  "--resume", *TINY, "--cell", "gru", "--lr", "0.5") == 0
+    assert ("warning: --resume continues the run as it was trained; ignoring --cell gru (the "
+            "run's: lstm), --lr 0.5 (the run's: 0.008)\n") in capsys.readouterr().out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["model_config"]["cell"] == "lstm"
+    # Without --corpus: refused before the default corpus is fetched, naming the run's.
+    monkeypatch.setattr(data, "load_default_corpus",
+                        lambda *a: pytest.fail("the default corpus was loaded"))
+    assert _train("--out", str(run), "--max-steps", "4", "--resume", *TINY) == 1
+    assert capsys.readouterr().err == (f"nextchar train: {run / 'checkpoint.pt'} was trained on "
+                                       f"--corpus {tiny_corpus}: pass the same --corpus to "
+                                       "resume it\n")
+    other = tmp_path / "other.txt"
+    other.write_text("some other text entirely\n" * 40)
+    assert _train("--corpus", str(other), "--out", str(run), "--max-steps", "4", "--resume",
+                  *TINY) == 1
+    assert f"was trained on a different corpus (--corpus {tiny_corpus}); cannot resume" in \
+        capsys.readouterr().err
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(capsys: pytest.CaptureFixture) -> None:
+    from nextchar.training.train import progress_bar
+
+    bar = progress_bar(20, 4, enabled=True)  # capsys's stderr is not a terminal
+    bar.interval_s = 0.0  # a line per update instead of one per 30 s
+    bar.set_postfix(loss="1.234", lr="8.0e-03", refresh=False)
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    assert capsys.readouterr().err == ("step 5/20: loss 1.234, lr 8.0e-03\n"
+                                       "step 6/20: loss 1.234, lr 8.0e-03\n")
