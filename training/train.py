@@ -45,6 +45,13 @@ from .device import precision_name, resolve_device, resolve_precision
 from .errors import CheckpointError, CorpusError, Interrupted, TrainingError
 from .model import CharRNN, CharRNNConfig
 from .names import name_problem
+from .run_folder import (
+    CURVE_FILENAME,
+    METRICS_FILENAME,
+    check_out_folder,
+    clear_run,
+    holds_only_a_hello_run,
+)
 
 LN2 = math.log(2)
 
@@ -57,9 +64,6 @@ MAX_THREADS = 1024
 # Wider is past any machine's memory (an LSTM 2**31 wide is 275 GB), and torch cannot even
 # take a size from 2**63 on.
 MAX_WIDTH = 2**31 - 1
-METRICS_FILENAME, CURVE_FILENAME = "metrics.json", "loss.png"
-# Everything a run writes into its folder: what --overwrite clears before a new run starts.
-RUN_FILES = (FILENAME, BEST_FILENAME, METRICS_FILENAME, CURVE_FILENAME)
 
 
 @dataclass
@@ -362,44 +366,6 @@ def _batches(cfg: TrainConfig, train_ids: torch.Tensor, val_chars: int, d: Dist,
     batches_cls = data.StreamBatches if carry else data.RandomWindows
     return batches_cls(train_ids, cfg.batch_size, cfg.bptt, cfg.seed, d.rank, d.world,
                        hint=hint)
-
-
-def check_out_folder(out: Path, resume: bool, overwrite: bool, resumable: bool = True) -> None:
-    """Before anything is read: --out must be a folder or not exist yet (under folders), and
-    one that holds anything (a run, or files of its own) is written only with --resume or
-    --overwrite, so that nothing is replaced or mixed with another run by surprise."""
-    for folder in [out, *out.parents]:
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                where = "is a file" if folder == out else f"is under {folder}, a file"
-                raise TrainingError(f"--out {out} {where}, not a folder: choose another --out")
-            break
-    if resume or overwrite or not out.is_dir():
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if FILENAME in entries:
-        resume_hint = "pass --resume to continue that run or " if resumable else "pass "
-        raise TrainingError(f"{out / FILENAME} exists: {resume_hint}--overwrite to replace it")
-    run_files = [name for name in entries if name in RUN_FILES]
-    if run_files:
-        raise TrainingError(f"{out} holds a run's {', '.join(run_files)}: pass --overwrite to "
-                            "replace it")
-    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-    raise TrainingError(f"{out} is not empty ({shown}) and holds no run: choose a new or empty "
-                        "--out, or pass --overwrite to write the run beside those files")
-
-
-def clear_run(out: Path) -> list[str]:
-    """Deletes the files an earlier run wrote into out (--overwrite), so that none of them
-    (a best.pt of another model, say) outlives it; returns their names."""
-    gone = []
-    for name in RUN_FILES:
-        if (out / name).is_file():
-            (out / name).unlink()
-            gone.append(name)
-    return gone
 
 
 class LogProgress:
@@ -829,21 +795,6 @@ def _finite(value: float) -> float | None:
 # --- the seed's task -----------------------------------------------------------------------
 
 
-def _holds_only_a_hello_run(out: Path) -> bool:
-    """Whether out holds the hello preset's files and nothing else: training it again writes
-    the same model (fixed seeds, float32 on the CPU), so replacing them loses nothing."""
-    if not out.is_dir():
-        return False
-    names = {p.name for p in out.iterdir()}
-    if FILENAME not in names or not names <= {FILENAME, CURVE_FILENAME}:
-        return False
-    try:
-        train_config = load_checkpoint(out / FILENAME).get("train_config") or {}
-    except CheckpointError:
-        return False
-    return isinstance(train_config, dict) and train_config.get("preset") == "hello"
-
-
 def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
                 overwrite: bool = False) -> dict[str, Any]:
     """Trains the seed's three models on hello -> ohlol and saves the embedding model as a run
@@ -858,7 +809,7 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
     out = Path(out_dir)
     if not str(out_dir).strip():
         raise TrainingError("--out is empty: name the run folder")
-    overwrite = overwrite or _holds_only_a_hello_run(out)
+    overwrite = overwrite or holds_only_a_hello_run(out)
     check_out_folder(out, resume=False, overwrite=overwrite, resumable=False)
     log = None if quiet else print
     models: dict[str, Any] = {}
