@@ -168,3 +168,17 @@ def test_json_formatter_keeps_extras_and_tracebacks() -> None:
     assert line["msg"] == "failed here" and line["request_id"] == "r-1"
     assert line["code"] == "INTERNAL" and "ValueError: boom" in line["exc"]
     assert line["ts"].endswith("Z")
+
+
+def test_without_metrics_port_nothing_is_counted_and_calls_still_work(
+        start_server, tiny_artifact: Path) -> None:
+    """--metrics-port unset: no registry, no exporter, no per-call counting, the same answers."""
+    st = start_server(model=tiny_artifact)
+    assert st.server.metrics is None and st.server.metrics_port is None
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.NextCharStub(ch)
+        assert len(stub.Predict(pb.PredictRequest(texts=["hello"])).predictions) == 1
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Predict(pb.PredictRequest(texts=["h\u00e9"]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert st.server.runtime().stats.inference_count == 1  # KServe statistics still count
