@@ -64,6 +64,10 @@ MAX_THREADS = 1024
 # Wider is past any machine's memory (an LSTM 2**31 wide is 275 GB), and torch cannot even
 # take a size from 2**63 on.
 MAX_WIDTH = 2**31 - 1
+# Deeper stacks do not train as char-RNNs (gradients through that many tanh layers vanish), and
+# torch builds one module per layer: 5,000 layers take ~3 s, 100,000 would take many minutes
+# before the first step, with no message.
+MAX_LAYERS = 64
 
 
 @dataclass
@@ -132,6 +136,8 @@ class TrainConfig:
             if value is not None and value > MAX_WIDTH:
                 raise TrainingError(f"--{key.replace('_', '-')} must be <= {MAX_WIDTH} (2**31 "
                                     f"- 1), got {value}")
+        if self.num_layers is not None and self.num_layers > MAX_LAYERS:
+            raise TrainingError(f"--num-layers must be <= {MAX_LAYERS}, got {self.num_layers}")
         for key in ("dropout", "embed_dropout"):
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:

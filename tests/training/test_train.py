@@ -248,6 +248,15 @@ def test_a_width_past_any_memory_is_one_line(flag: str, value: str, tiny_corpus:
                                        f"(2**31 - 1), got {value}\n")
 
 
+def test_a_stack_too_deep_to_build_is_one_line(tiny_corpus: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "r"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), *TINY,
+                  "--num-layers", "100000") == 1
+    assert capsys.readouterr().err == "nextchar train: --num-layers must be <= 64, got 100000\n"
+    assert not run.exists()  # refused before the run folder is made
+
+
 def test_auto_shortens_the_window_for_a_tiny_corpus(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     corpus = tmp_path / "tiny.txt"
