@@ -63,6 +63,10 @@ class ServerSettings(BaseSettings):
         True, description="Serve HTTP on --http-port too (KServe V2 REST, OpenAI-compatible "
         "/v1/completions, nextchar JSON; docs/http.md), same host, TLS and tokens as gRPC.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="An HTTP request body that sends nothing for this "
+        "long is refused with 408 (a client that stalls mid-body holds a connection and a call "
+        "slot until then).")
 
     # Limits, advertised by GetModelInfo and enforced.
     max_texts_per_request: int = Field(1024, ge=1, description="Texts in one Predict.")

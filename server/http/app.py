@@ -50,4 +50,5 @@ def build_app(plane: DataPlane, telemetry: Telemetry, tokens: TokenSet | None,
     api.include_router(openai.router(plane, telemetry.gate))
     api.include_router(native.router(plane, telemetry.gate))
     return CallLayer(_FastPaths(api, plane), telemetry, tokens, open_health=settings.auth_open_health,
-                     max_body_bytes=settings.max_message_bytes)
+                     max_body_bytes=settings.max_message_bytes,
+                     body_timeout_s=settings.http_body_timeout_s)

@@ -27,11 +27,13 @@ RETRY_AFTER_S = "1"
 # OpenAI's error `type` per status (its API answers these; the SDK maps the status to a class).
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 409: "invalid_request_error",
+                 405: "invalid_request_error", 408: "invalid_request_error",
+                 409: "invalid_request_error",
                  413: "invalid_request_error", 415: "invalid_request_error",
                  429: "rate_limit_error",
                  503: "service_unavailable", 504: "timeout"}
-_OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large",
+_OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 408: "request_timeout",
+                 413: "request_too_large",
                  429: "rate_limit_exceeded", 503: "unavailable", 504: "deadline_exceeded"}
 
 
@@ -45,6 +47,16 @@ class BodyTooLarge(ServingError, HTTPException):
     def __init__(self, message: str) -> None:
         ServingError.__init__(self, message)
         self.status_code, self.detail, self.headers = 413, message, None
+
+
+class BodyTimeout(ServingError, HTTPException):
+    """A request body that stalled: nothing arrived for --http-body-timeout-s."""
+
+    http_status = 408
+
+    def __init__(self, message: str) -> None:
+        ServingError.__init__(self, message)
+        self.status_code, self.detail, self.headers = 408, message, None
 
 
 def is_openai(path: str) -> bool:

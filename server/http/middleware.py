@@ -9,6 +9,7 @@ order:
    wait for it), counted in the metrics with protocol="http" and written to the access log;
 3. bearer tokens (../security.py TokenSet), health open unless --no-auth-open-health; 401;
 4. limits: a body over max_message_bytes is 413 (Content-Length, or counted as it arrives);
+   a body that stalls (nothing for --http-body-timeout-s) is 408;
 5. deadline: `x-request-timeout-ms` becomes the call's deadline on the loop's clock, as a gRPC
    deadline does (handlers read `request.state.deadline`);
 6. anything that escapes the app is logged once and answered 500 without internal text.
@@ -27,7 +28,7 @@ from typing import Any
 from ..logging_setup import REQUEST_ID_HEADER
 from ..security import TokenSet
 from ..telemetry import DRAINING_MESSAGE, Telemetry
-from .errors import INTERNAL, BodyTooLarge, error_body, error_headers
+from .errors import INTERNAL, BodyTimeout, BodyTooLarge, error_body, error_headers
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,13 @@ def _bearer(value: bytes | None) -> str | None:
 
 class CallLayer:
     def __init__(self, app: ASGIApp, telemetry: Telemetry, tokens: TokenSet | None,
-                 open_health: bool, max_body_bytes: int) -> None:
+                 open_health: bool, max_body_bytes: int, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.telemetry = telemetry
         self.tokens = tokens
         self.open_health = open_health
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,16 +174,27 @@ class CallLayer:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        limit = self.max_body_bytes
+        limit, timeout_s = self.max_body_bytes, self.body_timeout_s
         seen = 0
+        complete = False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body, receive() waits for a disconnect: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the request body stalled: nothing arrived for {timeout_s:g}s "
+                                  f"after {seen} bytes (--http-body-timeout-s); send the whole "
+                                  f"body promptly") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(f"request body over max_message_bytes {limit}")
+                complete = not message.get("more_body", False)
+            else:  # http.disconnect
+                complete = True
             return message
 
         return counted

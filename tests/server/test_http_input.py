@@ -1,12 +1,14 @@
 """Unusual and bad HTTP input, each answered with a precise status and the protocol's own error
 body: bodies that do not parse (deep nesting, bad UTF-8, wrong Content-Type, empty), bodies
-over the limit sent chunked, HEAD on every GET route, and the OpenAI fields a client may send as
+over the limit sent chunked, bodies that stall, HEAD on every GET route, and the OpenAI fields a client may send as
 null, as strings, or with values whose OpenAI meaning differs from nextchar's own."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from conftest import serving
 from http_util import Reply, call
 
 LIMIT = 64 * 1024  # max_message_bytes of this module's server
+BODY_TIMEOUT_S = 1.0  # its http_body_timeout_s
 
 
 @pytest.fixture(scope="module")
 def st(tiny_artifact: Path) -> Iterator:
-    with serving(model=tiny_artifact, backend="onnx", max_message_bytes=LIMIT) as server:
+    with serving(model=tiny_artifact, backend="onnx", max_message_bytes=LIMIT,
+                 http_body_timeout_s=BODY_TIMEOUT_S) as server:
         yield server
 
 
@@ -118,6 +122,35 @@ def test_a_chunked_body_over_the_limit_is_413(st, name: str, path: str) -> None:
     else:
         assert r.json() == {"error": message}
     assert chunked(st, "/v1/completions", LIMIT // 2).status != 413  # under it: parsed
+
+
+def stalled(st, path: str) -> tuple[Reply, float]:
+    """A POST that promises 100 bytes of body, sends 10 and then nothing."""
+    host, port = st.http_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"prompt\":".encode())
+        started = time.monotonic()
+        r = http.client.HTTPResponse(sock)
+        r.begin()
+        return (Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()),
+                time.monotonic() - started)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/nextchar/v1/predict",
+                                  "/v2/models/{name}/infer", "/v2/repository/index"])
+def test_a_body_that_stalls_is_408_after_the_timeout(st, name: str, path: str) -> None:
+    r, waited = stalled(st, path.format(name=name))
+    assert r.status == 408, r.body
+    assert BODY_TIMEOUT_S * 0.9 <= waited < BODY_TIMEOUT_S + 5
+    message = (f"the request body stalled: nothing arrived for {BODY_TIMEOUT_S:g}s after 10 "
+               f"bytes (--http-body-timeout-s); send the whole body promptly")
+    if path.startswith("/v1/"):
+        err = openai_error(r, 408)
+        assert err["message"] == message and err["code"] == "request_timeout"
+    else:
+        assert r.json() == {"error": message}
+    assert completion(st, model=name, prompt="ab", max_tokens=1).status == 200  # still serving
 
 
 # -- HEAD --------------------------------------------------------------------------------------
