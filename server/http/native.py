@@ -31,6 +31,7 @@ from ..errors import InvalidInput, ServingError
 from ..generator import GenerateParams
 from ..predictor import TextResult
 from ..telemetry import DrainGate
+from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 
 JSON = "application/json"
@@ -124,15 +125,20 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             return doc
 
         if not body.stream:
-            try:
+            async def whole() -> dict[str, Any]:
                 parts, reason, state = [], None, b""
                 async for chunk in session.chunks():
                     parts.append(chunk.text)
                     if chunk.stop_reason is not None:
                         reason, state = chunk.stop_reason, chunk.state
+                return last("".join(parts), reason, state)
+
+            try:
+                return _json(await unless_gone(request, whole()))
+            except ClientGone:
+                return gone_response()
             finally:
                 session.close()
-            return _json(last("".join(parts), reason, state))
 
         async def events() -> AsyncIterator[bytes]:
             try:

@@ -35,6 +35,7 @@ from ..errors import InvalidInput, ServingError
 from ..generator import STOP_STRING, GenerateParams
 from ..logging_setup import request_id_var
 from ..telemetry import DrainGate
+from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 from .openai_schemas import MAX_CHOICES, CompletionRequest
 
@@ -126,18 +127,28 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             return StreamingResponse(_stream(plane, body, choices, meta, gate),
                                      media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
+
+        async def answer() -> list[dict[str, Any]]:
+            try:
+                await asyncio.gather(*(_run(c) for c in choices))
+            finally:
+                _close(choices)
+            out = []
+            for c in choices:
+                text = c.prompt + c.text if body.echo else c.text
+                lp = None
+                if body.logprobs is not None:
+                    lp = await _logprobs(plane, body, c, request.state.deadline)
+                out.append({"text": text, "index": c.index, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+            return out
+
         try:
-            await asyncio.gather(*(_run(c) for c in choices))
+            out = await unless_gone(request, answer())
+        except ClientGone:
+            return gone_response()
         finally:
             _close(choices)
-        out = []
-        for c in choices:
-            text = c.prompt + c.text if body.echo else c.text
-            lp = None
-            if body.logprobs is not None:
-                lp = await _logprobs(plane, body, c, request.state.deadline)
-            out.append({"text": text, "index": c.index, "logprobs": lp,
-                        "finish_reason": c.finish_reason})
         return _json({**meta, "choices": out, "usage": _usage(choices, body.n)})
 
     return r

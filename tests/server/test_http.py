@@ -404,3 +404,39 @@ def test_overload_is_429_with_retry_after(start_server, tiny_artifact: Path) -> 
     assert r.status == 429
     assert v2(st, "POST", f"/v2/models/{name}/infer",
               {"inputs": [text_input(["ab"])]}).status == 200
+
+
+def _abandon(st, path: str, body: dict, streams: int) -> None:
+    """Sends a non-streaming POST, waits until its `streams` Generate streams run, then closes
+    the connection unanswered."""
+    host, port = st.http_url.removeprefix("http://").split(":")
+    raw = json.dumps(body).encode()
+    gen = st.server.runtime().generator
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        deadline = time.monotonic() + 10
+        while gen.active_streams < streams and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert gen.active_streams == streams
+
+
+@pytest.mark.parametrize("path, body, streams", [
+    ("/v1/completions", {"prompt": ["hello"] * 16, "max_tokens": 4096, "n": 4}, 64),
+    ("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 4096}, 1),
+])
+def test_a_non_streaming_generation_ends_when_its_caller_leaves(
+        start_server, tiny_artifact: Path, path: str, body: dict, streams: int) -> None:
+    """Its streams are closed at once (as a cancelled gRPC call's are), not run to the end."""
+    st = start_server(model=tiny_artifact, generate_flush_ms=0)
+    name = st.server.runtime().name
+    gen = st.server.runtime().generator
+    _abandon(st, path, {"model": name, **body}, streams)
+    left = time.monotonic()
+    while gen.active_streams and time.monotonic() < left + 5:
+        time.sleep(0.005)
+    assert gen.active_streams == 0
+    assert time.monotonic() - left < 1.0  # 64 x 4096 characters would take far longer
+    r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "hello",
+                                                      "max_tokens": 2})
+    assert r.status == 200 and len(r.json()["choices"][0]["text"]) == 2
