@@ -146,6 +146,9 @@ def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) ->
 # Temperatures for which float32 logits / t in float64 neither overflow nor underflow, so the
 # quotients keep the logits' order and ties exactly.
 ORDER_BY_LOGITS = (1e-30, 1e30)
+# Below it, logits / t may overflow to +-inf: sample_ids divides each row's distance from its
+# maximum instead.
+COLD = 1e-30
 
 
 def descending_order(logits: np.ndarray) -> np.ndarray:
@@ -177,7 +180,16 @@ def sample_ids(
     """
     if temperature == 0.0:
         return np.argmax(logits, axis=1)
-    z = logits.astype(np.float64) / temperature  # (B, V)
+    z = logits.astype(np.float64)  # (B, V)
+    if temperature < COLD:
+        # So cold that logits / t would overflow to +-inf (then inf - inf is nan, and the draw
+        # picks garbage): divide each row's distance from its maximum instead, which is <= 0,
+        # so the maximum stays 0 and the rest go to -inf, probability 0: greedy, as t -> 0 is.
+        z -= z.max(axis=1, keepdims=True)
+        with np.errstate(over="ignore"):  # the -inf are meant
+            z /= temperature
+    else:
+        z /= temperature
     if logits.dtype == np.float32 and ORDER_BY_LOGITS[0] <= temperature <= ORDER_BY_LOGITS[1]:
         order = descending_order(logits)  # (B, V)
     else:  # float64 logits, or z may overflow or underflow: ties the logits do not have

@@ -328,6 +328,22 @@ def test_sampler_equals_the_stable_argsort_reference_exactly(monkeypatch) -> Non
                               np.argsort(-logits.astype(np.float64), axis=1, kind="stable"))
 
 
+@pytest.mark.parametrize("t", [1e-320, 5e-324, 1e-300, 1e-31])
+def test_a_temperature_so_cold_it_overflows_is_greedy(t: float, recwarn) -> None:
+    """logits / t would be +-inf (then inf - inf = nan): the answer is the argmax, as at t -> 0,
+    without a numpy warning; tied maxima share the probability."""
+    from nextchar.server.generator import sample_ids
+
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((64, 84)) * 5).astype(np.float32)
+    u = rng.random(64)
+    assert sample_ids(logits, u, t, 0, 0.0).tolist() == np.argmax(logits, axis=1).tolist()
+    assert sample_ids(logits, u, t, 40, 0.9).tolist() == np.argmax(logits, axis=1).tolist()
+    tied = np.array([[1.0, 3.0, 3.0, -2.0]] * 2, dtype=np.float32)
+    assert sample_ids(tied, np.array([0.25, 0.75]), t, 0, 0.0).tolist() == [1, 2]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_sampler_rows_do_not_depend_on_each_other() -> None:
     from nextchar.server.generator import sample_ids
 
