@@ -149,6 +149,9 @@ ORDER_BY_LOGITS = (1e-30, 1e30)
 # Below it, logits / t may overflow to +-inf: sample_ids divides each row's distance from its
 # maximum instead.
 COLD = 1e-30
+# For callers that can continue from a state (nextchar.v1, native JSON); front ends without
+# states (OpenAI) leave it out.
+STATE_HINT = " (with a state: the characters that follow the text it was taken after)"
 
 
 def descending_order(logits: np.ndarray) -> np.ndarray:
@@ -481,8 +484,7 @@ class Generator:
         lim = self.predictor.limits
         v = self.artifact.vocab_size
         if not p.prompt:
-            raise InvalidInput("prompt is empty: send at least one character (with a state: "
-                               "the characters that follow the text it was taken after)")
+            raise InvalidInput("prompt is empty: send at least one character" + STATE_HINT)
         if len(p.prompt) > lim.max_chars_per_text:
             raise InvalidInput(f"prompt has {len(p.prompt)} characters > max_chars_per_text "
                                f"{lim.max_chars_per_text}")

@@ -32,7 +32,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..dataplane import DataPlane, GenChunk, GenerateCall, GenerateSession, PredictCall
 from ..errors import InvalidInput, ServingError
-from ..generator import STOP_STRING, GenerateParams
+from ..generator import STATE_HINT, STOP_STRING, GenerateParams
 from ..logging_setup import request_id_var
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
@@ -115,10 +115,6 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             bound = min(lim.max_top_k, model.artifact.vocab_size)
             if body.logprobs > bound:
                 raise OpenAIError(f"logprobs must be between 0 and {bound}", "logprobs")
-            longest = max(map(len, prompts)) + (body.max_tokens or 0)
-            if longest > lim.max_chars_per_text:
-                raise OpenAIError(f"logprobs needs prompt + max_tokens <= max_chars_per_text "
-                                  f"{lim.max_chars_per_text} characters", "logprobs")
         stops = ([body.stop] if isinstance(body.stop, str) else list(body.stop or ()))
         choices = _open(plane, body, prompts, stops, request.state.deadline)
         meta = {"id": f"cmpl-{request_id_var.get() or ''}", "object": "text_completion",
@@ -160,6 +156,7 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
     before any byte of an answer; on a failure, the ones already open are closed."""
     choices: list[_Choice] = []
     max_chars = body.max_tokens if body.max_tokens is not None else 16
+    one = isinstance(body.prompt, str)
     try:
         for p_index, prompt in enumerate(prompts):
             for i in range(body.n):
@@ -175,16 +172,26 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
                 try:
                     session = plane.generate(GenerateCall(params, body.model, deadline))
                 except InvalidInput as e:
-                    param = _param_of(e.message)
-                    message = e.message
-                    if param == "max_tokens" and message.startswith("max_chars "):
-                        message = "max_tokens " + message.removeprefix("max_chars ")
-                    raise OpenAIError(message, param) from None
+                    raise _openai_error(e.message, None if one else p_index) from None
                 choices.append(_Choice(index, prompt, session))
     except BaseException:
         _close(choices)
         raise
     return choices
+
+
+def _openai_error(message: str, prompt_index: int | None) -> OpenAIError:
+    """Generate's message in OpenAI's words: its field names (max_tokens, which may be 0 here),
+    which prompt of a list, and no states (this API has none)."""
+    param = _param_of(message)
+    if param == "max_tokens" and message.startswith("max_chars "):
+        message = "max_tokens " + message.removeprefix("max_chars ").replace(
+            "between 1 and", "between 0 and", 1)
+    if param == "prompt":
+        message = message.replace(STATE_HINT, "")
+        if prompt_index is not None:
+            message = f"prompt[{prompt_index}]" + message.removeprefix("prompt")
+    return OpenAIError(message, param)
 
 
 def _param_of(message: str) -> str | None:

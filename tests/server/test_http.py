@@ -272,6 +272,37 @@ def test_completion_errors_have_openais_shape(tiny_server, name: str, body, stat
         assert err["param"] == param, err
 
 
+def test_completion_messages_name_the_prompt_and_openais_ranges(tiny_server, name: str) -> None:
+    """Which prompt of a list is at fault; max_tokens' range includes 0 (accepted here); no
+    talk of states, which this API does not have."""
+    def message(**body) -> str:
+        r = completion(tiny_server, model=name, **body)
+        assert r.status == 400, r.body
+        return r.json()["error"]["message"]
+
+    assert message(prompt=["hello", "hi~"], max_tokens=3).startswith(
+        "prompt[1]: character '~' (U+007E) at position 2 is not in the model's vocabulary")
+    assert message(prompt="hi~", max_tokens=3).startswith("prompt: character '~'")
+    assert message(prompt=["hello", ""]) == "prompt[1] is empty: send at least one character"
+    assert message(prompt="") == "prompt is empty: send at least one character"
+    assert message(prompt="ab", max_tokens=10 ** 8) == (
+        "max_tokens must be between 0 and 4096 (max_chars_per_text), got 100000000")
+    assert completion(tiny_server, model=name, prompt="ab", max_tokens=0).status == 200
+
+
+def test_completion_logprobs_for_a_long_prompt_with_max_tokens_null_or_16(tiny_server,
+                                                                          name: str) -> None:
+    """The prompt and the completion are scored as separate pieces, each within the limits:
+    max_tokens null (the default, 16) and an explicit 16 answer alike."""
+    prompt = ("hello " * 700)[:4090]
+    answers = [completion(tiny_server, model=name, prompt=prompt, logprobs=1, temperature=0,
+                          **extra) for extra in ({"max_tokens": None}, {"max_tokens": 16}, {})]
+    assert [r.status for r in answers] == [200, 200, 200], answers[0].body
+    first = answers[0].json()["choices"][0]
+    assert len(first["text"]) == 16 and len(first["logprobs"]["tokens"]) == 16
+    assert all(r.json()["choices"][0] == first for r in answers)
+
+
 # -- nextchar JSON: continuation state ---------------------------------------------------------
 def test_native_predict_states_and_generate_from_a_state(tiny_server) -> None:
     url = tiny_server.http_url
