@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -145,11 +146,15 @@ def parse_line(index: int, raw: bytes, fmt: str) -> Item:
     if fmt == "text":
         return Item(index, None, line)
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         item = Item(index, None, None)
         item.record = error_record(item, INVALID, f"line is not valid JSON: {e.msg} "
                                                   f"(column {e.colno})")
+        return item
+    except ValueError as e:  # from the two hooks: the output could not carry it as JSON
+        item = Item(index, None, None)
+        item.record = error_record(item, INVALID, f"line is not valid JSON: {e}")
         return item
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         item = Item(index, obj.get("id") if isinstance(obj, dict) else None, None)
@@ -165,6 +170,19 @@ def parse_line(index: int, raw: bytes, fmt: str) -> Item:
                                                   f"U+{ord(e.object[e.start]):04X} at position "
                                                   f"{e.start}")
     return item
+
+
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have: echoed back as an id, they
+    # would make the output file unreadable to strict parsers (jq, JavaScript).
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no double holds it
+        raise ValueError(f"the number {literal[:40]} is out of range for a double")
+    return value
 
 
 # -- output and its meta -------------------------------------------------------------------------

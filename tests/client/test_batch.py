@@ -287,6 +287,8 @@ BAD_JSONL = (
     b'\xff\xfe not utf-8\n'
     b'{"id": 7, "text": "world"}\n'
     b'{"id": "\\ud801", "text": "a\\ud800b"}\n'
+    b'{"id": 1e400, "text": "hi"}\n'
+    b'{"id": NaN, "text": "yo"}\n'
 )
 BAD_ERRORS = {
     1: (None, None, "line is not valid JSON: Expecting value (column 21)"),
@@ -296,6 +298,9 @@ BAD_ERRORS = {
     4: ("e", None, 'expected a JSON object with a string "text" field'),
     5: (None, None, "line is not valid UTF-8 (byte 0)"),
     7: ("\ud801", "a\ud800b", "text is not valid Unicode: lone surrogate U+D800 at position 1"),
+    # Python's json reads both; echoed back, they would not be JSON (Infinity, NaN).
+    8: (None, None, "line is not valid JSON: the number 1e400 is out of range for a double"),
+    9: (None, None, "line is not valid JSON: NaN is not a JSON value"),
 }
 
 
@@ -309,9 +314,11 @@ def test_bad_lines_become_error_records_and_the_job_goes_on(
     summary = run_job(inp, tmp_path / "out.jsonl", target,
                       JobOptions(texts_per_request=8, top_k=2, progress=False))
     target.close()
-    assert (summary.written, summary.errors) == (8, 6)
+    assert (summary.written, summary.errors) == (10, 8)
     records = read_records(tmp_path / "out.jsonl")
-    assert [r["index"] for r in records] == list(range(8))
+    assert [r["index"] for r in records] == list(range(10))
+    for line in (tmp_path / "out.jsonl").read_text().splitlines():  # strict JSON throughout
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the output"))
     for i, rec in enumerate(records):
         if i in (0, 6):
             assert (rec["id"], rec["text"], len(rec["top"])) == (("a", "hello", 2) if i == 0
