@@ -37,26 +37,28 @@ _OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 408: "request_timeout
                  429: "rate_limit_exceeded", 503: "unavailable", 504: "deadline_exceeded"}
 
 
-class BodyTooLarge(ServingError, HTTPException):
-    """A body over max_message_bytes, found while it arrives (chunked, or a Content-Length
-    that lied). Also an HTTPException: FastAPI passes those through from body reading, where it
-    would answer any other exception with a generic 400."""
+class BodyRefused(ServingError, HTTPException):
+    """A request body refused while it arrives (the middleware's receive). Also an
+    HTTPException: FastAPI passes those through from body reading, where it would answer any
+    other exception with a generic 400."""
+
+    http_status = 400  # e.g. a gzip body that does not decompress
+
+    def __init__(self, message: str) -> None:
+        ServingError.__init__(self, message)
+        self.status_code, self.detail, self.headers = self.http_status, message, None
+
+
+class BodyTooLarge(BodyRefused):
+    """Over max_message_bytes (chunked, a Content-Length that lied, or once decompressed)."""
 
     http_status = 413
 
-    def __init__(self, message: str) -> None:
-        ServingError.__init__(self, message)
-        self.status_code, self.detail, self.headers = 413, message, None
 
-
-class BodyTimeout(ServingError, HTTPException):
-    """A request body that stalled: nothing arrived for --http-body-timeout-s."""
+class BodyTimeout(BodyRefused):
+    """Stalled: nothing arrived for --http-body-timeout-s."""
 
     http_status = 408
-
-    def __init__(self, message: str) -> None:
-        ServingError.__init__(self, message)
-        self.status_code, self.detail, self.headers = 408, message, None
 
 
 def is_openai(path: str) -> bool:

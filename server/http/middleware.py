@@ -8,8 +8,9 @@ order:
    503 + Retry-After once the drain gate closes, tracked until it ends (drain and hot reload
    wait for it), counted in the metrics with protocol="http" and written to the access log;
 3. bearer tokens (../security.py TokenSet), health open unless --no-auth-open-health; 401;
-4. limits: a body over max_message_bytes is 413 (Content-Length, or counted as it arrives);
-   a body that stalls (nothing for --http-body-timeout-s) is 408;
+4. limits: a body over max_message_bytes is 413 (Content-Length, or counted as it arrives,
+   after decompression: Content-Encoding gzip and deflate are read, as Triton does, anything
+   else is 415); a body that stalls (nothing for --http-body-timeout-s) is 408;
 5. deadline: `x-request-timeout-ms` becomes the call's deadline on the loop's clock, as a gRPC
    deadline does (handlers read `request.state.deadline`);
 6. anything that escapes the app is logged once and answered 500 without internal text.
@@ -22,13 +23,14 @@ import logging
 import math
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..logging_setup import REQUEST_ID_HEADER
 from ..security import TokenSet
 from ..telemetry import DRAINING_MESSAGE, Telemetry
-from .errors import INTERNAL, BodyTimeout, BodyTooLarge, error_body, error_headers
+from .errors import INTERNAL, BodyRefused, BodyTimeout, BodyTooLarge, error_body, error_headers
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,8 @@ class CallLayer:
             if refusal is not None:
                 await _answer(send_with_id, path, *refusal)
                 return
-            await self._run(scope, self._limited(receive), send_with_id, status,
-                            headers.get(TIMEOUT_HEADER))
+            await self._run(scope, self._limited(receive, headers.get(b"content-encoding")),
+                            send_with_id, status, headers.get(TIMEOUT_HEADER))
         finally:
             if seq is not None:
                 telemetry.exit(seq, method, str(status[0] or 499), started, "http")
@@ -162,6 +164,10 @@ class CallLayer:
             if size > self.max_body_bytes:
                 return 413, (f"request body of {size} bytes > max_message_bytes "
                              f"{self.max_body_bytes}")
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in ENCODINGS:
+            return 415, (f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not "
+                         f"supported: send the body as is, gzip or deflate")
         timeout = headers.get(TIMEOUT_HEADER)
         if timeout is not None:
             try:
@@ -173,8 +179,11 @@ class CallLayer:
                              f"got {timeout.decode('latin-1')!r}")
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, encoding: bytes | None) -> Receive:
+        """receive() with the body's limits applied, decompressed (gzip, deflate) if it is."""
         limit, timeout_s = self.max_body_bytes, self.body_timeout_s
+        wbits = ENCODINGS.get((encoding or b"identity").strip().lower())  # _refusal checked it
+        inflate = None if wbits is None else zlib.decompressobj(wbits)
         seen = 0
         complete = False
 
@@ -188,13 +197,17 @@ class CallLayer:
                 raise BodyTimeout(f"the request body stalled: nothing arrived for {timeout_s:g}s "
                                   f"after {seen} bytes (--http-body-timeout-s); send the whole "
                                   f"body promptly") from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(f"request body over max_message_bytes {limit}")
-                complete = not message.get("more_body", False)
-            else:  # http.disconnect
+            if message["type"] != "http.request":  # http.disconnect
                 complete = True
+                return message
+            body = message.get("body", b"")
+            complete = not message.get("more_body", False)
+            if inflate is not None:
+                body = _inflate(inflate, body, limit - seen, complete)
+                message = {**message, "body": body}
+            seen += len(body)
+            if seen > limit:
+                raise BodyTooLarge(f"request body over max_message_bytes {limit}")
             return message
 
         return counted
@@ -211,6 +224,26 @@ class CallLayer:
             if status[0] == 0:
                 log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=e)
                 await _answer(send, scope["path"], 500, INTERNAL)
+
+
+# Content-Encoding -> zlib's wbits (None: as is). 32 + 15 reads a zlib or a gzip wrapper: HTTP's
+# "deflate" is zlib-wrapped (RFC 9110), and some clients send gzip under that name.
+ENCODINGS: dict[bytes, int | None] = {b"identity": None, b"gzip": 16 + 15, b"x-gzip": 16 + 15,
+                                      b"deflate": 32 + 15}
+
+
+def _inflate(d: Any, data: bytes, room: int, last: bool) -> bytes:
+    """Decompresses one piece, at most room + 1 bytes of it (a bomb stops at the limit)."""
+    try:
+        out = d.decompress(data, max(room, 0) + 1)
+        if last and len(out) <= room:
+            out += d.flush()
+    except zlib.error as e:
+        raise BodyRefused(f"the request body does not decompress as its Content-Encoding "
+                          f"says: {e}") from None
+    if last and len(out) <= room and not d.eof:
+        raise BodyRefused("the request body ends inside its compressed stream (truncated)")
+    return out
 
 
 def _headers_only(send: Send) -> Send:

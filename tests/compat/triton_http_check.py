@@ -67,6 +67,14 @@ def main() -> None:
                               parameters={"top_k": exp["top_k"]})
         check(result, exp, f"text binary={binary}")
         checks += 1
+    text = tc.InferInput("text", [len(texts)], "BYTES")
+    text.set_data_from_numpy(texts)
+    for algorithm in ("gzip", "deflate"):  # Content-Encoding of the request; answers as is
+        result = client.infer(exp["model"], [text], outputs=[
+            tc.InferRequestedOutput(o) for o in OUTPUTS], parameters={"top_k": exp["top_k"]},
+            request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+        check(result, exp, f"text {algorithm}")
+        checks += 1
     vocab = exp["vocab"]
     rows = [[vocab.index(ch) for ch in t] for t in exp["texts"]]
     width = max(map(len, rows))

@@ -5,10 +5,12 @@ null, as strings, or with values whose OpenAI meaning differs from nextchar's ow
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +103,10 @@ def test_wrong_content_type_and_empty_body_say_so(st, name: str) -> None:
     r = post(st, "/nextchar/v1/predict", b'{"texts": ["ab"]}', "text/plain")
     assert r.status == 415 and r.json() == {
         "error": "Content-Type must be application/json, got 'text/plain'"}
+    # The V2 routes read the body whatever its Content-Type, as Triton does (docs/http.md).
+    infer = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
+    assert post(st, f"/v2/models/{name}/infer", json.dumps(infer).encode(),
+                "text/plain").status == 200
     # No Content-Type at all: read as JSON (FastAPI's rule), so it is served.
     assert post(st, "/v1/completions", body, None).status == 200
     err = openai_error(post(st, "/v1/completions", b""), 400)
@@ -151,6 +157,38 @@ def test_a_body_that_stalls_is_408_after_the_timeout(st, name: str, path: str) -
     else:
         assert r.json() == {"error": message}
     assert completion(st, model=name, prompt="ab", max_tokens=1).status == 200  # still serving
+
+
+def encoded(st, path: str, raw: bytes, encoding: str) -> Reply:
+    return call(st.http_url, "POST", path, raw=raw,
+                headers={"content-type": "application/json", "content-encoding": encoding})
+
+
+def test_gzip_and_deflate_bodies_are_read_and_checked_after_decompression(st, name: str) -> None:
+    body = json.dumps({"model": name, "prompt": "hello", "max_tokens": 3,
+                       "temperature": 0}).encode()
+    plain = completion(st, model=name, prompt="hello", max_tokens=3, temperature=0)
+    assert plain.status == 200
+    for encoding, raw in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+                          ("GZIP", gzip.compress(body)), ("identity", body)):
+        r = encoded(st, "/v1/completions", raw, encoding)
+        assert r.status == 200, (encoding, r.body)
+        assert r.json()["choices"] == plain.json()["choices"]
+    # A bomb: 64 KiB compressed to a few hundred bytes, over the limit once inflated.
+    bomb = gzip.compress(b'{"texts": ["' + b"a" * (4 * LIMIT) + b'"]}')
+    assert len(bomb) < LIMIT // 8
+    r = encoded(st, "/nextchar/v1/predict", bomb, "gzip")
+    assert r.status == 413 and r.json() == {
+        "error": f"request body over max_message_bytes {LIMIT}"}
+    r = encoded(st, "/nextchar/v1/predict", b"not gzip at all", "gzip")
+    assert r.status == 400 and r.json()["error"].startswith(
+        "the request body does not decompress as its Content-Encoding says: ")
+    r = encoded(st, "/nextchar/v1/predict", gzip.compress(body)[:-12], "gzip")
+    assert r.status == 400 and r.json() == {
+        "error": "the request body ends inside its compressed stream (truncated)"}
+    err = openai_error(encoded(st, "/v1/completions", body, "br"), 415)
+    assert err["message"] == ("Content-Encoding 'br' is not supported: send the body as is, "
+                              "gzip or deflate")
 
 
 # -- HEAD --------------------------------------------------------------------------------------
