@@ -120,7 +120,8 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
         meta = {"id": f"cmpl-{request_id_var.get() or ''}", "object": "text_completion",
                 "created": int(time.time()), "model": model.name}
         if body.stream:
-            return StreamingResponse(_stream(plane, body, choices, meta, gate),
+            return StreamingResponse(_stream(plane, body, choices, meta, gate,
+                                             request.state.deadline),
                                      media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
 
@@ -295,7 +296,8 @@ def _sse(doc: Any) -> bytes:
 
 
 async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
-                  meta: dict[str, Any], gate: DrainGate) -> AsyncIterator[bytes]:
+                  meta: dict[str, Any], gate: DrainGate,
+                  deadline: float | None) -> AsyncIterator[bytes]:
     """Every choice's chunks as they come (choices interleave), then usage if asked, then
     data: [DONE]. An error after the first byte is an `error` event (OpenAI's shape)."""
     queue: asyncio.Queue[tuple[_Choice, GenChunk | None] | BaseException] = asyncio.Queue()
@@ -310,7 +312,7 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
             await queue.put(e)
 
     tasks = [asyncio.ensure_future(pump(c)) for c in choices]
-    scorers = ({c.index: _Scorer(plane, body, None) for c in choices}
+    scorers = ({c.index: _Scorer(plane, body, deadline) for c in choices}
                if body.logprobs is not None else {})
     finished: set[int] = set()  # choices whose finish_reason went out
     try:
