@@ -181,8 +181,11 @@ class LocalTarget:
     def __init__(self, path: Path | str, *, model: str = "", priority: str = "low") -> None:
         # Imported here: the thin client install has neither numpy nor onnxruntime.
         try:
+            from pydantic import ValidationError
+
             from nextchar.server.batcher import HIGH, LOW
             from nextchar.server.dataplane import DataPlane
+            from nextchar.server.errors import ArtifactError
             from nextchar.server.registry import ModelRegistry
             from nextchar.server.settings import ServerSettings
         except ImportError as e:
@@ -192,8 +195,16 @@ class LocalTarget:
         if priority not in ("high", "low"):
             raise ValueError(f"priority must be high or low, got {priority!r}")
         path = Path(path)
-        base = ServerSettings()
-        where = {"model_repository": path} if model else {"model": path}
+        try:
+            base = ServerSettings()  # the NEXTCHAR_* environment, as `nextchar serve` reads it
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = f"NEXTCHAR_{str(err['loc'][0]).upper()}" if err["loc"] else "settings"
+            raise ValueError(f"invalid {name}: {err['msg']}") from None
+        # An artifact (or a folder of its versions) is served as itself, whose name `model`
+        # must then be; any other folder as a repository of models, `model` one of them.
+        artifact = (path / "manifest.json").is_file() or any(path.glob("*/manifest.json"))
+        where = {"model_repository": path} if model and not artifact else {"model": path}
         s = base.model_copy(update={**where, "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH
@@ -205,7 +216,13 @@ class LocalTarget:
         self.plane = DataPlane(self.registry)
 
         async def start() -> None:
-            self.registry.open()
+            try:
+                self.registry.open()
+            except ArtifactError as e:  # worded for `nextchar serve`'s flags, which batch lacks
+                raise ArtifactError(str(e).replace(
+                    f"--model-repository {path}: no model folders",
+                    "neither an artifact (manifest.json) nor a repository of model folders "
+                    "(DIR/<model>/)")) from None
             await self.registry.start()
             if model:
                 self.registry.serving(model)  # NOT_FOUND names the models there

@@ -504,6 +504,38 @@ def test_cli_local_refusals_are_one_line(tmp_path: Path,
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_cli_local_names_what_the_user_gave(tmp_path: Path, tiny_artifact: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The variable at fault, not pydantic's summary; an artifact with --model is that artifact
+    (its name checked), and a folder that is neither says so, naming no `serve` flags."""
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 3, seed=16)
+    out = tmp_path / "o.jsonl"
+
+    def refusal(*extra: str) -> str:
+        assert cli_main(["batch", str(inp), "-o", str(out), *extra]) == 2
+        return capsys.readouterr().err
+
+    with monkeypatch.context() as m:
+        m.setenv("NEXTCHAR_MAX_TOP_K", "abc")
+        assert refusal("--local", str(tiny_artifact)) == (
+            f"nextchar batch: --local {tiny_artifact}: invalid NEXTCHAR_MAX_TOP_K: Input should "
+            f"be a valid integer, unable to parse string as an integer\n")
+    name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
+    assert refusal("--local", str(tiny_artifact), "--model", "nope") == (
+        f"nextchar batch: --local {tiny_artifact}: NOT_FOUND: model 'nope' is not served here; "
+        f"models: {name}\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert refusal("--local", str(empty), "--model", "nope") == (
+        f"nextchar batch: --local {empty}: neither an artifact (manifest.json) nor a repository "
+        f"of model folders (DIR/<model>/)\n")
+    assert cli_main(["batch", str(inp), "-o", str(out), "--local", str(tiny_artifact),
+                     "--model", name, "--no-progress"]) == 0
+    assert count_lines(out) == 3
+
+
 def test_thin_client_imports_no_numpy() -> None:
     code = ("import sys, nextchar.client.cli, nextchar.client.batch; "
             "bad = {'numpy', 'onnxruntime', 'torch'} & set(sys.modules); "
