@@ -25,13 +25,17 @@ from nextchar.server.runtime import open_model
 
 
 # -- building versions -------------------------------------------------------------------------
-def add_version(repo: Path, version: str, source: Path) -> Path:
-    """Copies `source` in as repo/<version>/ the safe way: a hidden name, then one rename."""
+def add_version(repo: Path, version: str, source: Path,
+                prepare: Callable[[Path], None] | None = None) -> Path:
+    """Copies `source` in as repo/<version>/ the safe way: a hidden name, then one rename;
+    `prepare` changes the copy before the rename (a poll never sees it half done)."""
     tmp = repo / f".tmp-{version}"
     shutil.copytree(source, tmp)
     manifest = json.loads((tmp / "manifest.json").read_text())
     manifest["version"] = version
     (tmp / "manifest.json").write_text(json.dumps(manifest))
+    if prepare is not None:
+        prepare(tmp)
     return tmp.rename(repo / version)
 
 
@@ -232,8 +236,10 @@ def test_polling_loads_new_versions_rolls_back_and_skips_a_failed_one(
         eventually(lambda: c.model_info().version == "1", "rolled back to 1")
         assert c.predict(["hello"])[0].top[0].prob == before
 
-        broken = add_version(repo, "3", tiny_artifact)
-        rewrite_model(broken, lambda _: b"broken", fix_checksum=False)
+        # Broken before it appears: broken file by file under the poll, each change would
+        # (rightly) count as a new attempt.
+        add_version(repo, "3", tiny_artifact,
+                    lambda v: rewrite_model(v, lambda _: b"broken", fix_checksum=False))
         eventually(lambda: reload_metric(st, "failure") == 1, "the failure counted")
         time.sleep(0.5)  # ~10 more polls: a version that failed is not retried
         assert reload_metric(st, "failure") == 1
