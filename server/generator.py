@@ -268,6 +268,10 @@ class GenerationStream:
             await self._event.wait()
             self._event.clear()
             if self.error is not None:
+                if self._outbox:  # what was made visible before the error still goes out
+                    text = "".join(self._outbox)
+                    self._outbox.clear()
+                    yield Chunk(text)
                 raise self.error
             if self.closed:
                 return
@@ -320,6 +324,8 @@ class GenerationStream:
         if self.closed:
             return
         if update.error is not None:
+            if update.text:
+                self._outbox.append(update.text)
             self.fail(update.error)
             return
         if update.text:
@@ -375,9 +381,17 @@ class GenerationStream:
 
     def update(self) -> _Update:
         """The text made visible since the last update (and the end, if reached)."""
+        return _Update(self, self._unsent(), self.ended, self.end_state)
+
+    def failed(self, error: BaseException) -> _Update:
+        """The text made visible and not yet posted, then the error: the client gets every
+        character it was told about."""
+        return _Update(self, self._unsent(), error=error)
+
+    def _unsent(self) -> str:
         text = "".join(self.generated[self.sent : self.visible])
         self.sent = self.visible
-        return _Update(self, text, self.ended, self.end_state)
+        return text
 
     def _tail(self, n: int) -> str:
         return "".join(self.generated[-n:])
@@ -622,8 +636,8 @@ class Generator:
             if s.closed:
                 continue
             if s.deadline is not None and now >= s.deadline:
-                updates.append(_Update(s, error=DeadlineExceeded(
-                    f"deadline expired after {len(s.generated)} characters")))
+                updates.append(s.failed(DeadlineExceeded(
+                    f"deadline expired after {s.visible} characters")))
                 continue
             live.append(s)
             if s.sampled:  # its first character, sampled after its prefill
@@ -647,7 +661,7 @@ class Generator:
                 self.stats.step_rows += b
         except Exception as e:  # a backend failure fails these streams, never the server
             log.error("generation step failed for %d streams", len(feed), exc_info=e)
-            return updates + [_Update(s, error=e) for s in live], []
+            return updates + [s.failed(e) for s in live], []
         for s in live:
             u = s.update()
             if u.text or u.stop_reason is not None:

@@ -471,3 +471,29 @@ def test_a_non_streaming_generation_ends_when_its_caller_leaves(
     r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "hello",
                                                       "max_tokens": 2})
     assert r.status == 200 and len(r.json()["choices"][0]["text"]) == 2
+
+
+def test_a_deadline_mid_stream_sends_every_character_it_counts(start_server,
+                                                               tiny_artifact: Path) -> None:
+    """The text made visible before the deadline goes out, then the error, whose count is
+    exactly what the client got; over native SSE and OpenAI SSE."""
+    import re
+
+    st = start_server(model=tiny_artifact, max_chars_per_text=1_000_000)
+    name = st.server.runtime().name
+    for path, body in (("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 1_000_000,
+                                                  "seed": 1, "stream": True}),
+                       ("/v1/completions", {"model": name, "prompt": "hello", "seed": 1,
+                                            "max_tokens": 1_000_000, "stream": True})):
+        r = call(st.http_url, "POST", path, body, headers={"x-request-timeout-ms": "300"})
+        assert r.status == 200
+        events = [e for e in r.events() if e != "[DONE]"]
+        *texts, last = events
+        if path.startswith("/v1/"):
+            got = "".join(e["choices"][0]["text"] for e in texts)
+            message = last["error"]["message"]
+        else:
+            got = "".join(e["text"] for e in texts)
+            message = last["error"]
+        n = int(re.fullmatch(r"deadline expired after (\d+) characters", message)[1])
+        assert n > 0 and len(got) == n, (path, len(got), n)
