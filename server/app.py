@@ -249,9 +249,15 @@ class NextCharServer:
         goaway = asyncio.create_task(self._server.stop(grace_s + FLUSH_S))
         finished = await self.tracker.wait_idle(grace_s)
         if not finished:
-            # Streams end at their next message with UNAVAILABLE; the rest is cancelled below.
+            # Streams end at their next message with UNAVAILABLE. Then the Generate streams
+            # that sent none meanwhile (a non-streaming HTTP answer, a prompt still queued)
+            # fail NotReady, which each front end answers in its own shape (UNAVAILABLE, 503)
+            # rather than as a cancelled call; what is left after that is cancelled below.
             self.gate.streams_must_end = True
-            await self.tracker.wait_idle(0.5)
+            if not await self.tracker.wait_idle(0.5):
+                for rt in self.registry.runtimes():
+                    await rt.generator.close()
+                await self.tracker.wait_idle(0.5)
             log.warning("draining: %d call(s) still running after grace %.1fs; cancelling them",
                         self.tracker.count, grace_s)
         # Answers already computed still need a moment to reach the wire; other calls (health

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 MISSING_TOKEN = ("missing bearer token: send metadata 'authorization: Bearer <token>' "
                  "(nextchar --token or NEXTCHAR_TOKEN)")
-STREAM_ENDED = ("server is shutting down: stream ended early; resume from the last state on "
-                "another replica")
+STREAM_ENDED = ("server is shutting down: stream ended early; continue on another replica "
+                "(Generate: send the prompt plus the text received so far)")
 
 
 class Auth:
@@ -244,7 +244,10 @@ class CallWrapper:
                 try:
                     async for response in inner(request, context):
                         yield response
-                        if tracked and gate.streams_must_end:
+                        # A drain past its grace ends a stream at its next message; not at its
+                        # last one (a GenerateResponse with a stop_reason): that stream is done.
+                        if tracked and gate.streams_must_end and not getattr(
+                                response, "stop_reason", 0):
                             code = "UNAVAILABLE"
                             await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_ENDED)
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):

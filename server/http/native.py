@@ -35,8 +35,8 @@ from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 
 JSON = "application/json"
-STREAM_ENDED = "server is shutting down: stream ended early; resume from the last state on " \
-               "another replica"
+STREAM_ENDED = ("server is shutting down: stream ended early; send the prompt plus the text "
+                "received so far to another replica")
 
 
 class PredictBody(BaseModel):
@@ -148,12 +148,12 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
                     if gate.streams_must_end and chunk.stop_reason is None:
                         yield b"data: " + error_body("", 503, STREAM_ENDED) + b"\n\n"
-                        return
-                yield b"data: [DONE]\n\n"
-            except ServingError as e:
+                        break
+            except ServingError as e:  # after the first byte: in-band, then the end as usual
                 yield b"data: " + error_body("", e.http_status, e.message) + b"\n\n"
             finally:
                 session.close()
+            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})

@@ -344,8 +344,9 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
             lp = await scorers[c.index].score(chunk.text) if scorers else None
             yield _sse({**meta, "choices": [{"text": chunk.text, "index": c.index,
                                              "logprobs": lp, "finish_reason": finish}]})
-            if gate.streams_must_end:
+            if gate.streams_must_end and finish is None:
                 yield b"data: " + error_body("/v1/", 503, STREAM_ENDED) + b"\n\n"
+                yield b"data: [DONE]\n\n"
                 return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**meta, "choices": [], "usage": _usage(choices, body.n)})

@@ -148,6 +148,38 @@ def test_a_stream_longer_than_grace_ends_with_unavailable(server_process, tiny_a
     assert "grace exceeded" in sp.log()
 
 
+def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
+        server_process, tiny_artifact) -> None:
+    """An answer that sends nothing until it is whole cannot end at its next message: its
+    streams fail with NotReady, answered 503 with the route's error body (not a 500)."""
+    from http_util import call
+
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "0.5", "--http-port", "0",
+                         "--max-chars-per-text", "100000000"])
+    name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
+    replies: dict[str, object] = {}
+
+    def ask(path: str, body: dict) -> None:
+        replies[path] = call(sp.http_url, "POST", path, body, timeout_s=60)
+
+    askers = [threading.Thread(target=ask, args=a) for a in (
+        ("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 100_000_000}),
+        ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000}))]
+    for t in askers:
+        t.start()
+    time.sleep(1.0)  # both running
+    sp.proc.send_signal(signal.SIGTERM)
+    for t in askers:
+        t.join(60)
+    native, openai = replies["/nextchar/v1/generate"], replies["/v1/completions"]
+    assert (native.status, openai.status) == (503, 503), (native, openai)
+    assert native.json() == {"error": "server is shutting down; retry on another replica"}
+    err = openai.json()["error"]
+    assert (err["message"], err["type"]) == ("server is shutting down; retry on another replica",
+                                             "service_unavailable")
+    assert sp.proc.wait(30) == 0
+
+
 def test_a_second_signal_stops_at_once(server_process, tiny_artifact: Path) -> None:
     sp = server_process(["--model", str(tiny_artifact), "--grace-s", "600",
                          "--max-chars-per-text", "100000000"])
