@@ -186,6 +186,16 @@ class DataPlane:
         self._check()
         return GenerateSession(self, self.registry.acquire(call.model), call)
 
+    def check_generate(self, call: GenerateCall) -> None:
+        """What generate() refuses about the call itself, without admitting a stream (for an
+        answer that needs no characters, such as OpenAI's max_tokens 0)."""
+        self._check()
+        rt = self.registry.acquire(call.model)
+        try:
+            rt.generator.check(call.params)
+        finally:
+            self.registry.release(rt)
+
     # -- metadata and readiness --------------------------------------------------------------
     def model(self, name: str = "", version: str = "") -> ModelView:
         rt = self._served(name, version)

@@ -476,12 +476,7 @@ class Generator:
         """Validates and admits one stream; the caller must close() it. deadline: loop.time()."""
         if self._closed:
             raise NotReady("server is shutting down")
-        self._validate(params)
-        try:
-            ids = self.artifact.encode(params.prompt)
-        except InvalidInput as e:
-            raise InvalidInput(e.message.replace("texts[0]", "prompt", 1)) from None
-        start = self.predictor.state_codec.decode(params.state, "state") if params.state else None
+        ids, start = self.check(params)
         self._loop = asyncio.get_running_loop()
         if deadline is not None and self._loop.time() >= deadline:
             raise DeadlineExceeded("deadline expired before generation started")
@@ -493,6 +488,17 @@ class Generator:
         self._open.add(stream)
         self.stats.opened += 1
         return stream
+
+    def check(self, params: GenerateParams) -> tuple[np.ndarray, np.ndarray | None]:
+        """What open() refuses about the call itself, admitting nothing: the prompt's ids and
+        the start state (None: fresh)."""
+        self._validate(params)
+        try:
+            ids = self.artifact.encode(params.prompt)
+        except InvalidInput as e:
+            raise InvalidInput(e.message.replace("texts[0]", "prompt", 1)) from None
+        start = self.predictor.state_codec.decode(params.state, "state") if params.state else None
+        return ids, start
 
     def _validate(self, p: GenerateParams) -> None:
         lim = self.predictor.limits

@@ -110,6 +110,10 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             raise OpenAIError("stream_options is only allowed when stream is true",
                               "stream_options")
         model = plane.model(body.model)  # 404 for an unknown name, before any work
+        if len(prompts) * body.n > model.limits.max_streams:  # would never fit, busy or not
+            raise OpenAIError(f"{len(prompts)} prompts x n {body.n} choices > max_streams "
+                              f"{model.limits.max_streams}, the Generate streams this server "
+                              f"runs at once; ask for fewer", "n" if body.n > 1 else "prompt")
         if body.logprobs is not None:
             lim = model.limits
             bound = min(lim.max_top_k, model.artifact.vocab_size)
@@ -162,16 +166,18 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
         for p_index, prompt in enumerate(prompts):
             for i in range(body.n):
                 index = p_index * body.n + i
-                if max_chars == 0:
-                    choices.append(_Choice(index, prompt, None))
-                    continue
                 params = GenerateParams(  # OpenAI's top_p 0 keeps the top token alone
-                    prompt=prompt, max_chars=max_chars, temperature=body.temperature,
+                    prompt=prompt, max_chars=max(max_chars, 1), temperature=body.temperature,
                     top_k=1 if body.top_p == 0 else body.top_k, top_p=body.top_p or 1.0,
                     seed=None if body.seed is None else (body.seed + i) % (1 << 63),
                     stop=tuple(stops))
+                call = GenerateCall(params, body.model, deadline)
                 try:
-                    session = plane.generate(GenerateCall(params, body.model, deadline))
+                    if max_chars == 0:  # no characters to make, the same checks
+                        plane.check_generate(call)
+                        session = None
+                    else:
+                        session = plane.generate(call)
                 except InvalidInput as e:
                     raise _openai_error(e.message, None if one else p_index) from None
                 choices.append(_Choice(index, prompt, session))

@@ -497,3 +497,33 @@ def test_a_deadline_mid_stream_sends_every_character_it_counts(start_server,
             message = last["error"]
         n = int(re.fullmatch(r"deadline expired after (\d+) characters", message)[1])
         assert n > 0 and len(got) == n, (path, len(got), n)
+
+
+def test_completion_max_tokens_0_is_checked_and_n_beyond_max_streams_is_400(
+        start_server, tiny_artifact: Path) -> None:
+    """max_tokens 0 makes no characters but refuses what any other value would; a request for
+    more choices than the server ever runs at once is the caller's (400 on n), not 429."""
+    st = start_server(model=tiny_artifact, max_streams=2)
+    name = st.server.runtime().name
+
+    def error(**body) -> dict:
+        r = call(st.http_url, "POST", "/v1/completions", {"model": name, **body})
+        assert r.status == 400, r.body
+        return r.json()["error"]
+
+    for bad, param in (({"prompt": "h~"}, "prompt"), ({"prompt": ""}, "prompt"),
+                       ({"prompt": "a" * 5000}, "prompt"), ({"prompt": "hi", "top_k": 10 ** 6},
+                                                            "top_k"),
+                       ({"prompt": "hi", "stop": [""]}, "stop")):
+        assert error(max_tokens=0, **bad)["param"] == param, bad
+    r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "hi",
+                                                      "max_tokens": 0, "echo": True,
+                                                      "logprobs": 1})
+    assert r.status == 200 and r.json()["choices"][0]["text"] == "hi"
+    err = error(prompt="hi", n=3, max_tokens=2)
+    assert err == {"message": "1 prompts x n 3 choices > max_streams 2, the Generate streams "
+                              "this server runs at once; ask for fewer",
+                   "type": "invalid_request_error", "param": "n", "code": None}
+    r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "hi", "n": 2,
+                                                      "max_tokens": 2})
+    assert r.status == 200 and len(r.json()["choices"]) == 2
