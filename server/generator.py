@@ -149,6 +149,18 @@ ORDER_BY_LOGITS = (1e-30, 1e30)
 # Below it, logits / t may overflow to +-inf: sample_ids divides each row's distance from its
 # maximum instead.
 COLD = 1e-30
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32(value: float) -> float:
+    """`value` as nextchar.v1's float fields carry it (a number past float32's range: inf).
+    Front ends that read a double (HTTP's JSON) pass their temperature and top_p through this,
+    so the same request samples the same text over every protocol: a top_p of 1e-50 is 0 (off)
+    over gRPC, and 0.7 is 0.699999988 there."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
 # For callers that can continue from a state (nextchar.v1, native JSON); front ends without
 # states (OpenAI) leave it out.
 STATE_HINT = " (with a state: the characters that follow the text it was taken after)"
@@ -491,7 +503,8 @@ class Generator:
 
     def check(self, params: GenerateParams) -> tuple[np.ndarray, np.ndarray | None]:
         """What open() refuses about the call itself, admitting nothing: the prompt's ids and
-        the start state (None: fresh)."""
+        the start state (None: fresh). Sampling settings must already be float32 values
+        (sampling_values): what nextchar.v1 carries, so every front end samples alike."""
         self._validate(params)
         try:
             ids = self.artifact.encode(params.prompt)
@@ -512,8 +525,8 @@ class Generator:
             raise InvalidInput(f"max_chars must be between 1 and {lim.max_chars_per_text} "
                                f"(max_chars_per_text), got {p.max_chars}")
         if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise InvalidInput(f"temperature must be a finite number >= 0 (0: greedy), got "
-                               f"{p.temperature}")
+            raise InvalidInput(f"temperature must be a finite number >= 0 (0: greedy) within "
+                               f"float32's range (<= {FLOAT32_MAX:.4g}), got {p.temperature}")
         if not 0 <= p.top_k <= v:
             raise InvalidInput(f"top_k must be between 0 (all) and the vocabulary size {v}, "
                                f"got {p.top_k}")

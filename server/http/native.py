@@ -28,7 +28,7 @@ from nextchar import __version__
 from ..batcher import HIGH, LOW
 from ..dataplane import DataPlane, GenerateCall, PredictCall
 from ..errors import InvalidInput, ServingError
-from ..generator import GenerateParams
+from ..generator import GenerateParams, as_float32
 from ..predictor import TextResult
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
@@ -56,7 +56,7 @@ class GenerateBody(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(0.0, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    seed: int | None = Field(None, ge=0, lt=1 << 64)  # nextchar.v1's uint64
     stop: list[str] = Field(default_factory=list)
     state: str = ""
     return_state: bool = False
@@ -110,8 +110,9 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
     @r.post("/nextchar/v1/generate", summary="Generate, optionally from a state; stream: SSE")
     async def generate(body: GenerateBody, request: Request) -> Response:
         params = GenerateParams(
-            prompt=body.prompt, max_chars=body.max_chars, temperature=body.temperature,
-            top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop),
+            prompt=body.prompt, max_chars=body.max_chars,
+            temperature=as_float32(body.temperature), top_k=body.top_k,
+            top_p=as_float32(body.top_p), seed=body.seed, stop=tuple(body.stop),
             state=_b64(body.state, "state") if body.state else b"",
             return_state=body.return_state, lane=_lane(body.priority))
         session = plane.generate(GenerateCall(params, body.model, request.state.deadline))

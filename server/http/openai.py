@@ -32,7 +32,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..dataplane import DataPlane, GenChunk, GenerateCall, GenerateSession, PredictCall
 from ..errors import InvalidInput, ServingError
-from ..generator import STATE_HINT, STOP_STRING, GenerateParams
+from ..generator import STATE_HINT, STOP_STRING, GenerateParams, as_float32
 from ..logging_setup import request_id_var
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
@@ -162,14 +162,16 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
     choices: list[_Choice] = []
     max_chars = body.max_tokens if body.max_tokens is not None else 16
     one = isinstance(body.prompt, str)
+    top_p = as_float32(body.top_p)  # 1e-50 is 0 here too: the top token alone
     try:
         for p_index, prompt in enumerate(prompts):
             for i in range(body.n):
                 index = p_index * body.n + i
                 params = GenerateParams(  # OpenAI's top_p 0 keeps the top token alone
-                    prompt=prompt, max_chars=max(max_chars, 1), temperature=body.temperature,
-                    top_k=1 if body.top_p == 0 else body.top_k, top_p=body.top_p or 1.0,
-                    seed=None if body.seed is None else (body.seed + i) % (1 << 63),
+                    prompt=prompt, max_chars=max(max_chars, 1),
+                    temperature=as_float32(body.temperature),
+                    top_k=1 if top_p == 0 else body.top_k, top_p=top_p or 1.0,
+                    seed=None if body.seed is None else (body.seed + i) % (1 << 64),
                     stop=tuple(stops))
                 call = GenerateCall(params, body.model, deadline)
                 try:

@@ -41,8 +41,8 @@ class CompletionRequest(BaseModel):
                          "the most likely character (greedy).")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
     stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
-    seed: int | None = Field(None, ge=0, lt=1 << 63, description="Same seed, same text; "
-                             "choice i uses seed + i.")
+    seed: int | None = Field(None, ge=0, lt=1 << 64, description="Same seed, same text; "
+                             "choice i uses seed + i (mod 2**64).")
     logprobs: int | None = Field(None, ge=0, description="Top-k characters with their log "
                                  "probabilities, per character (at most max_top_k).")
     echo: bool = Field(False, description="Prepend the prompt to each choice's text.")

@@ -210,6 +210,22 @@ def test_completion_stream_non_stream_and_grpc_generate_agree(tiny_server, name:
     assert all(e["choices"][0]["finish_reason"] is None for e in chunks[:-1])
 
 
+@pytest.mark.parametrize("settings", [
+    {"temperature": 1e-50, "seed": 1},  # float32 0: greedy everywhere
+    {"temperature": 0.7, "top_p": 1e-50, "seed": 2},  # top_p float32 0: off over gRPC
+    {"temperature": 0.7, "top_p": 0.3, "seed": (1 << 63) + 5},  # uint64 seeds past 2**63
+])
+def test_gen_settings_sample_alike_over_grpc_and_native_http(tiny_server, settings) -> None:
+    """nextchar.v1 carries temperature and top_p as float32 and the seed as uint64: JSON's
+    doubles are read as float32 too, so one request is one text on every protocol."""
+    with NextCharClient(tiny_server.address) as c:
+        grpc_text = "".join(c.generate("hello", max_chars=80, **settings))
+    r = call(tiny_server.http_url, "POST", "/nextchar/v1/generate",
+             {"prompt": "hello", "max_chars": 80, **settings})
+    assert r.status == 200, r.body
+    assert r.json()["text"] == grpc_text
+
+
 def test_completion_n_prompt_list_echo_stop(tiny_server, name: str) -> None:
     doc = completion(tiny_server, model=name, prompt=["ab", "cd"], n=2, max_tokens=20,
                      seed=7, echo=True).json()
