@@ -19,8 +19,8 @@ Format version 1, all integers little-endian (docs/streaming.md):
     32+S*H*4  4    CRC-32 of every byte before it
 
 Decoding refuses, in this order: a blob too short or not starting with the magic, an unknown
-version, a length that does not match S and H, a wrong checksum, a dtype other than float32
-(all INVALID_ARGUMENT); a state from another artifact (FAILED_PRECONDITION, naming both); S or H
+version, a length that does not match S and H, a wrong checksum, a dtype other than float32,
+reserved bytes that are not zero (all INVALID_ARGUMENT); a state from another artifact (FAILED_PRECONDITION, naming both); S or H
 unlike this model's, and NaN or infinite values (INVALID_ARGUMENT). The checksum catches
 corruption and truncation, not forgery: a forged state can only hold finite numbers, which
 cannot harm the server.
@@ -81,7 +81,7 @@ class StateCodec:
         if len(blob) < OVERHEAD_BYTES or blob[:4] != MAGIC:
             raise InvalidInput(f"{what} is not a nextchar state ({len(blob)} bytes; pass back "
                                f"the bytes a Prediction.state or GenerateResponse.state held)")
-        magic, version, dtype, _, artifact_id, s, h = _HEADER.unpack_from(blob)
+        magic, version, dtype, reserved, artifact_id, s, h = _HEADER.unpack_from(blob)
         if version != FORMAT_VERSION:
             raise InvalidInput(f"{what} has state format version {version}; this server reads "
                                f"version {FORMAT_VERSION}")
@@ -94,6 +94,9 @@ class StateCodec:
             raise InvalidInput(f"{what} is corrupted: its checksum does not match")
         if dtype != DTYPE_FLOAT32:
             raise InvalidInput(f"{what} has dtype code {dtype}; only float32 (1) is supported")
+        if reserved:  # a later format that used them would be misread: refuse, do not guess
+            raise InvalidInput(f"{what} sets header bytes 6-7 ({reserved:#06x}), which format "
+                               f"version {FORMAT_VERSION} reserves as zero")
         if artifact_id != self.artifact_id:
             raise FailedPrecondition(
                 f"{what} was produced by another model (artifact {artifact_id.hex()[:12]}…); "

@@ -55,6 +55,7 @@ def test_realistic_model_state_size() -> None:
      "is corrupted"),
     (lambda b: b[:4] + b"\x02" + b[5:], "state format version 2"),
     (lambda b: _with_crc(b[:5] + b"\x02" + b[6:-4]), "dtype code 2"),
+    (lambda b: _with_crc(b[:6] + b"\x01\x00" + b[8:-4]), "sets header bytes 6-7 (0x0001)"),
     (lambda b: _with_crc(b[:24] + struct.pack("<II", 3, 2) + b[32:-4]), "has shape (3, 2)"),
 ])
 def test_malformed_states_are_invalid_input(mangle, message: str) -> None:
