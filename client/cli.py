@@ -394,8 +394,8 @@ def _stdout_closed() -> int:
     return EXIT_PIPE_CLOSED
 
 
-def _needs(extra: str, reason: str) -> int:
-    print(f"nextchar: this command needs 'pip install nextchar[{extra}]' ({reason})",
+def _needs(command: str, extra: str, reason: str) -> int:
+    print(f"nextchar {command}: this command needs 'pip install nextchar[{extra}]' ({reason})",
           file=sys.stderr)
     return 2
 
@@ -416,14 +416,14 @@ def _load_lazy(argv: list[str]) -> Callable[[], int]:
     # --help), past an except around the import of the module.
     key = EXTRA_PACKAGES[extra][0]
     if importlib.util.find_spec(key) is None:
-        return lambda: _needs(extra, f"No module named {key!r}")
+        return lambda: _needs(argv[0], extra, f"No module named {key!r}")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if not _missing_extra(extra, e):
             raise
         reason = str(e)
-        return lambda: _needs(extra, reason)
+        return lambda: _needs(argv[0], extra, reason)
     # training's CLI takes its own subcommand name; serve's parser does not.
     rest = argv if module.endswith("training.cli") else argv[1:]
 
@@ -437,7 +437,7 @@ def _load_lazy(argv: list[str]) -> Callable[[], int]:
         except ModuleNotFoundError as e:
             if not _missing_extra(extra, e):
                 raise
-            return _needs(extra, str(e))
+            return _needs(argv[0], extra, str(e))
 
     return run
 

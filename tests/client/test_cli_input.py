@@ -207,8 +207,8 @@ def test_train_and_export_without_torch_say_which_install(argv: list[str],
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr == ("nextchar: this command needs 'pip install nextchar[train]' (No module "
-                        "named 'torch')\n")
+    assert r.stderr == (f"nextchar {argv[0]}: this command needs 'pip install nextchar[train]' "
+                        f"(No module named 'torch')\n")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "y").exists()
 
 
@@ -233,8 +233,8 @@ def test_thin_install_commands_of_missing_extras(argv: list[str], extra: str,
     r = subprocess.run([str(Path(str(THIN_VENV)) / "bin" / "nextchar"), *argv],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert (r.returncode, r.stdout) == (2, ""), r.stderr
-    assert r.stderr.startswith(f"nextchar: this command needs 'pip install nextchar[{extra}]' "
-                               f"(No module named '")
+    assert r.stderr.startswith(f"nextchar {argv[0]}: this command needs 'pip install "
+                               f"nextchar[{extra}]' (No module named '")
     assert r.stderr.count("\n") == 1, r.stderr
 
 
