@@ -32,7 +32,10 @@ VARIANTS = {"default": {}, "gil1": {"NEXTCHAR_GIL_SWITCH_INTERVAL_MS": "1"},
             "nice10": {"NEXTCHAR_WORKER_NICE": "10"}, "nice19": {"NEXTCHAR_WORKER_NICE": "19"},
             "workers1": {"NEXTCHAR_BACKEND_WORKERS": "1"}, "workers2": {"NEXTCHAR_BACKEND_WORKERS": "2"},
             "wait0": {"NEXTCHAR_GENERATE_PREFILL_WAIT_MS": "0"},
-            "wait100": {"NEXTCHAR_GENERATE_PREFILL_WAIT_MS": "100"}}
+            "wait100": {"NEXTCHAR_GENERATE_PREFILL_WAIT_MS": "100"},
+            "delay1": {"NEXTCHAR_MAX_BATCH_DELAY_MS": "1"},
+            "delay3": {"NEXTCHAR_MAX_BATCH_DELAY_MS": "3"},
+            "par256": {"NEXTCHAR_PARALLEL_BATCH_CHARS": "256"}}
 
 
 def main(names: list[str]) -> None:
