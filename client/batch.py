@@ -187,6 +187,7 @@ class LocalTarget:
             from nextchar.server.dataplane import DataPlane
             from nextchar.server.errors import ArtifactError
             from nextchar.server.registry import ModelRegistry
+            from nextchar.server.repository import looks_like_model
             from nextchar.server.settings import ServerSettings
         except ImportError as e:
             raise ImportError(f"LocalTarget runs the server's core in this process: it needs "
@@ -201,10 +202,8 @@ class LocalTarget:
             err = e.errors()[0]
             name = f"NEXTCHAR_{str(err['loc'][0]).upper()}" if err["loc"] else "settings"
             raise ValueError(f"invalid {name}: {err['msg']}") from None
-        # An artifact (or a folder of its versions) is served as itself, whose name `model`
-        # must then be; any other folder as a repository of models, `model` one of them.
-        artifact = (path / "manifest.json").is_file() or any(path.glob("*/manifest.json"))
-        where = {"model_repository": path} if model and not artifact else {"model": path}
+        repository = bool(model) and not _one_model(path, model, looks_like_model)
+        where = {"model_repository": path} if repository else {"model": path}
         s = base.model_copy(update={**where, "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH
@@ -525,6 +524,23 @@ class _Job:
         else:
             self.results.put(chunk)  # nothing to send: straight to the writer
         return True
+
+
+def _one_model(path: Path, model: str, looks_like_model: Callable[[Path], bool]) -> bool:
+    """With --model NAME, is `path` that one model (an artifact, or a folder of its versions,
+    whose manifests name it) rather than a repository holding DIR/NAME/? A repository of
+    plain artifacts and a folder of versions look alike but for the names inside."""
+    if (path / "manifest.json").is_file():
+        return True
+    if looks_like_model(path / model):
+        return False
+    for manifest in path.glob("*/manifest.json"):
+        try:
+            if json.loads(manifest.read_text(encoding="utf-8")).get("name") == model:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def _json_line(record: dict[str, Any]) -> bytes:

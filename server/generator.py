@@ -146,19 +146,23 @@ def finish_prefill(out: BatchOutput, rows: np.ndarray, items: Sequence[Item]) ->
 # Temperatures for which float32 logits / t in float64 neither overflow nor underflow, so the
 # quotients keep the logits' order and ties exactly.
 ORDER_BY_LOGITS = (1e-30, 1e30)
-# Below it, logits / t may overflow to +-inf: sample_ids divides each row's distance from its
-# maximum instead.
+# Below it, float64 logits / t may overflow to +-inf: sample_ids divides each row's distance
+# from its maximum instead. The front ends pass float32 temperatures (as_float32), which cannot
+# overflow float32 logits this way; a caller of sample_ids with a float64 t below ~1e-270 could.
 COLD = 1e-30
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def as_float32(value: float) -> float:
-    """`value` as nextchar.v1's float fields carry it (a number past float32's range: inf).
-    Front ends that read a double (HTTP's JSON) pass their temperature and top_p through this,
-    so the same request samples the same text over every protocol: a top_p of 1e-50 is 0 (off)
-    over gRPC, and 0.7 is 0.699999988 there."""
+def as_float32(value: float, name: str) -> float:
+    """`value` as nextchar.v1's float fields carry it. Front ends that read a double (HTTP's
+    JSON) pass their temperature and top_p through this, so the same request samples the same
+    text over every protocol: a top_p of 1e-50 is 0 (off) over gRPC, and 0.7 is 0.699999988
+    there. A finite number past float32's range is refused, naming it (gRPC makes it inf)."""
     with np.errstate(over="ignore"):
-        return float(np.float32(value))
+        rounded = float(np.float32(value))
+    if math.isinf(rounded) and math.isfinite(value):
+        raise InvalidInput(f"{name} {value:g} is beyond float32's range (<= {FLOAT32_MAX:.4g})")
+    return rounded
 
 
 # For callers that can continue from a state (nextchar.v1, native JSON); front ends without
@@ -197,7 +201,7 @@ def sample_ids(
         return np.argmax(logits, axis=1)
     z = logits.astype(np.float64)  # (B, V)
     if temperature < COLD:
-        # So cold that logits / t would overflow to +-inf (then inf - inf is nan, and the draw
+        # So cold that logits / t could overflow to +-inf (then inf - inf is nan, and the draw
         # picks garbage): divide each row's distance from its maximum instead, which is <= 0,
         # so the maximum stays 0 and the rest go to -inf, probability 0: greedy, as t -> 0 is.
         z -= z.max(axis=1, keepdims=True)
@@ -599,7 +603,7 @@ class Generator:
             streams = [*lane.active, *lane.joining]
             self._stepping.difference_update(streams)
             lane.active, lane.joining, lane.driving = [], [], False
-        self._post([_Update(s, error=error) for s in streams])
+        self._post([s.failed(error) for s in streams])
 
     def _drive(self, lane: _Lane) -> None:
         """One step of one lane (executor thread), then the lane's next step is queued."""

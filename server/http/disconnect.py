@@ -1,7 +1,8 @@
 """A non-streaming answer that takes a while (a completion of thousands of characters) ends when
 its caller leaves, as a cancelled gRPC call does: the streams it holds are closed at once, so
 their slots (max_streams) and the model's time go to callers still waiting. A streaming answer
-needs none of this: Starlette stops iterating it when a send fails."""
+needs none of this: Starlette's StreamingResponse watches for the disconnect itself and stops
+iterating."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
         watch.cancel()
         if not task.done():
             task.cancel()
-    if not task.done():  # the caller left first
+    if not task.done():  # the caller left first, or watching failed
         await asyncio.gather(task, return_exceptions=True)  # let its cleanup run now
+        if watch.done() and not watch.cancelled() and watch.exception() is not None:
+            raise watch.exception()  # type: ignore[misc]
         raise ClientGone
     return task.result()
 

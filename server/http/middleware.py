@@ -183,8 +183,8 @@ class CallLayer:
         """receive() with the body's limits applied, decompressed (gzip, deflate) if it is."""
         limit, timeout_s = self.max_body_bytes, self.body_timeout_s
         wbits = ENCODINGS.get((encoding or b"identity").strip().lower())  # _refusal checked it
-        inflate = None if wbits is None else zlib.decompressobj(wbits)
-        seen = 0
+        inflater = None if wbits is None else _Inflater(wbits, limit)
+        seen = 0  # bytes of the body as the app gets it (decompressed)
         complete = False
 
         async def counted() -> Message:
@@ -192,18 +192,19 @@ class CallLayer:
             if complete:  # after the body, receive() waits for a disconnect: no time limit
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), timeout_s)
+                message = await _within(receive(), timeout_s)
             except asyncio.TimeoutError:
                 raise BodyTimeout(f"the request body stalled: nothing arrived for {timeout_s:g}s "
-                                  f"after {seen} bytes (--http-body-timeout-s); send the whole "
-                                  f"body promptly") from None
+                                  f"after {inflater.raw if inflater else seen} bytes "
+                                  f"(--http-body-timeout-s); send the whole body promptly"
+                                  ) from None
             if message["type"] != "http.request":  # http.disconnect
                 complete = True
                 return message
             body = message.get("body", b"")
             complete = not message.get("more_body", False)
-            if inflate is not None:
-                body = _inflate(inflate, body, limit - seen, complete)
+            if inflater is not None:
+                body = await inflater.feed(body, complete)
                 message = {**message, "body": body}
             seen += len(body)
             if seen > limit:
@@ -232,18 +233,58 @@ ENCODINGS: dict[bytes, int | None] = {b"identity": None, b"gzip": 16 + 15, b"x-g
                                       b"deflate": 32 + 15}
 
 
-def _inflate(d: Any, data: bytes, room: int, last: bool) -> bytes:
-    """Decompresses one piece, at most room + 1 bytes of it (a bomb stops at the limit)."""
-    try:
-        out = d.decompress(data, max(room, 0) + 1)
-        if last and len(out) <= room:
-            out += d.flush()
-    except zlib.error as e:
-        raise BodyRefused(f"the request body does not decompress as its Content-Encoding "
-                          f"says: {e}") from None
-    if last and len(out) <= room and not d.eof:
-        raise BodyRefused("the request body ends inside its compressed stream (truncated)")
-    return out
+INFLATE_STEP = 1 << 20  # bytes of output per step; a big inflation yields the loop between
+
+
+class _Inflater:
+    """One body's decompression, bounded both ways: at most `limit` bytes in (compressed, so an
+    endless stream of empty blocks ends too) and out (a bomb stops there), 413 past either; a
+    body that does not decompress, ends inside its stream, or goes on after its end is 400."""
+
+    def __init__(self, wbits: int, limit: int) -> None:
+        self._d = zlib.decompressobj(wbits)
+        self._limit = limit
+        self.raw = 0
+        self._out = 0
+
+    async def feed(self, data: bytes, last: bool) -> bytes:
+        self.raw += len(data)
+        if self.raw > self._limit:
+            raise BodyTooLarge(f"request body over max_message_bytes {self._limit}")
+        d, pending = self._d, data
+        parts: list[bytes] = []
+        try:
+            while pending or (parts and len(parts[-1]) == INFLATE_STEP):
+                if d.eof:
+                    raise BodyRefused("the request body goes on after the end of its "
+                                      "compressed stream (send one gzip member or zlib stream)")
+                part = d.decompress(pending, min(self._limit - self._out + 1, INFLATE_STEP))
+                self._out += len(part)
+                if self._out > self._limit:
+                    raise BodyTooLarge(f"request body over max_message_bytes {self._limit}")
+                parts.append(part)
+                pending = d.unconsumed_tail
+                if d.eof and (pending or d.unused_data):
+                    raise BodyRefused("the request body goes on after the end of its "
+                                      "compressed stream (send one gzip member or zlib stream)")
+                await asyncio.sleep(0)  # other calls run between steps of a big body
+        except zlib.error as e:
+            raise BodyRefused(f"the request body does not decompress as its Content-Encoding "
+                              f"says: {e}") from None
+        if last and not d.eof:
+            raise BodyRefused("the request body ends inside its compressed stream (truncated)")
+        return b"".join(parts)
+
+
+# asyncio.timeout (3.11+) is a timer on the running task; wait_for makes a task per receive.
+_timeout = getattr(asyncio, "timeout", None)
+
+
+async def _within(awaitable: Awaitable[Message], timeout_s: float) -> Message:
+    if _timeout is None:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    async with _timeout(timeout_s):
+        return await awaitable
 
 
 def _headers_only(send: Send) -> Send:

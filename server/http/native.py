@@ -111,8 +111,8 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
     async def generate(body: GenerateBody, request: Request) -> Response:
         params = GenerateParams(
             prompt=body.prompt, max_chars=body.max_chars,
-            temperature=as_float32(body.temperature), top_k=body.top_k,
-            top_p=as_float32(body.top_p), seed=body.seed, stop=tuple(body.stop),
+            temperature=as_float32(body.temperature, "temperature"), top_k=body.top_k,
+            top_p=as_float32(body.top_p, "top_p"), seed=body.seed, stop=tuple(body.stop),
             state=_b64(body.state, "state") if body.state else b"",
             return_state=body.return_state, lane=_lane(body.priority))
         session = plane.generate(GenerateCall(params, body.model, request.state.deadline))

@@ -110,7 +110,8 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             raise OpenAIError("stream_options is only allowed when stream is true",
                               "stream_options")
         model = plane.model(body.model)  # 404 for an unknown name, before any work
-        if len(prompts) * body.n > model.limits.max_streams:  # would never fit, busy or not
+        if body.max_tokens != 0 and len(prompts) * body.n > model.limits.max_streams:
+            # would never fit, busy or not (max_tokens 0 opens no stream)
             raise OpenAIError(f"{len(prompts)} prompts x n {body.n} choices > max_streams "
                               f"{model.limits.max_streams}, the Generate streams this server "
                               f"runs at once; ask for fewer", "n" if body.n > 1 else "prompt")
@@ -162,14 +163,18 @@ def _open(plane: DataPlane, body: CompletionRequest, prompts: list[str], stops: 
     choices: list[_Choice] = []
     max_chars = body.max_tokens if body.max_tokens is not None else 16
     one = isinstance(body.prompt, str)
-    top_p = as_float32(body.top_p)  # 1e-50 is 0 here too: the top token alone
+    try:
+        temperature = as_float32(body.temperature, "temperature")
+        top_p = as_float32(body.top_p, "top_p")  # 1e-50 is 0 here too: the top token alone
+    except InvalidInput as e:
+        raise OpenAIError(e.message, e.message.split(" ", 1)[0]) from None
     try:
         for p_index, prompt in enumerate(prompts):
             for i in range(body.n):
                 index = p_index * body.n + i
                 params = GenerateParams(  # OpenAI's top_p 0 keeps the top token alone
                     prompt=prompt, max_chars=max(max_chars, 1),
-                    temperature=as_float32(body.temperature),
+                    temperature=temperature,
                     top_k=1 if top_p == 0 else body.top_k, top_p=top_p or 1.0,
                     seed=None if body.seed is None else (body.seed + i) % (1 << 64),
                     stop=tuple(stops))
@@ -366,6 +371,7 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
         log.exception("unhandled error in a completions stream")
         yield b"data: " + error_body("/v1/", 500, "internal server error (logged on the "
                                      "server)") + b"\n\n"
+        yield b"data: [DONE]\n\n"
     finally:
         for t in tasks:
             t.cancel()

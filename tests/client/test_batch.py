@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -534,6 +535,17 @@ def test_cli_local_names_what_the_user_gave(tmp_path: Path, tiny_artifact: Path,
     assert cli_main(["batch", str(inp), "-o", str(out), "--local", str(tiny_artifact),
                      "--model", name, "--no-progress"]) == 0
     assert count_lines(out) == 3
+    # A repository of plain artifacts (DIR/<model>/manifest.json) stays a repository.
+    repo = tmp_path / "models"
+    for folder in ("alpha", "beta"):
+        shutil.copytree(tiny_artifact, repo / folder)
+    out.unlink()
+    assert cli_main(["batch", str(inp), "-o", str(out), "--local", str(repo), "--model", "alpha",
+                     "--no-progress"]) == 0
+    assert count_lines(out) == 3
+    capsys.readouterr()
+    assert refusal("--local", str(repo), "--model", "nope").startswith(
+        f"nextchar batch: --local {repo}: NOT_FOUND: ")
 
 
 def test_thin_client_imports_no_numpy() -> None:

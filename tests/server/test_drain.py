@@ -155,7 +155,7 @@ def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
     from http_util import call
 
     sp = server_process(["--model", str(tiny_artifact), "--grace-s", "0.5", "--http-port", "0",
-                         "--max-chars-per-text", "100000000"])
+                         "--max-chars-per-text", "100000000", "--metrics-port", "0"])
     name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
     replies: dict[str, object] = {}
 
@@ -167,7 +167,7 @@ def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
         ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000}))]
     for t in askers:
         t.start()
-    time.sleep(1.0)  # both running
+    _eventually(lambda: _active_streams(sp.metrics_url) == 2, "both generations running")
     sp.proc.send_signal(signal.SIGTERM)
     for t in askers:
         t.join(60)
@@ -178,6 +178,15 @@ def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
     assert (err["message"], err["type"]) == ("server is shutting down; retry on another replica",
                                              "service_unavailable")
     assert sp.proc.wait(30) == 0
+
+
+def _active_streams(metrics_url: str | None) -> float:
+    import urllib.request
+
+    assert metrics_url is not None
+    body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in body.splitlines()
+               if line.startswith("nextchar_active_streams"))
 
 
 def test_a_second_signal_stops_at_once(server_process, tiny_artifact: Path) -> None:

@@ -186,9 +186,43 @@ def test_gzip_and_deflate_bodies_are_read_and_checked_after_decompression(st, na
     r = encoded(st, "/nextchar/v1/predict", gzip.compress(body)[:-12], "gzip")
     assert r.status == 400 and r.json() == {
         "error": "the request body ends inside its compressed stream (truncated)"}
+    after = "the request body goes on after the end of its compressed stream (send one gzip " \
+            "member or zlib stream)"
+    for extra in (b"trailing bytes", gzip.compress(b"{}")):  # garbage; a second member
+        r = encoded(st, "/nextchar/v1/predict", gzip.compress(body) + extra, "gzip")
+        assert r.status == 400 and r.json() == {"error": after}, r.body
     err = openai_error(encoded(st, "/v1/completions", body, "br"), 415)
     assert err["message"] == ("Content-Encoding 'br' is not supported: send the body as is, "
                               "gzip or deflate")
+
+
+def chunked_raw(st, path: str, parts, encoding: str) -> Reply:
+    host, port = st.http_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", path, body=parts, encode_chunked=True,
+                     headers={"content-type": "application/json", "content-encoding": encoding})
+        r = conn.getresponse()
+        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
+
+
+def test_a_compressed_body_is_limited_in_and_out_when_sent_chunked(st) -> None:
+    """Chunked, there is no Content-Length to refuse first: the compressed bytes count against
+    the limit as they come (empty deflate blocks inflate to nothing, forever), and so do the
+    inflated ones (a bomb, spread over many pieces)."""
+    z = zlib.compressobj()
+    head = z.compress(b'{"texts": ["a') + z.flush(zlib.Z_SYNC_FLUSH)
+    empty_block = b"\x00\x00\x00\xff\xff"  # a stored block of no bytes, not the last
+    assert zlib.decompressobj().decompress(head + empty_block * 10) == b'{"texts": ["a'
+    endless = (head if i == 0 else empty_block * 2000 for i in range(200))  # 2 MB in, 13 out
+    r = chunked_raw(st, "/nextchar/v1/predict", endless, "deflate")
+    assert r.status == 413 and r.json() == {"error": f"request body over max_message_bytes {LIMIT}"}
+    bomb = gzip.compress(b'{"texts": ["' + b"a" * (16 * LIMIT) + b'"]}')
+    pieces = (bomb[i:i + 64] for i in range(0, len(bomb), 64))
+    r = chunked_raw(st, "/nextchar/v1/predict", pieces, "gzip")
+    assert r.status == 413 and r.json() == {"error": f"request body over max_message_bytes {LIMIT}"}
 
 
 # -- HEAD --------------------------------------------------------------------------------------
