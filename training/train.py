@@ -447,7 +447,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict[st
     validation loss of the best checkpoint, best.pt)."""
     d, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, d, device, log)
+        result = _train(cfg, d, device, log)
+        # Every rank tears its process group down together: a rank that tore down while rank 0
+        # was still writing the run's files died in gloo with SIGABRT ("terminate called
+        # without an active exception"), about one run in eight here.
+        d.barrier()
+        return result
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
