@@ -205,9 +205,7 @@ def sample_ids(
         # picks garbage): divide each row's distance from its maximum instead, which is <= 0,
         # so the maximum stays 0 and the rest go to -inf, probability 0: greedy, as t -> 0 is.
         z -= z.max(axis=1, keepdims=True)
-        with np.errstate(over="ignore"):  # the -inf are meant
-            z /= temperature
-    else:
+    with np.errstate(over="ignore"):  # only below COLD, where the -inf are meant
         z /= temperature
     if logits.dtype == np.float32 and ORDER_BY_LOGITS[0] <= temperature <= ORDER_BY_LOGITS[1]:
         order = descending_order(logits)  # (B, V)
@@ -507,8 +505,8 @@ class Generator:
 
     def check(self, params: GenerateParams) -> tuple[np.ndarray, np.ndarray | None]:
         """What open() refuses about the call itself, admitting nothing: the prompt's ids and
-        the start state (None: fresh). Sampling settings must already be float32 values
-        (sampling_values): what nextchar.v1 carries, so every front end samples alike."""
+        the start state (None: fresh). Front ends that read doubles pass temperature and top_p
+        through as_float32 first: what nextchar.v1 carries, so every front end samples alike."""
         self._validate(params)
         try:
             ids = self.artifact.encode(params.prompt)
