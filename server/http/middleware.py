@@ -141,8 +141,8 @@ class CallLayer:
             if refusal is not None:
                 await _answer(send_with_id, path, *refusal)
                 return
-            await self._run(scope, self._limited(receive, headers.get(b"content-encoding")),
-                            send_with_id, status, headers.get(TIMEOUT_HEADER))
+            await self._run(scope, self._limited(receive, _encoding(headers)), send_with_id,
+                            status, headers.get(TIMEOUT_HEADER))
         finally:
             if seq is not None:
                 telemetry.exit(seq, method, str(status[0] or 499), started, "http")
@@ -164,7 +164,7 @@ class CallLayer:
             if size > self.max_body_bytes:
                 return 413, (f"request body of {size} bytes > max_message_bytes "
                              f"{self.max_body_bytes}")
-        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        encoding = _encoding(headers)
         if encoding not in ENCODINGS:
             return 415, (f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not "
                          f"supported: send the body as is, gzip or deflate")
@@ -179,10 +179,10 @@ class CallLayer:
                              f"got {timeout.decode('latin-1')!r}")
         return None
 
-    def _limited(self, receive: Receive, encoding: bytes | None) -> Receive:
+    def _limited(self, receive: Receive, encoding: bytes) -> Receive:
         """receive() with the body's limits applied, decompressed (gzip, deflate) if it is."""
         limit, timeout_s = self.max_body_bytes, self.body_timeout_s
-        wbits = ENCODINGS.get((encoding or b"identity").strip().lower())  # _refusal checked it
+        wbits = ENCODINGS[encoding]  # _refusal answered 415 for any other
         inflater = None if wbits is None else _Inflater(wbits, limit)
         seen = 0  # bytes of the body as the app gets it (decompressed)
         complete = False
@@ -233,7 +233,13 @@ ENCODINGS: dict[bytes, int | None] = {b"identity": None, b"gzip": 16 + 15, b"x-g
                                       b"deflate": 32 + 15}
 
 
+def _encoding(headers: dict[bytes, bytes]) -> bytes:
+    return headers.get(b"content-encoding", b"identity").strip().lower()
+
+
 INFLATE_STEP = 1 << 20  # bytes of output per step; a big inflation yields the loop between
+AFTER_THE_END = ("the request body goes on after the end of its compressed stream (send one "
+                 "gzip member or zlib stream)")
 
 
 class _Inflater:
@@ -255,18 +261,16 @@ class _Inflater:
         parts: list[bytes] = []
         try:
             while pending or (parts and len(parts[-1]) == INFLATE_STEP):
-                if d.eof:
-                    raise BodyRefused("the request body goes on after the end of its "
-                                      "compressed stream (send one gzip member or zlib stream)")
+                if d.eof:  # data in a later piece
+                    raise BodyRefused(AFTER_THE_END)
                 part = d.decompress(pending, min(self._limit - self._out + 1, INFLATE_STEP))
                 self._out += len(part)
                 if self._out > self._limit:
                     raise BodyTooLarge(f"request body over max_message_bytes {self._limit}")
                 parts.append(part)
                 pending = d.unconsumed_tail
-                if d.eof and (pending or d.unused_data):
-                    raise BodyRefused("the request body goes on after the end of its "
-                                      "compressed stream (send one gzip member or zlib stream)")
+                if d.eof and (pending or d.unused_data):  # in this piece
+                    raise BodyRefused(AFTER_THE_END)
                 await asyncio.sleep(0)  # other calls run between steps of a big body
         except zlib.error as e:
             raise BodyRefused(f"the request body does not decompress as its Content-Encoding "

@@ -134,7 +134,7 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             try:
                 await asyncio.gather(*(_run(c) for c in choices))
             finally:
-                _close(choices)
+                _close(choices)  # the slots go back now, before the logprobs' Predicts
             out = []
             for c in choices:
                 text = c.prompt + c.text if body.echo else c.text
@@ -150,7 +150,7 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
         except ClientGone:
             return gone_response()
         finally:
-            _close(choices)
+            _close(choices)  # also when answer() was cancelled before it began
         return _json({**meta, "choices": out, "usage": _usage(choices, body.n)})
 
     return r
