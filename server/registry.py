@@ -437,6 +437,7 @@ class ModelRegistry:
             slot = self.slots.get(rt.name)
             if slot is not None and slot.current is None and slot.state is ModelState.UNLOADING:
                 slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
+                self.changed()
 
         task = asyncio.get_running_loop().create_task(close())
         self._tasks.add(task)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,14 @@ def test_unload_then_load(repo_server, capsys) -> None:
     code, out, err = run(capsys, "unload", "--server", address, "digits")
     assert code == 0, err
     assert json.loads(out) == {"model": "digits", "version": "1"}
-    assert models_table(capsys, address)["digits"][1] == "UNAVAILABLE"
+    # Unload answers once new calls are refused; the runtime then closes in the background
+    # (UNLOADING, as Triton's index shows while its last calls finish), then UNAVAILABLE.
+    states = [models_table(capsys, address)["digits"][1]]
+    deadline = time.monotonic() + 10
+    while states[-1] == "UNLOADING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        states.append(models_table(capsys, address)["digits"][1])
+    assert set(states) <= {"UNLOADING", "UNAVAILABLE"} and states[-1] == "UNAVAILABLE", states
     code, _, err = run(capsys, "predict", "--server", address, "--model", "digits", "1")
     assert code == 1 and "NOT_FOUND" in err
     code, out, err = run(capsys, "load", "--server", address, "digits")
