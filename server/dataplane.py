@@ -176,10 +176,15 @@ class DataPlane:
             ok = True
             return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
         finally:
-            n = len(call.texts) if call.texts is not None else (
-                len(call.lengths) if call.lengths is not None else 0)
-            rt.stats.request_done(ok, n, started)
-            self.registry.release(rt)
+            # The lease goes back whatever happens here: a runtime still leased never closes
+            # (an unload or reload would wait on it for good). np.size, not len(): a refused
+            # call's lengths may be 0-d.
+            try:
+                n = len(call.texts) if call.texts is not None else (
+                    int(np.size(call.lengths)) if call.lengths is not None else 0)
+                rt.stats.request_done(ok, n, started)
+            finally:
+                self.registry.release(rt)
 
     def generate(self, call: GenerateCall) -> GenerateSession:
         """Validates and admits the stream; the caller must close() the session."""

@@ -345,6 +345,9 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("lengths shape", {"inputs": [_t("ids", "INT64", [2, 1], int64_contents=[1, 2]),
                                   _t("lengths", "INT64", [1], int64_contents=[1])]},
      "lengths must have shape [2] (one per ids row), got [1]"),
+    ("lengths 0-d", {"inputs": [_t("ids", "INT64", [1, 1], int64_contents=[1]),
+                                _t("lengths", "INT64", [], int64_contents=[1])]},
+     "lengths must have shape [1] (one per ids row), got []"),
     ("unknown output", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]},
      "unknown output 'logits': this model has probs, top_ids, top_chars, top_probs"),
     ("output twice", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")] * 2},
@@ -368,6 +371,16 @@ def test_bad_requests_are_invalid_argument(stub, info, case: str, fields: dict[s
     code, details = _code(stub.ModelInfer, req)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert message in details
+
+
+def test_refused_calls_give_their_lease_back(stub, info, tiny_server) -> None:
+    """A refused call must not keep the runtime leased: a leased runtime never closes, so an
+    unload or a reload of that model would wait for it for good."""
+    req = _request(info, [_t("ids", "INT64", [1, 1], int64_contents=[1]),
+                          _t("lengths", "INT64", [], int64_contents=[1])])
+    for _ in range(3):
+        assert _code(stub.ModelInfer, req)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert tiny_server.server.registry.serving(info.name).calls == 0
 
 
 @pytest.mark.parametrize("raw, message", [
