@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 from nextchar import __version__
 
-from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX
+from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
 
 # typing.TYPE_CHECKING without importing typing before `main` runs (see main); mypy takes any
 # name TYPE_CHECKING as True.
@@ -54,6 +54,14 @@ def _uint32(text: str, minimum: int) -> int:
 def _count(text: str) -> int:
     """A uint32 (count or seed), refused by argparse with one line otherwise."""
     return _uint32(text, 0)
+
+
+def _seed(text: str) -> int:
+    """A uint64, as GenerateRequest.seed is: a seed the library takes replays here too."""
+    value = int(text)
+    if not 0 <= value <= UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {UINT64_MAX}, got {value}")
+    return value
 
 
 def _positive_count(text: str) -> int:
@@ -276,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sample among the k likeliest (default 0: all)")
     sg.add_argument("--top-p", type=float, default=0.0,
                     help="nucleus sampling mass (default 0: off)")
-    sg.add_argument("--seed", type=_count, default=None, help="same seed, same text (default random)")
+    sg.add_argument("--seed", type=_seed, default=None,
+                    help="0 to 2^64-1; same seed, same text (default random)")
     sg.add_argument("--stop", action="append", default=[], metavar="STRING",
                     help="stop before this string; repeatable")
     sg.add_argument("--echo", action="store_true", help="print the prompt before the text")
@@ -444,6 +453,10 @@ def _load_lazy(argv: list[str]) -> Callable[[], int]:
 
 def _load_client(argv: list[str]) -> Callable[[], int]:
     """Parses a client command's arguments (importing grpc); the command, to run."""
+    # gRPC core logs some failures itself (a TLS handshake with a plaintext server, at INFO)
+    # before the call fails; the call's own error is the one line this command prints. Read
+    # once, when grpc loads; a user's own GRPC_VERBOSITY wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .client import NextCharError
 
     args = _parse(argv)

@@ -243,12 +243,14 @@ class DataPlane:
                            rt.artifact.version, rt.backend.name, rt.backend.device)
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
-        """(model, version, stats) for one model, or every known model when name is empty."""
+        """(model, version, stats) for one model, or every known model when name is empty (a
+        version then means nothing: Triton ignores it without a name, and so do we)."""
         if name:
             slot = self.registry.slot(name)
             slots = [slot]
         else:
             slots = [s for _, s in sorted(self.registry.slots.items())]
+            version = ""
         out = []
         for slot in slots:
             served = slot.current.version if slot.current is not None else ""
@@ -259,6 +261,8 @@ class DataPlane:
 
     # -- control -----------------------------------------------------------------------------
     async def load_model(self, name: str) -> LoadOutcome:
+        if not name:
+            raise InvalidInput("name the model to load (ListModels lists the repository's)")
         self._check()
         return await self.registry.load(name)
 

@@ -420,7 +420,8 @@ class ModelRegistry:
             return NotReady(f"model '{slot.name}' is loading; retry shortly")
         if slot.state is ModelState.FAILED:
             return FailedPrecondition(f"model '{slot.name}' failed to load: {slot.reason}")
-        return NotFound(f"model '{slot.name}' is not loaded ({slot.reason or 'unloaded'}); "
+        why = slot.reason if slot.reason and slot.reason != "not loaded" else ""
+        return NotFound(f"model '{slot.name}' is not loaded{f' ({why})' if why else ''}; "
                         f"load it with Admin.LoadModel (nextchar load {slot.name})")
 
     # -- retiring ----------------------------------------------------------------------------

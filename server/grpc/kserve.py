@@ -22,13 +22,15 @@ from nextchar.kserve import grpc_predict_v2_pb2 as pb
 from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane, PredictCall
-from ..errors import InvalidInput, ServingError
+from ..errors import InvalidInput, NotFound, ServingError
 from ..registry import ModelState
 from ..stats import Duration
 from .kserve_codec import (
     decode_inputs,
     encode_response,
+    final_response_wanted,
     lane_of,
+    mark_final,
     output_tensors,
     requested_outputs,
     top_k_of,
@@ -63,8 +65,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.plane.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(
-            ready=self.plane.model_ready(_named(request.name), request.version))
+        # Triton answers ready=false, not an error, for a model or version it does not serve:
+        # tritonclient's `while not is_model_ready(m)` loops rely on it.
+        try:
+            ready = self.plane.model_ready(_named(request.name), request.version)
+        except NotFound:
+            ready = False
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -140,7 +147,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+            final = final_response_wanted(request.parameters)
+            response = await self._infer(request, deadline)
+            if final:
+                mark_final(response)
+            return pb.ModelStreamInferResponse(infer_response=response)
         except ServingError as e:
             message = f"{e.code.name}: {e.message}"
         except Exception:
@@ -148,6 +159,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             message = "INTERNAL: internal server error (logged on the server)"
         echo = pb.ModelInferResponse(model_name=request.model_name,
                                      model_version=request.model_version, id=request.id)
+        if final_response_wanted(request.parameters, strict=False):
+            mark_final(echo)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
     # -- Triton's statistics and repository extensions ---------------------------------------

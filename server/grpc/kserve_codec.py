@@ -147,6 +147,30 @@ def lane_of(parameters: Any) -> int:
     return lane_of_priority(_int_param(parameters, "priority"))
 
 
+# tritonclient's `async_stream_infer(..., enable_empty_final_response=True)` sends this and then
+# reads `triton_final_response` on each response to know a request's responses are complete.
+FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
+
+
+def final_response_wanted(parameters: Any, strict: bool = True) -> bool:
+    """Whether the stream request asks for `triton_final_response` on its responses. Each
+    request here gets exactly one response, so that response is the final one (Triton sends
+    no extra empty response for a model that is not decoupled)."""
+    if FINAL_RESPONSE_PARAM not in parameters:
+        return False
+    p = parameters[FINAL_RESPONSE_PARAM]
+    if p.WhichOneof("parameter_choice") != "bool_param":
+        if strict:
+            raise InvalidInput(f"parameter {FINAL_RESPONSE_PARAM} must be a bool_param, got "
+                               f"{p.WhichOneof('parameter_choice')}")
+        return False
+    return p.bool_param
+
+
+def mark_final(response: pb.ModelInferResponse) -> None:
+    response.parameters["triton_final_response"].bool_param = True
+
+
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     if not request.outputs:
         return list(OUTPUTS)

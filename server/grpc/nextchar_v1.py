@@ -12,6 +12,7 @@ from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 
 from ..batcher import HIGH, LOW
 from ..dataplane import DataPlane, GenerateCall, ModelStatus, PredictCall
+from ..errors import InvalidInput
 from ..generator import STOP_MAX_CHARS, STOP_STRING, GenerateParams
 from ..registry import ModelState
 from .converters import prediction_to_pb
@@ -26,6 +27,10 @@ _STATES = {ModelState.READY: pb.MODEL_STATE_READY, ModelState.LOADING: pb.MODEL_
 
 
 def lane_of(priority: int) -> int:
+    # proto3 keeps an enum number it does not know; refuse it rather than guess a lane.
+    if priority not in pb.Priority.values():
+        raise InvalidInput(f"priority must be PRIORITY_HIGH (1) or PRIORITY_LOW (2), got "
+                           f"{priority}")
     return LOW if priority == pb.PRIORITY_LOW else HIGH
 
 

@@ -98,6 +98,16 @@ class _Undecodable:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
+    def message(self) -> str:
+        # protobuf's own text already says which: "String field had bad UTF-8" or "Wire
+        # format was corrupt"; the hint points at the likely cause of each.
+        text = str(self.error)
+        hint = ("strings must be valid UTF-8" if "UTF-8" in text or
+                isinstance(self.error, UnicodeDecodeError)
+                else "the bytes are not this method's request message: is the client's .proto "
+                     "the server's?")
+        return f"request message does not decode: {text} ({hint})"
+
 
 class UndecodableRequest(ServingError):
     """A frame of a request stream does not decode; the stream's handler raises it."""
@@ -109,8 +119,7 @@ async def checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """A request stream whose undecodable frames raise UndecodableRequest (INVALID_ARGUMENT)."""
     async for request in requests:
         if type(request) is _Undecodable:
-            raise UndecodableRequest(f"request message does not decode: {request.error} "
-                                     f"(strings must be valid UTF-8)")
+            raise UndecodableRequest(request.message())
         yield request
 
 
@@ -135,10 +144,7 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: BaseException, meth
 
 
 async def _reject_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"request message does not decode: {request.error} (strings must be valid UTF-8)",
-    )
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
 
 
 _FACTORIES = {

@@ -307,3 +307,26 @@ def test_serve_on_a_taken_http_port(tiny_artifact: Path) -> None:
     text = err.decode()
     assert_one_clean_line("serve", proc.returncode, text)
     assert f"HTTP 127.0.0.1:{port} is already in use" in text and "--http-port" in text
+
+
+def test_tls_against_a_plaintext_server_prints_one_line(tiny_server: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC core logs the failed handshake itself; the command's own line is the only one."""
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    proc = _nextchar("predict", "--server", tiny_server.address, "--tls", "--timeout-s", "5",
+                     "hello", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert out == b""
+    assert_one_clean_line("predict", proc.returncode, err.decode())
+    assert "UNAVAILABLE" in err.decode() and "handshake" in err.decode().lower()
+
+
+def test_any_uint64_seed_is_taken(tiny_server: Any, isolated: Path,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--server", tiny_server.address, "--max-chars", "3"]
+    code, out, err = run_in_process([*base, "--seed", str(2**64 - 1), "hello"], capfd)
+    assert code == 0 and len(out.rstrip("\n")) == 3, err
+    code, _, err = run_in_process([*base, "--seed", str(2**64), "hello"], capfd)
+    assert code == 2 and error_lines(err) == [
+        f"nextchar generate: error: argument --seed: must be between 0 and {2**64 - 1}, "
+        f"got {2**64}"]

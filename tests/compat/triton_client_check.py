@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         assert client.is_server_ready() is True
         assert client.is_model_ready(model) is True
         assert client.is_model_ready(model, model_version) is True
-        checks += 4
+        # Not served: false, not an exception (Triton's answer; wait-until-ready loops need it).
+        assert client.is_model_ready("no-such-model") is False
+        assert client.is_model_ready(model, "no-such-version") is False
+        checks += 6
 
         meta = client.get_server_metadata()
         assert meta.name == "nextchar" and meta.version == exp["server_version"], meta
@@ -153,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         check_result(r3, exp, "stream, INT64 ids input")
         assert "NOT_FOUND" in e2.message(), e2.message()
         checks += 3
+
+        # The loop tritonclient's docs show for a stream: read until triton_final_response.
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(model, text_inputs(exp), outputs=requested(), parameters=params,
+                                  request_id="f1", enable_empty_final_response=True)
+        result, error = answers.get(timeout=30)
+        client.stop_stream()
+        assert error is None, error
+        final = result.get_response().parameters["triton_final_response"]
+        assert final.bool_param is True, result.get_response()
+        check_result(result, exp, "stream with enable_empty_final_response")
+        checks += 1
     finally:
         client.close()
     print(f"tritonclient {version('tritonclient')}: {checks} checks passed against {args.url} "

@@ -143,20 +143,24 @@ def test_model_metadata(stub, info) -> None:
         ("top_chars", "BYTES", [-1, -1]), ("top_probs", "FP32", [-1, -1])]
 
 
-@pytest.mark.parametrize("rpc, request_", [
-    ("ModelReady", pb.ModelReadyRequest(name="nope")),
-    ("ModelMetadata", pb.ModelMetadataRequest(name="nope")),
-])
-def test_unknown_model_is_not_found(stub, info, rpc: str, request_: Any) -> None:
-    code, details = _code(getattr(stub, rpc), request_)
+def test_unknown_model_is_not_found(stub, info) -> None:
+    code, details = _code(stub.ModelMetadata, pb.ModelMetadataRequest(name="nope"))
     assert code == grpc.StatusCode.NOT_FOUND
     assert details == f"model 'nope' is not served here; models: {info.name}"
 
 
 def test_unknown_version_is_not_found(stub, info) -> None:
-    code, details = _code(stub.ModelReady, pb.ModelReadyRequest(name=info.name, version="0"))
+    code, details = _code(stub.ModelMetadata, pb.ModelMetadataRequest(name=info.name, version="0"))
     assert code == grpc.StatusCode.NOT_FOUND
     assert f"has no version '0' loaded; it serves version '{info.version}'" in details
+
+
+def test_an_unknown_model_or_version_is_not_ready(stub, info) -> None:
+    """Triton's ModelReady answers ready=false, not an error, for what it does not serve."""
+    assert stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready is False
+    assert stub.ModelReady(pb.ModelReadyRequest(name=info.name, version="0")).ready is False
+    code, _ = _code(stub.ModelReady, pb.ModelReadyRequest(name=""))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_readiness_follows_the_servers_own_state(stub, info, tiny_server) -> None:
@@ -292,6 +296,38 @@ def test_stream_infer_answers_in_order_with_errors_in_band(stub, info, tiny_serv
     assert "'\u00e9' (U+00E9) at position 1" in answers[1].error_message
     for a in (answers[0], answers[3]):
         _assert_matches_v1(_outputs(a.infer_response), info, ids, probs)
+
+
+def _final_flag(value: Any) -> Any:
+    p = pb.InferParameter()
+    if isinstance(value, bool):
+        p.bool_param = value
+    else:
+        p.string_param = value
+    return p
+
+
+def test_stream_marks_each_response_final_when_asked(stub, info) -> None:
+    """tritonclient's enable_empty_final_response=True: every response (one per request here,
+    errors too) carries triton_final_response=true; unasked, the parameter is absent."""
+    asked = _request(info, [_text_input(["hello"])], id="a")
+    asked.parameters["triton_enable_empty_final_response"].CopyFrom(_final_flag(True))
+    failed = pb.ModelInferRequest(model_name="nope", id="b", inputs=[_text_input(["hi"])])
+    failed.parameters["triton_enable_empty_final_response"].CopyFrom(_final_flag(True))
+    plain = _request(info, [_text_input(["hello"])], id="c")
+    wrong = _request(info, [_text_input(["hello"])], id="d")
+    wrong.parameters["triton_enable_empty_final_response"].CopyFrom(_final_flag("yes"))
+    answers = list(stub.ModelStreamInfer(iter([asked, failed, plain, wrong]), timeout=30))
+    flags = [dict(a.infer_response.parameters).get("triton_final_response") for a in answers]
+    assert [f.bool_param if f is not None else None for f in flags] == [True, True, None, None]
+    assert [a.error_message.split(":")[0] for a in answers] == [
+        "", "NOT_FOUND", "", "INVALID_ARGUMENT"]
+    assert "triton_enable_empty_final_response must be a bool_param" in answers[3].error_message
+
+
+def test_statistics_ignore_a_version_without_a_model_name(stub, info) -> None:
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="", version="no-such-version"))
+    assert [m.name for m in stats.model_stats] == [info.name]
 
 
 # -- errors: exact codes, actionable messages -----------------------------------------------
@@ -465,5 +501,5 @@ def test_tritonclient_against_nextchar(tiny_server, info, tmp_path: Path) -> Non
     proc = subprocess.run([str(python), str(script), "--url", tiny_server.address,
                            "--expect", str(expect)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "14 checks passed" in proc.stdout, proc.stdout
+    assert "17 checks passed" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), file=sys.stderr)

@@ -68,7 +68,52 @@ def test_invalid_utf8_is_invalid_argument_not_internal(tiny_server) -> None:
         with pytest.raises(grpc.RpcError) as ei:
             call(raw, timeout=10)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "does not decode" in ei.value.details()
+    assert ei.value.details() == (
+        "request message does not decode: Error parsing message with type "
+        "'nextchar.v1.PredictRequest': String field had bad UTF-8 (strings must be valid UTF-8)")
+
+
+def test_a_corrupt_message_is_not_blamed_on_utf8(tiny_server) -> None:
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        call = ch.unary_unary("/nextchar.v1.NextChar/Predict",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as ei:
+            call(b"\x0a\x05ab", timeout=10)  # a string field claiming 5 bytes, 2 sent
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details() == (
+        "request message does not decode: Error parsing message with type "
+        "'nextchar.v1.PredictRequest': Wire format was corrupt (the bytes are not this "
+        "method's request message: is the client's .proto the server's?)")
+
+
+@pytest.mark.parametrize("method, request_", [
+    ("Predict", pb.PredictRequest(texts=["hello"], priority=9)),
+    ("Generate", pb.GenerateRequest(prompt="hello", max_chars=2, priority=7)),
+])
+def test_an_unknown_priority_is_refused(tiny_server, method: str, request_) -> None:
+    """proto3 keeps enum numbers it does not know: a number no lane has is refused."""
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        call = getattr(ch, "unary_unary" if method == "Predict" else "unary_stream")(
+            f"/nextchar.v1.NextChar/{method}", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as ei:
+            result = call(request_, timeout=10)
+            if method == "Generate":
+                list(result)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    number = request_.priority
+    assert ei.value.details() == (
+        f"priority must be PRIORITY_HIGH (1) or PRIORITY_LOW (2), got {number}")
+
+
+def test_load_without_a_name_is_refused(tiny_server) -> None:
+    from nextchar.v1 import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            admin_pb2_grpc.AdminStub(ch).LoadModel(admin_pb2.LoadModelRequest(model=""), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details() == "name the model to load (ListModels lists the repository's)"
 
 
 def test_server_stays_up_after_errors(client: NextCharClient) -> None:
