@@ -107,13 +107,22 @@ class ModelSpec:
     max_chars_per_request: int = 0  # 0: the server does not say (a server before it did)
 
 
+@dataclass(frozen=True)
+class Answerer:
+    """Which model computed an answer: its version label and its artifact's sha256 ("" from a
+    server that does not say)."""
+
+    version: str
+    artifact_sha256: str = ""
+
+
 class Target(Protocol):
     def model_spec(self) -> ModelSpec: ...
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
-    ) -> tuple[list[pb.Prediction], str]:
-        """(one prediction per text, the model version that answered); raises NextCharError."""
+    ) -> tuple[list[pb.Prediction], Answerer]:
+        """(one prediction per text, the model that answered); raises NextCharError."""
         ...
 
     def close(self) -> None: ...
@@ -156,11 +165,12 @@ class RemoteTarget:
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
-    ) -> tuple[list[pb.Prediction], str]:
+    ) -> tuple[list[pb.Prediction], Answerer]:
         request = predict_request(texts, top_k, per_position, model=self.model,
                                   priority=self.priority)
         response = self.client.predict_response(request, timeout_s=timeout_s)
-        return list(response.predictions), response.model_version
+        return list(response.predictions), Answerer(response.model_version,
+                                                    response.artifact_sha256)
 
     def close(self) -> None:
         self.client.close()
@@ -260,18 +270,19 @@ class LocalTarget:
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
-    ) -> tuple[list[pb.Prediction], str]:
+    ) -> tuple[list[pb.Prediction], Answerer]:
         from nextchar.server.dataplane import PredictCall
         from nextchar.server.grpc.converters import prediction_to_pb
 
-        async def call() -> tuple[list[pb.Prediction], str]:
+        async def call() -> tuple[list[pb.Prediction], Answerer]:
             deadline = asyncio.get_running_loop().time() + timeout_s
             answer = await self.plane.predict(PredictCall(
                 texts=texts, top_k=top_k, per_position=per_position, model=self._model,
                 lane=self._lane, deadline=deadline))
-            return [prediction_to_pb(r, answer.vocab) for r in answer.results], answer.version
+            return ([prediction_to_pb(r, answer.vocab) for r in answer.results],
+                    Answerer(answer.version, answer.artifact_sha256))
 
-        return cast(tuple[list[pb.Prediction], str], self._rpc(call()))
+        return cast(tuple[list[pb.Prediction], Answerer], self._rpc(call()))
 
     def close(self) -> None:
         try:
@@ -420,8 +431,8 @@ class _Job:
         attempt = 0
         while True:
             try:
-                preds, version = self.target.predict(texts, self.top_k, opts.per_position,
-                                                     opts.timeout_s)
+                preds, answerer = self.target.predict(texts, self.top_k, opts.per_position,
+                                                      opts.timeout_s)
             except NextCharError as e:
                 if e.code not in RETRYABLE:
                     raise
@@ -438,11 +449,23 @@ class _Job:
                 if self.stop.wait(delay):
                     raise JobAborted("stopped") from e
                 continue
-            if self.spec.version and version != self.spec.version:
-                # A replica with another model (a rolling update): mixing would be silent.
-                raise JobAborted(f"a server answered with model version {version!r}, the job "
-                                 f"started on {self.spec.version!r}")
+            self.check_same_model(answerer)
             return preds
+
+    def check_same_model(self, answerer: Answerer) -> None:
+        """A replica with another model (a rolling update) stops the job: mixing two models'
+        answers in one output would be silent. The artifact's sha256 decides where both sides
+        give it (two models may share a version label); the version label otherwise."""
+        spec = self.spec
+        if spec.artifact_sha256 and answerer.artifact_sha256:
+            if answerer.artifact_sha256 != spec.artifact_sha256:
+                raise JobAborted(
+                    f"a server answered with another model (artifact sha256 "
+                    f"{answerer.artifact_sha256[:12]}..., version {answerer.version!r}), the "
+                    f"job started on {spec.artifact_sha256[:12]}... (version {spec.version!r})")
+        elif spec.version and answerer.version != spec.version:
+            raise JobAborted(f"a server answered with model version {answerer.version!r}, the "
+                             f"job started on {spec.version!r}")
 
     def backoff_s(self, attempt: int) -> float:
         """Exponential with 'equal jitter': at least half the step, so retries keep spacing out."""

@@ -62,6 +62,7 @@ class PredictAnswer:
     version: str
     top_k: int  # the resolved k
     vocab: list[str]
+    artifact_sha256: str = ""
 
 
 @dataclass
@@ -165,7 +166,8 @@ class DataPlane:
                                               states=call.states, return_state=call.return_state,
                                               lane=call.lane, position_probs=call.position_probs)
                     ok = True
-                    return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
+                    return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab,
+                                 rt.artifact.sha256)
                 rows = p.encode_texts(call.texts)
             elif call.ids is not None and call.lengths is not None:
                 rows = p.check_ids(call.ids, call.lengths)
@@ -174,7 +176,8 @@ class DataPlane:
             results = await p.predict_ids(rows, k, call.deadline, want_probs=call.want_probs,
                                           lane=call.lane)
             ok = True
-            return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab)
+            return PredictAnswer(results, rt.name, rt.version, k, rt.artifact.vocab,
+                                 rt.artifact.sha256)
         finally:
             # The lease goes back whatever happens here: a runtime still leased never closes
             # (an unload or reload would wait on it for good). np.size, not len(): a refused

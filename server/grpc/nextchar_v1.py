@@ -45,7 +45,8 @@ class NextCharServicer(pb_grpc.NextCharServicer):
             model=request.model, lane=lane_of(request.priority), deadline=deadline_of(context)))
         vocab = answer.vocab
         return pb.PredictResponse(predictions=[prediction_to_pb(r, vocab) for r in answer.results],
-                                  model_version=answer.version, model_name=answer.model)
+                                  model_version=answer.version, model_name=answer.model,
+                                  artifact_sha256=answer.artifact_sha256)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

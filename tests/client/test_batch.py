@@ -27,6 +27,7 @@ import pytest
 
 from nextchar.client import NextCharClient, NextCharError, prediction_to_dict
 from nextchar.client.batch import (
+    Answerer,
     JobAborted,
     JobOptions,
     LocalTarget,
@@ -113,13 +114,13 @@ class Wrapped:
         pass
 
     def predict(self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
-                ) -> tuple[list[pb.Prediction], str]:
+                ) -> tuple[list[pb.Prediction], Answerer]:
         with self.lock:
             call = self.calls
             self.calls += 1
         self.before(call, texts)
-        result: tuple[list[pb.Prediction], str] = self.inner.predict(texts, top_k, per_position,
-                                                                     timeout_s)
+        result: tuple[list[pb.Prediction], Answerer] = self.inner.predict(
+            texts, top_k, per_position, timeout_s)
         with self.lock:
             self.completed.append(texts[0])
         return result
@@ -362,12 +363,32 @@ def test_a_replica_with_another_model_version_stops_the_job(tmp_path: Path,
 
     class Upgraded(Wrapped):
         def predict(self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
-                    ) -> tuple[list[pb.Prediction], str]:
+                    ) -> tuple[list[pb.Prediction], Answerer]:
             preds, _ = super().predict(texts, top_k, per_position, timeout_s)
-            return preds, "v-next"
+            return preds, Answerer("v-next")  # a server that does not send the sha256
 
     target = Upgraded(remote(det_server.address))
     with pytest.raises(JobAborted, match="a server answered with model version 'v-next'"):
+        run_job(inp, tmp_path / "out.jsonl", target, exact_opts())
+    target.close()
+
+
+def test_a_replica_with_another_model_under_the_same_version_stops_the_job(
+        tmp_path: Path, det_server: Any) -> None:
+    """Version labels are the exporter's to choose: the artifact's sha256 tells models apart."""
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 10, seed=7)
+
+    class Relabelled(Wrapped):
+        def predict(self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
+                    ) -> tuple[list[pb.Prediction], Answerer]:
+            preds, served = super().predict(texts, top_k, per_position, timeout_s)
+            assert len(served.artifact_sha256) == 64  # the server says which artifact answered
+            return preds, Answerer(served.version, "f" * 64)
+
+    target = Relabelled(remote(det_server.address))
+    with pytest.raises(JobAborted, match=r"a server answered with another model \(artifact "
+                                         r"sha256 ffffffffffff\.\.\., version "):
         run_job(inp, tmp_path / "out.jsonl", target, exact_opts())
     target.close()
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextchar/v1/nextchar.proto\x12\x0bnextchar.v1\"\xa2\x01\n\x0ePredictRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x14\n\x0cper_position\x18\x03 \x01(\x08\x12\x14\n\x0creturn_state\x18\x04 \x01(\x08\x12\x0e\n\x06states\x18\x05 \x03(\x0c\x12\r\n\x05model\x18\x06 \x01(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.nextchar.v1.Priority\"2\n\x08\x43harProb\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\n\n\x02id\x18\x03 \x01(\r\"~\n\nPrediction\x12\"\n\x03top\x18\x01 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\x13\n\x0b\x61rgmax_text\x18\x02 \x01(\t\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\r\n\x05state\x18\x04 \x01(\x0c\"\x83\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x14\n\x0creturn_state\x18\t \x01(\x08\x12\r\n\x05model\x18\n \x01(\t\x12\'\n\x08priority\x18\x0b \x01(\x0e\x32\x15.nextchar.v1.PriorityB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x88\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x0bstop_reason\x18\x02 \x01(\x0e\x32\x17.nextchar.v1.StopReason\x12\r\n\x05state\x18\x03 \x01(\x0c\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\"j\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.nextchar.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\x0bModelConfig\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\"\xf4\x01\n\x0cServerLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\x15\n\rdefault_top_k\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\x12\x13\n\x0bmax_streams\x18\x07 \x01(\r\x12\x1d\n\x15max_chars_per_request\x18\x08 \x01(\r\x12\x17\n\x0fmax_queue_chars\x18\t \x01(\r\"\xa0\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12(\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x18.nextchar.v1.ModelConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.nextchar.v1.ServerLimits\x12\x19\n\x11has_unknown_token\x18\t \x01(\x08\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x18\n\x10\x61rtifact_version\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"\xb3\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.nextchar.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.nextchar.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x10\n\x0cPRIORITY_LOW\x10\x02*a\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_MAX_CHARS\x10\x01\x12\x1b\n\x17STOP_REASON_STOP_STRING\x10\x02*\xa9\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x05\x32\xbf\x02\n\x08NextChar\x12\x44\n\x07Predict\x12\x1b.nextchar.v1.PredictRequest\x1a\x1c.nextchar.v1.PredictResponse\x12S\n\x0cGetModelInfo\x12 .nextchar.v1.GetModelInfoRequest\x1a!.nextchar.v1.GetModelInfoResponse\x12I\n\x08Generate\x12\x1c.nextchar.v1.GenerateRequest\x1a\x1d.nextchar.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nextchar.v1.ListModelsRequest\x1a\x1f.nextchar.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextchar/v1/nextchar.proto\x12\x0bnextchar.v1\"\xa2\x01\n\x0ePredictRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x14\n\x0cper_position\x18\x03 \x01(\x08\x12\x14\n\x0creturn_state\x18\x04 \x01(\x08\x12\x0e\n\x06states\x18\x05 \x03(\x0c\x12\r\n\x05model\x18\x06 \x01(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.nextchar.v1.Priority\"2\n\x08\x43harProb\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\n\n\x02id\x18\x03 \x01(\r\"~\n\nPrediction\x12\"\n\x03top\x18\x01 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\x13\n\x0b\x61rgmax_text\x18\x02 \x01(\t\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.nextchar.v1.CharProb\x12\r\n\x05state\x18\x04 \x01(\x0c\"\x83\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x14\n\x0creturn_state\x18\t \x01(\x08\x12\r\n\x05model\x18\n \x01(\t\x12\'\n\x08priority\x18\x0b \x01(\x0e\x32\x15.nextchar.v1.PriorityB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x88\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x0bstop_reason\x18\x02 \x01(\x0e\x32\x17.nextchar.v1.StopReason\x12\r\n\x05state\x18\x03 \x01(\x0c\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\"\x83\x01\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.nextchar.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\x0bModelConfig\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\"\xf4\x01\n\x0cServerLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x1a\n\x12max_chars_per_text\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\x15\n\rdefault_top_k\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_texts\x18\x06 \x01(\r\x12\x13\n\x0bmax_streams\x18\x07 \x01(\r\x12\x1d\n\x15max_chars_per_request\x18\x08 \x01(\r\x12\x17\n\x0fmax_queue_chars\x18\t \x01(\r\"\xa0\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\r\n\x05vocab\x18\x04 \x03(\t\x12(\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x18.nextchar.v1.ModelConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.nextchar.v1.ServerLimits\x12\x19\n\x11has_unknown_token\x18\t \x01(\x08\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x18\n\x10\x61rtifact_version\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"\xb3\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.nextchar.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.nextchar.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x10\n\x0cPRIORITY_LOW\x10\x02*a\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_MAX_CHARS\x10\x01\x12\x1b\n\x17STOP_REASON_STOP_STRING\x10\x02*\xa9\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x05\x32\xbf\x02\n\x08NextChar\x12\x44\n\x07Predict\x12\x1b.nextchar.v1.PredictRequest\x1a\x1c.nextchar.v1.PredictResponse\x12S\n\x0cGetModelInfo\x12 .nextchar.v1.GetModelInfoRequest\x1a!.nextchar.v1.GetModelInfoResponse\x12I\n\x08Generate\x12\x1c.nextchar.v1.GenerateRequest\x1a\x1d.nextchar.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nextchar.v1.ListModelsRequest\x1a\x1f.nextchar.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextchar.v1.nextchar_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1872
-  _globals['_PRIORITY']._serialized_end=1945
-  _globals['_STOPREASON']._serialized_start=1947
-  _globals['_STOPREASON']._serialized_end=2044
-  _globals['_MODELSTATE']._serialized_start=2047
-  _globals['_MODELSTATE']._serialized_end=2216
+  _globals['_PRIORITY']._serialized_start=1898
+  _globals['_PRIORITY']._serialized_end=1971
+  _globals['_STOPREASON']._serialized_start=1973
+  _globals['_STOPREASON']._serialized_end=2070
+  _globals['_MODELSTATE']._serialized_start=2073
+  _globals['_MODELSTATE']._serialized_end=2242
   _globals['_PREDICTREQUEST']._serialized_start=44
   _globals['_PREDICTREQUEST']._serialized_end=206
   _globals['_CHARPROB']._serialized_start=208
@@ -47,22 +47,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=648
   _globals['_GENERATERESPONSE']._serialized_start=651
   _globals['_GENERATERESPONSE']._serialized_end=787
-  _globals['_PREDICTRESPONSE']._serialized_start=789
-  _globals['_PREDICTRESPONSE']._serialized_end=895
-  _globals['_GETMODELINFOREQUEST']._serialized_start=897
-  _globals['_GETMODELINFOREQUEST']._serialized_end=933
-  _globals['_MODELCONFIG']._serialized_start=935
-  _globals['_MODELCONFIG']._serialized_end=1042
-  _globals['_SERVERLIMITS']._serialized_start=1045
-  _globals['_SERVERLIMITS']._serialized_end=1289
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1292
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1580
-  _globals['_LISTMODELSREQUEST']._serialized_start=1582
-  _globals['_LISTMODELSREQUEST']._serialized_end=1601
-  _globals['_MODELSTATUS']._serialized_start=1604
-  _globals['_MODELSTATUS']._serialized_end=1783
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1785
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1870
-  _globals['_NEXTCHAR']._serialized_start=2219
-  _globals['_NEXTCHAR']._serialized_end=2538
+  _globals['_PREDICTRESPONSE']._serialized_start=790
+  _globals['_PREDICTRESPONSE']._serialized_end=921
+  _globals['_GETMODELINFOREQUEST']._serialized_start=923
+  _globals['_GETMODELINFOREQUEST']._serialized_end=959
+  _globals['_MODELCONFIG']._serialized_start=961
+  _globals['_MODELCONFIG']._serialized_end=1068
+  _globals['_SERVERLIMITS']._serialized_start=1071
+  _globals['_SERVERLIMITS']._serialized_end=1315
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1318
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1606
+  _globals['_LISTMODELSREQUEST']._serialized_start=1608
+  _globals['_LISTMODELSREQUEST']._serialized_end=1627
+  _globals['_MODELSTATUS']._serialized_start=1630
+  _globals['_MODELSTATUS']._serialized_end=1809
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1811
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1896
+  _globals['_NEXTCHAR']._serialized_start=2245
+  _globals['_NEXTCHAR']._serialized_end=2564
 # @@protoc_insertion_point(module_scope)
