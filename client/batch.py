@@ -60,6 +60,7 @@ from .batch_io import (
     describe_char,
     error_record,
     job_meta,
+    output_lock,
     prepare_output,
     resolve_format,
     shard_items,
@@ -674,39 +675,40 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
         meta = job_meta(input_path, fmt, opts.shard, top_k, opts.per_position, model)
     except OSError as e:
         raise JobError(f"{input_path}: cannot read ({e.strerror or e})") from e
-    done, last_index = prepare_output(output, meta, total, opts.restart)
-    if done:
-        log.info("resuming %s: %d of %d items already there", output, done, total)
-    summary = JobSummary(output=output, total=total, resumed=done)
-    job = _Job(target, spec, opts, top_k, texts_per_request, summary)
+    with output_lock(output):
+        done, last_index = prepare_output(output, meta, total, opts.restart)
+        if done:
+            log.info("resuming %s: %d of %d items already there", output, done, total)
+        summary = JobSummary(output=output, total=total, resumed=done)
+        job = _Job(target, spec, opts, top_k, texts_per_request, summary)
 
-    try:
-        out = output.open("ab")
-    except OSError as e:
-        raise cannot_write(output, e) from e
-
-    from tqdm import tqdm  # imported here: `nextchar predict` need not pay for it
-
-    # In container logs (no terminal) a redrawn bar would be a line every 0.1 s: one per 30 s.
-    bar = tqdm(total=total, initial=done, unit="items", dynamic_ncols=True, smoothing=0.05,
-               disable=not opts.progress, desc=output.name,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
-    started = time.monotonic()
-    try:
-        interrupted = _run_threads(job, out, bar.update,
-                                   shard_items(input_path, fmt, opts.shard, done, last_index))
-    finally:
-        bar.close()
         try:
-            out.close()
-        except OSError as e:  # what a failed write left in the buffer fails again
-            job.fail(JobAborted(f"writing the output failed: {_reason(e)}"))
-    summary.seconds = time.monotonic() - started
-    if job.failure is not None:
-        if isinstance(job.failure, JobError):
-            raise job.failure
-        kind = JobInterrupted if interrupted else JobAborted
-        reason = "interrupted" if interrupted else str(job.failure)
-        raise kind(f"{reason}; stopped after {summary.resumed + summary.written}/{total} "
-                   f"items: rerun the same command to resume") from job.failure
-    return summary
+            out = output.open("ab")
+        except OSError as e:
+            raise cannot_write(output, e) from e
+
+        from tqdm import tqdm  # imported here: `nextchar predict` need not pay for it
+
+        # In container logs (no terminal) a redrawn bar would be a line every 0.1 s: one per 30 s.
+        bar = tqdm(total=total, initial=done, unit="items", dynamic_ncols=True, smoothing=0.05,
+                   disable=not opts.progress, desc=output.name,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        started = time.monotonic()
+        try:
+            interrupted = _run_threads(job, out, bar.update,
+                                       shard_items(input_path, fmt, opts.shard, done, last_index))
+        finally:
+            bar.close()
+            try:
+                out.close()
+            except OSError as e:  # what a failed write left in the buffer fails again
+                job.fail(JobAborted(f"writing the output failed: {_reason(e)}"))
+        summary.seconds = time.monotonic() - started
+        if job.failure is not None:
+            if isinstance(job.failure, JobError):
+                raise job.failure
+            kind = JobInterrupted if interrupted else JobAborted
+            reason = "interrupted" if interrupted else str(job.failure)
+            raise kind(f"{reason}; stopped after {summary.resumed + summary.written}/{total} "
+                       f"items: rerun the same command to resume") from job.failure
+        return summary

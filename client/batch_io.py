@@ -307,6 +307,52 @@ def last_line(path: Path) -> bytes:
             back = min(size, back * 4)
 
 
+def lock_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """One job per OUTPUT at a time: a second one (a command run twice, a replaced pod while
+    the old one still writes to the shared volume) would append the same items again. An
+    advisory flock on OUTPUT.lock, held for the job's life and dropped by the kernel when the
+    process dies, so a killed job never leaves OUTPUT locked; the file keeps the holder's
+    host and pid for the refusal's message."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before this existed
+        yield
+        return
+    path = lock_path_for(output)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        # Where no lock file can be made (a read-only file system) OUTPUT cannot be written
+        # either: prepare_output's refusal names that in OUTPUT's own terms.
+        log.debug("%s: cannot open (%s); going on unlocked", path, e.strerror or e)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            raise JobError(f"-o {output}: another nextchar batch is writing it ("
+                           f"{holder or 'holder unknown'}; lock {path.name}); wait for it to "
+                           f"finish or stop it, then rerun this command to resume") from None
+        except OSError as e:  # a filesystem without locks (ENOLCK): go on, unprotected
+            log.warning("%s: cannot lock (%s); nothing stops a second job writing it",
+                        path, e.strerror or e)
+        else:
+            import socket
+
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare_output(output: Path, meta: dict[str, Any], total: int, restart: bool
                    ) -> tuple[int, int | None]:
     """Checks OUTPUT belongs to this job and cuts a torn tail: (lines kept, last line's index)."""

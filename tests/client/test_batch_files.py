@@ -53,6 +53,28 @@ def remote(address: str) -> RemoteTarget:
     return RemoteTarget(NextCharClient(address, timeout_s=10))
 
 
+# -- one job per OUTPUT ---------------------------------------------------------------------------
+def test_a_second_job_on_the_same_output_is_refused(tmp_path: Path, tiny_server: Any,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """Two jobs appending to one OUTPUT would duplicate items: while one holds OUTPUT.lock (an
+    flock: per open file, so this process's own hold refuses like another process's) the next
+    is refused with exit 2 and OUTPUT is untouched; once it is released the job runs."""
+    from nextchar.client.batch_io import output_lock
+
+    inp, out = write_input(tmp_path / "in.txt"), tmp_path / "out.jsonl"
+    with output_lock(out):
+        code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out))
+        assert code == 2
+        assert re.fullmatch(rf"nextchar batch: -o {re.escape(str(out))}: another nextchar batch "
+                            rf"is writing it \(host \S+ pid {os.getpid()}; lock out.jsonl.lock\); "
+                            rf"wait for it to finish or stop it, then rerun this command to "
+                            rf"resume\n", err), err
+        assert not out.exists()
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out))
+    assert code == 0, err
+    assert [r["index"] for r in records(out)] == [0, 1, 2, 3]
+
+
 # -- OUTPUT that cannot be written: refused, exit 2, nothing left behind -------------------------
 def test_an_output_under_a_file_is_refused(tmp_path: Path, tiny_server: Any,
                                            capfd: pytest.CaptureFixture[str]) -> None:
@@ -258,7 +280,7 @@ def test_a_full_disk_and_a_read_only_file_system(tmp_path: Path, tiny_server: An
     assert again[0] == 1 and "Traceback" not in again[1], again[1]
     assert STOPPED.fullmatch(again[1].strip().splitlines()[-1])  # after "resuming ..." lines
     assert restarted[0] == 0, restarted[1]
-    files = ["full.jsonl", "full.jsonl.meta.json"]
+    files = ["full.jsonl", "full.jsonl.lock", "full.jsonl.meta.json"]
     assert restarted[2] == files
     for (rc, err, left), out in zip(read_only, ["full.jsonl", "full.jsonl", "new.jsonl",
                                                 "sub/new.jsonl"], strict=True):
