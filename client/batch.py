@@ -54,6 +54,7 @@ from .batch_io import (
     INVALID,
     Item,
     JobError,
+    NotYet,
     cannot_write,
     check_paths,
     count_lines,
@@ -585,9 +586,9 @@ def _reason(e: BaseException) -> str:
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
 
 
-class ServerUnreachable(JobError):
-    """GetModelInfo kept failing before the job began: nothing was sent or written, so this is a
-    refusal (exit 2), not a stopped job to resume."""
+class ServerUnreachable(NotYet):
+    """GetModelInfo kept failing before the job began: nothing was sent or written; a later
+    run, once a server answers, starts the job (exit 1)."""
 
 
 def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:

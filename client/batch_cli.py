@@ -27,7 +27,7 @@ from .batch import (
     Target,
     run_job,
 )
-from .batch_io import JobError, parse_shard
+from .batch_io import JobError, NotYet, parse_shard
 from .client import NextCharClient
 
 
@@ -114,6 +114,9 @@ def run(args: argparse.Namespace,
         target = RemoteTarget(make_client(args), model=args.model, priority=args.priority)
     try:
         summary = run_job(args.input, args.output, target, opts)
+    except NotYet as e:  # before JobError, its base: nothing started, a rerun may
+        print(f"nextchar batch: {e}", file=sys.stderr)
+        return 1
     except JobError as e:
         return _refuse(str(e))
     except JobAborted as e:

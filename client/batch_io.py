@@ -35,6 +35,12 @@ class JobError(Exception):
     """The job cannot start as asked (options, input, an output from another job): one line."""
 
 
+class NotYet(JobError):
+    """The job cannot start now but the same command may later (no server answering yet,
+    another job still writing OUTPUT): exit 1, which a Kubernetes Job retries, not exit 2,
+    which its podFailurePolicy takes as final."""
+
+
 @dataclass
 class Item:
     index: int  # line index in INPUT (0-based, over the whole file, not the shard)
@@ -337,7 +343,7 @@ def output_lock(output: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
-            raise JobError(f"-o {output}: another nextchar batch is writing it ("
+            raise NotYet(f"-o {output}: another nextchar batch is writing it ("
                            f"{holder or 'holder unknown'}; lock {path.name}); wait for it to "
                            f"finish or stop it, then rerun this command to resume") from None
         except OSError as e:  # a filesystem without locks (ENOLCK): go on, unprotected
