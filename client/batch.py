@@ -697,7 +697,8 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
         started = time.monotonic()
         try:
             interrupted = _run_threads(job, out, bar.update,
-                                       shard_items(input_path, fmt, opts.shard, done, last_index))
+                                       shard_items(input_path, fmt, opts.shard, done, last_index,
+                                                   spec.max_chars_per_text))
         finally:
             bar.close()
             try:

@@ -398,13 +398,37 @@ def prepare_output(output: Path, meta: dict[str, Any], total: int, restart: bool
     return done, last_index
 
 
+def max_line_bytes(max_chars_per_text: int) -> int:
+    """The longest input line read whole: a text at the server's limit written as JSON with
+    every character escaped as a surrogate pair (12 bytes), plus 1 MiB for the id and the rest.
+    A longer line cannot hold a text the server takes, so it is not kept in memory, nor copied
+    into its error record."""
+    return 12 * max(max_chars_per_text, 1) + (1 << 20)
+
+
+def bounded_lines(f: Any, cap: int) -> Iterator[tuple[bytes, int]]:
+    """(line, 0) for each line of at most `cap` bytes; (b"", its length) for a longer one,
+    whose bytes are skipped in 1 MiB reads rather than held."""
+    while raw := f.readline(cap + 1):
+        if len(raw) <= cap or raw.endswith(b"\n"):
+            yield raw, 0
+            continue
+        length = len(raw)
+        while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+            length += len(more)
+        length += len(more)
+        yield b"", length
+
+
 def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
-                last_index: int | None) -> Iterator[Item]:
-    """This shard's items in order, after the first `skip` (checked against OUTPUT's last line)."""
+                last_index: int | None, max_chars_per_text: int = 0) -> Iterator[Item]:
+    """This shard's items in order, after the first `skip` (checked against OUTPUT's last line).
+    With max_chars_per_text, a line longer than max_line_bytes of it becomes an error record."""
     i, n = shard
     seen = 0
+    cap = max_line_bytes(max_chars_per_text) if max_chars_per_text else 1 << 62
     with path.open("rb") as f:
-        for index, raw in enumerate(f):
+        for index, (raw, too_long) in enumerate(bounded_lines(f, cap)):
             if index == 0:
                 raw = raw.removeprefix(BOM)
             if index % n != i:
@@ -417,5 +441,13 @@ def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
                     raise JobError(f"the output's last record has index {last_index} but this "
                                    f"job's item {skip} is line {index}: not this job's output; "
                                    f"pass --restart to start over")
+                continue
+            if too_long:
+                item = Item(index, None, None)
+                item.record = error_record(
+                    item, INVALID, f"line is {too_long} bytes: longer than any line holding a "
+                                   f"text of the server's max_chars_per_text "
+                                   f"({max_chars_per_text}) can be; not read")
+                yield item
                 continue
             yield parse_line(index, raw, fmt)

@@ -76,6 +76,34 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path: Path, tiny_server:
     assert [r["index"] for r in records(out)] == [0, 1, 2, 3]
 
 
+# -- a line too long to hold a text --------------------------------------------------------------
+@pytest.mark.parametrize("newline", [True, False], ids=["mid-file", "last-line-unterminated"])
+def test_a_huge_line_is_an_error_record_not_read_whole(tmp_path: Path, tiny_server: Any,
+                                                       capfd: pytest.CaptureFixture[str],
+                                                       newline: bool) -> None:
+    """A line longer than any text the server takes (a file with no newline, a corrupt dump)
+    is skipped in bounded reads and becomes one short error record: not kept in memory, not
+    copied into the output."""
+    from nextchar.client.batch_io import max_line_bytes
+
+    with NextCharClient(tiny_server.address) as c:
+        limit = c.model_info().limits.max_chars_per_text
+    huge = 3 * max_line_bytes(limit)
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    with inp.open("wb") as f:
+        f.write(b"abc\n" + b"a" * huge + (b"\nabc\n" if newline else b""))
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out))
+    assert code == 0, err
+    got = records(out)
+    assert [r["index"] for r in got] == ([0, 1, 2] if newline else [0, 1])
+    assert got[1] == {"index": 1, "id": None, "text": None, "error": {
+        "code": "INVALID_ARGUMENT",
+        "message": f"line is {huge + newline} bytes: longer than any line holding a text of "
+                   f"the server's max_chars_per_text ({limit}) can be; not read"}}
+    assert "top" in got[0] and (not newline or "top" in got[2])
+    assert out.stat().st_size < 4096
+
+
 # -- OUTPUT that cannot be written: refused, exit 2, nothing left behind -------------------------
 def test_an_output_under_a_file_is_refused(tmp_path: Path, tiny_server: Any,
                                            capfd: pytest.CaptureFixture[str]) -> None:
