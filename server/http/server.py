@@ -25,6 +25,28 @@ from ..settings import ServerSettings, host_port
 log = logging.getLogger(__name__)
 
 FLUSH_S = 1  # after the drain, what uvicorn gives responses still on the wire before cancelling
+CANCELLED = "an HTTP call still running when the server stopped was cancelled"
+
+
+class CancelledCallFilter(logging.Filter):
+    """uvicorn logs a call whose task a stop cancelled (the drain's grace over, a forced stop)
+    as "Exception in ASGI application" at ERROR with the CancelledError's traceback. That end
+    is expected and the drain already logs why: one INFO line instead, so an operator's error
+    alerts do not fire on every rollout."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg, record.args = CANCELLED, None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_cancellations() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CancelledCallFilter) for f in logger.filters):
+        logger.addFilter(CancelledCallFilter())
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -62,6 +84,7 @@ class HttpServer:
             access_log=False,  # the call layer writes nextchar's own access log
             server_header=False, timeout_graceful_shutdown=FLUSH_S, **tls)
         self._server = uvicorn.Server(self.config)
+        _quiet_cancellations()
         self._main: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._sock: socket.socket | None = None

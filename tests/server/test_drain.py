@@ -180,6 +180,27 @@ def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
     assert sp.proc.wait(30) == 0
 
 
+def test_an_http_call_cancelled_by_the_stop_logs_no_error(server_process, tiny_artifact) -> None:
+    """A call still running when the stop cancels it (here: its body stalled mid-upload) is
+    an expected end: one INFO line, not uvicorn's ERROR with a CancelledError traceback."""
+    import socket
+    from urllib.parse import urlsplit
+
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "0.5", "--http-port", "0"])
+    url = urlsplit(sp.http_url)
+    name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     f'{{"inputs": ['.encode())
+        time.sleep(0.3)  # the call is running, awaiting the rest of its body
+        sp.proc.send_signal(signal.SIGTERM)
+        assert sp.proc.wait(30) == 0
+    log = sp.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    assert "an HTTP call still running when the server stopped was cancelled" in log, log
+
+
 def _active_streams(metrics_url: str | None) -> float:
     import urllib.request
 
