@@ -172,6 +172,15 @@ def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchs
     if any(len(c) != 1 for c in vocab) or len(set(vocab)) != len(vocab):
         raise ArtifactError(f"{manifest_path}: vocab must be distinct single characters")
     unk_id = manifest.get("unk_id")
+    # An id outside the vocabulary would fail every call (or, negative, be read by Gather as
+    # the last character: wrong answers with no error): refused here, in one line.
+    if unk_id is not None and (type(unk_id) is not int or not 0 <= unk_id < len(vocab)):
+        raise ArtifactError(f"{manifest_path}: unk_id must be null or an id of the vocabulary "
+                            f"(0..{len(vocab) - 1}), got {unk_id!r}")
+    declared = manifest["model"].get("vocab_size") if isinstance(manifest["model"], dict) else None
+    if declared is not None and declared != len(vocab):
+        raise ArtifactError(f"{manifest_path}: model.vocab_size is {declared!r} but vocab holds "
+                            f"{len(vocab)} characters")
     from .backends import backend_info  # late: the backends package imports this module
 
     if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
@@ -197,6 +206,6 @@ def load_artifact(path: Path | str, backends: tuple[str, ...] = ("onnx", "torchs
         manifest=manifest,
         sha256=hashlib.sha256(raw).hexdigest(),
         vocab=vocab,
-        unk_id=None if unk_id is None else int(unk_id),
+        unk_id=unk_id,
         char_to_id={c: i for i, c in enumerate(vocab)},
     )

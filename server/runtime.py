@@ -129,7 +129,10 @@ class ModelRuntime:
 
     async def start(self, warmup: bool | None = None) -> None:
         """Warm-up, then the probe (every output finite and well-shaped); ProbeFailed."""
-        await self.batcher.start(warmup=self.settings.warmup if warmup is None else warmup)
+        try:
+            await self.batcher.start(warmup=self.settings.warmup if warmup is None else warmup)
+        except Exception as e:  # the warm-up's model calls
+            raise model_failed("warm-up", self.artifact, e) from e
         await self.generator.start()
         self.probe_logits = await run_probe(self)
 
@@ -140,6 +143,17 @@ class ModelRuntime:
         await self.generator.close()
         await self.batcher.close()
         log.info("model %s version %s closed", self.name, self.version)
+
+
+def model_failed(stage: str, a: Artifact, e: Exception) -> ProbeFailed:
+    """A model call that failed at start, usually graph files that do not match the manifest.
+    The runtime's own first line rarely says so (TorchScript's is "The following operation
+    failed ..."); its last one names the operation and the shapes."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return ProbeFailed(f"{stage}: the model failed on an input shaped as its manifest says "
+                       f"(state [{a.state_layers}, 1, {a.hidden_size}], {a.vocab_size} "
+                       f"vocabulary ids): {type(e).__name__}: "
+                       f"{lines[-1] if lines else 'no message'}")
 
 
 def _probe_ids(artifact: Artifact) -> np.ndarray:
@@ -154,8 +168,11 @@ async def run_probe(rt: ModelRuntime) -> np.ndarray:
     a = rt.artifact
     ids = _probe_ids(a)
     t = len(ids)
-    out = await rt.batcher.probe(ids[None, :], np.asarray([t], dtype=np.int64),
-                                 rt.backend.zero_state(1), positions=True)
+    try:
+        out = await rt.batcher.probe(ids[None, :], np.asarray([t], dtype=np.int64),
+                                     rt.backend.zero_state(1), positions=True)
+    except Exception as e:
+        raise model_failed("probe", a, e) from e
     expected = {
         "logits": (out.logits, (1, a.vocab_size)),
         "state_out": (out.state, (a.state_layers, 1, a.hidden_size)),

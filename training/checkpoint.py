@@ -141,6 +141,13 @@ def _check_vocab(vocab: Any, vocab_size: int) -> None:
         raise ValueError("vocab has duplicate characters")
 
 
+def _check_unk_id(unk_id: Any, vocab_size: int) -> None:
+    # Exported as is into the manifest, where an id outside the vocabulary fails every call.
+    if unk_id is not None and (type(unk_id) is not int or not 0 <= unk_id < vocab_size):
+        raise ValueError(f"unk_id must be None or an id of the vocabulary (0..{vocab_size - 1}), "
+                         f"got {unk_id!r}")
+
+
 def _shape(t: Any) -> str:
     return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -176,6 +183,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     try:
         config = CharRNNConfig(**ckpt["model_config"])
         _check_vocab(ckpt["vocab"], config.vocab_size)
+        _check_unk_id(ckpt.get("unk_id"), config.vocab_size)
         model = CharRNN(config)
         _check_state(model, ckpt["model_state"])
         model.load_state_dict(ckpt["model_state"])

@@ -496,12 +496,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         "val_chars_dropped": sum(val_dropped.values()),
         "val_dropped": dict(val_dropped.most_common(20)),
     }
-    if resumed and resumed.get("corpus", {}).get("sha256") != corpus_info["sha256"]:
+    # A checkpoint's "corpus" may be null or not a dict (a hand-edited file): no record of the
+    # corpus, which no corpus matches.
+    saved_corpus = (resumed or {}).get("corpus")
+    saved_corpus = saved_corpus if isinstance(saved_corpus, dict) else {}
+    if resumed and saved_corpus.get("sha256") != corpus_info["sha256"]:
         raise CheckpointError(f"{resume_path} was trained on a different corpus "
                               f"({_corpus_words(resumed.get('train_config'))}); cannot resume")
     if train_dropped:  # the vocabulary of a resumed run may miss characters of new text
         raise CheckpointError("the corpus has characters outside the run's vocabulary")
-    saved_chars = (resumed or {}).get("corpus", {}).get("train_chars", len(train_ids))
+    saved_chars = saved_corpus.get("train_chars", len(train_ids))
     if saved_chars != len(train_ids):  # one-line documents were all training text before
         raise CheckpointError(f"{resume_path} was trained on {saved_chars} characters of this "
                               f"corpus and this nextchar splits it into {len(train_ids)} for "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,26 @@ CUDA_EP = "CUDAExecutionProvider"
 LOOP_ONNX = "model_loop.onnx"  # the CPU-fast graph (training/onnx_loop.py), optional
 STANDARD_ONNX = "model.onnx"
 _TRUE, _FALSE = np.array(True), np.array(False)
+
+
+def _check_declared_shapes(session: ort.InferenceSession, artifact: Artifact, path: Path) -> None:
+    """The graph's fixed dimensions against the manifest: files from different exports put
+    together fail here in one line naming both, not later inside ONNX Runtime."""
+    a = artifact
+    want = {("state", 0): (a.state_layers, "state_layers"),
+            ("state", 2): (a.hidden_size, "model.hidden_size"),
+            ("logits", 1): (a.vocab_size, "vocab"),
+            ("state_out", 0): (a.state_layers, "state_layers"),
+            ("state_out", 2): (a.hidden_size, "model.hidden_size"),
+            ("position_logits", 2): (a.vocab_size, "vocab")}
+    for arg in [*session.get_inputs(), *session.get_outputs()]:
+        for axis, dim in enumerate(arg.shape):
+            expected = want.get((arg.name, axis))
+            if expected is not None and isinstance(dim, int) and dim != expected[0]:
+                raise ArtifactError(
+                    f"{path}: does not match its manifest: {arg.name} has dimension {dim} at "
+                    f"axis {axis} (shape {list(arg.shape)}), the manifest's {expected[1]} says "
+                    f"{expected[0]}; re-export the artifact")
 
 
 def _preload_cuda_libraries() -> None:
@@ -72,6 +93,7 @@ class OnnxBackend(Backend):
         except Exception as e:  # ORT's own classes (InvalidProtobuf, Fail, ...): a bad file
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {reason}") from e
+        _check_declared_shapes(self.session, artifact, path)
         # ORT silently falls back to CPU when the CUDA provider cannot start; report the truth.
         on_cuda = self.session.get_providers()[0] == CUDA_EP
         if device == "cuda" and not on_cuda:

@@ -90,6 +90,23 @@ def test_a_vocab_entry_of_two_characters_is_named(good_checkpoint: Path, tmp_pat
         model_from_checkpoint(ckpt, "c.pt")
 
 
+@pytest.mark.parametrize("unk_id", [999, -1, "x"])
+def test_an_unk_id_outside_the_vocabulary_is_not_exported(good_checkpoint: Path, tmp_path: Path,
+                                                         unk_id: object) -> None:
+    """Exported as is, such an id would fail every call of the served model."""
+    from nextchar.training.export import export_artifact
+
+    ckpt = load_checkpoint(good_checkpoint)
+    ckpt["unk_id"] = unk_id
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    with pytest.raises(CheckpointError) as e:
+        export_artifact(tmp_path / "c.pt", tmp_path / "art")
+    n = len(ckpt["vocab"])
+    assert str(e.value) == (f"{tmp_path / 'c.pt'} does not describe a valid model: unk_id must "
+                            f"be None or an id of the vocabulary (0..{n - 1}), got {unk_id!r}")
+    assert not (tmp_path / "art").exists()
+
+
 @pytest.mark.parametrize("content, why", [(b"", "it is empty"),
                                           (b"hello\n" * 10, "it is not a file torch.save wrote")],
                          ids=["empty", "text"])

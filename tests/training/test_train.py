@@ -311,6 +311,14 @@ def test_resume_names_what_it_ignores_and_the_runs_corpus(tiny_corpus: Path, tmp
                   *TINY) == 1
     assert f"was trained on a different corpus (--corpus {tiny_corpus}); cannot resume" in \
         capsys.readouterr().err
+    # A checkpoint whose corpus record is null (edited by hand) is refused the same way.
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["corpus"] = None
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "4",
+                  "--resume", *TINY) == 1
+    err = capsys.readouterr().err
+    assert "was trained on a different corpus" in err and "Traceback" not in err, err
 
 
 def test_progress_in_a_log_is_lines_not_carriage_returns(capsys: pytest.CaptureFixture) -> None:
