@@ -215,7 +215,9 @@ class LocalTarget:
             name = f"NEXTCHAR_{str(err['loc'][0]).upper()}" if err["loc"] else "settings"
             raise ValueError(f"invalid {name}: {err['msg']}") from None
         repository = bool(model) and not _one_model(path, model, looks_like_model)
-        where = {"model_repository": path} if repository else {"model": path}
+        # Both named, so a NEXTCHAR_MODEL(_REPOSITORY) in the environment adds no other model.
+        where: dict[str, Path | None] = ({"model_repository": path, "model": None} if repository
+                                          else {"model": path, "model_repository": None})
         s = base.model_copy(update={**where, "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH

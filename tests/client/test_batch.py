@@ -446,6 +446,19 @@ def test_local_runs_the_same_job_in_process(tmp_path: Path, tiny_artifact: Path,
     assert meta_local["model"] == meta_remote["model"]
 
 
+def test_local_serves_only_the_model_it_was_given(tmp_path: Path, tiny_artifact: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NEXTCHAR_MODEL_REPOSITORY in the environment (a server's pod) adds no model."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_artifact, repo / "other")
+    monkeypatch.setenv("NEXTCHAR_MODEL_REPOSITORY", str(repo))
+    local = LocalTarget(tiny_artifact)
+    try:
+        assert sorted(local.registry.slots) == [local.model_spec().name]
+    finally:
+        local.close()
+
+
 # -- refusing another job's output ---------------------------------------------------------------
 def test_rerun_with_other_options_or_input_refuses_unless_restart(
     tmp_path: Path, det_server: Any
