@@ -171,10 +171,12 @@ class ModelSlot:
         try:
             rt = await self._start(path, artifact, backend, None)
         except Exception as e:
+            self.registry.count_reload(self.name, "failure")
             self._fail(f"version {path.name} not loaded ({_reason(e)})")
             raise
         self._swap(rt)
         self._served_settings = self.settings
+        self.registry.count_reload(self.name, "success")  # loads count, the first one too
         return True
 
     # -- load / reload / unload ------------------------------------------------------------

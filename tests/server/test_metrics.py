@@ -66,6 +66,7 @@ def test_metrics_count_requests_batches_and_model(start_server, tiny_artifact: P
     assert value(m, "nextchar_active_streams") == 0
     assert value(m, "nextchar_draining") == 0
     assert value(m, "nextchar_model_reloads_total", result="failure") == 0
+    assert value(m, "nextchar_model_reloads_total", result="success") == 1  # the first load
     a = st.server.runtime().predictor.artifact
     assert value(m, "nextchar_model_info", backend="onnx", device="cpu", name=a.name,
                  sha256=a.sha256, version=a.version) == 1
