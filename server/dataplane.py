@@ -90,6 +90,8 @@ class ModelView:
     platform: str
     device: str
     limits: Limits
+    workers: int = 1  # the backend's model calls at once
+    max_batch_delay_ms: float = 0.0
 
 
 @dataclass
@@ -209,7 +211,7 @@ class DataPlane:
         rt = self._served(name, version)
         b = rt.backend
         return ModelView(rt.name, rt.version, rt.artifact, b.name, backend_info(b.name).platform,
-                         b.device, rt.predictor.limits)
+                         b.device, rt.predictor.limits, b.workers, rt.settings.max_batch_delay_ms)
 
     def _served(self, name: str, version: str) -> ModelRuntime:
         rt = self.registry.serving(name)

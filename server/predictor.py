@@ -177,9 +177,11 @@ class Predictor:
         if n > lim.max_texts_per_request:
             raise InvalidInput(f"too many texts: {n} > max_texts_per_request "
                                f"{lim.max_texts_per_request}; split the request")
+        if lengths.shape == (n, 1):  # Triton's batched-scalar layout (ModelConfig dims [1])
+            lengths = lengths.reshape(n)
         if lengths.shape != (n,):
-            raise InvalidInput(f"lengths must have shape [{n}] (one per ids row), got "
-                               f"{list(lengths.shape)}")
+            raise InvalidInput(f"lengths must have shape [{n}] or [{n}, 1] (one per ids row), "
+                               f"got {list(lengths.shape)}")
         bad = np.flatnonzero((lengths < 1) | (lengths > t))
         if bad.size:
             i = int(bad[0])

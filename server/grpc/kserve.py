@@ -1,8 +1,8 @@
 """KServe V2 / Open Inference Protocol (`inference.GRPCInferenceService`) on the nextchar port:
 V2 tensors in (kserve_codec.py) -> the data plane, with the same validation, batcher and
 priorities as nextchar.v1 -> V2 tensors out. Also Triton's model-repository and statistics
-RPCs, so tritonclient's `get_model_repository_index`, `load_model`, `unload_model` and
-`get_inference_statistics` work.
+and model-configuration RPCs, so tritonclient's `get_model_repository_index`, `load_model`,
+`unload_model`, `get_inference_statistics` and `get_model_config` work.
 
 A model's KServe name is its registry name (the repository folder, or `--model`'s manifest
 name); its version the repository folder (ListModels). Readiness is the data plane's, so every
@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 
 from nextchar import __version__
 from nextchar.kserve import grpc_predict_v2_pb2 as pb
@@ -25,6 +26,7 @@ from ..dataplane import DataPlane, PredictCall
 from ..errors import InvalidInput, NotFound, ServingError
 from ..registry import ModelState
 from ..stats import Duration
+from ..v2_config import model_config
 from .kserve_codec import (
     decode_inputs,
     encode_response,
@@ -77,7 +79,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
-                                         extensions=["model_repository", "statistics"])
+                                         extensions=["model_repository", "statistics",
+                                                     "model_configuration"])
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -96,6 +99,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                      meta(name="top_chars", datatype="BYTES", shape=[-1, -1]),
                      meta(name="top_probs", datatype="FP32", shape=[-1, -1])],
         )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        config = model_config(self.plane.model(_named(request.name), request.version))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await self._infer(request, deadline_of(context))

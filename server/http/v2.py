@@ -6,6 +6,7 @@ plane, with the same validation, batcher and priorities as every front end -> JS
                                                      draining: from the drain's first moment)
     GET  /v2/models/{name}[/versions/{v}]            model metadata (tensor names, shapes)
     GET  /v2/models/{name}[/versions/{v}]/ready      200, or 503 {"ready": false}
+    GET  /v2/models/{name}[/versions/{v}]/config     Triton's model configuration (JSON)
     POST /v2/models/{name}[/versions/{v}]/infer      inference
     POST /v2/repository/index                        Triton's repository index
     POST /v2/repository/models/{name}/load | unload  Triton's model control: loopback callers
@@ -31,6 +32,7 @@ from ..errors import InvalidInput, PermissionDenied, ServingError
 from ..registry import ModelState
 from ..security import CONTROL_LOOPBACK_ONLY, is_loopback
 from ..telemetry import DrainGate
+from ..v2_config import model_config
 from ..v2_tensors import output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
@@ -134,7 +136,8 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
     @r.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
         return _json({"name": SERVER_NAME, "version": __version__,
-                      "extensions": ["model_repository", "binary_tensor_data"]})
+                      "extensions": ["model_repository", "model_configuration",
+                                     "binary_tensor_data"]})
 
     @r.get("/v2/health/live", summary="Liveness: 200 whenever the process answers")
     async def live() -> Response:
@@ -177,6 +180,15 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
     @r.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)")
     async def metadata_version(name: str, version: str) -> Response:
         return await metadata(name, version)
+
+    @r.get("/v2/models/{name}/config", summary="Model configuration (Triton's JSON form)")
+    async def config_latest(name: str) -> Response:
+        return _json(model_config(plane.model(name)))
+
+    @r.get("/v2/models/{name}/versions/{version}/config",
+           summary="Model configuration (one version)")
+    async def config_version(name: str, version: str) -> Response:
+        return _json(model_config(plane.model(name, version)))
 
     @r.get("/v2/models/{name}/ready", summary="Model readiness: 200, or 503 while not served")
     async def ready_latest(name: str) -> Response:

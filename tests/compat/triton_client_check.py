@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         assert [(t.name, t.datatype, list(t.shape)) for t in model_meta.outputs] == [
             ("probs", "FP32", [-1, len(exp["vocab"])]), ("top_ids", "INT64", [-1, -1]),
             ("top_chars", "BYTES", [-1, -1]), ("top_probs", "FP32", [-1, -1])], model_meta.outputs
-        checks += 2
+        config = client.get_model_config(model).config
+        assert config.name == model and config.platform == model_meta.platform, config
+        assert [(t.name, tc.model_config_pb2.DataType.Name(t.data_type)) for t in config.input] \
+            == [("text", "TYPE_STRING"), ("ids", "TYPE_INT64"), ("lengths", "TYPE_INT64")], config
+        assert list(config.output[0].dims) == [len(exp["vocab"])], config
+        assert config.max_batch_size >= len(exp["texts"]), config
+        checks += 3
 
         params = {"top_k": exp["top_k"]}
         result = client.infer(model, text_inputs(exp), outputs=requested(), parameters=params,

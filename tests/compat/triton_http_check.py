@@ -57,7 +57,12 @@ def main() -> None:
     model = client.get_model_metadata(exp["model"])
     assert model["name"] == exp["model"] and model["versions"] == [exp["version"]], model
     assert [t["name"] for t in model["inputs"]] == ["text", "ids", "lengths"], model
-    checks += 5
+    config = client.get_model_config(exp["model"])
+    assert config["name"] == exp["model"] and config["max_batch_size"] >= len(exp["texts"]), config
+    assert [(t["name"], t["data_type"]) for t in config["input"]] == [
+        ("text", "TYPE_STRING"), ("ids", "TYPE_INT64"), ("lengths", "TYPE_INT64")], config
+    assert config["output"][0]["dims"] == [len(exp["vocab"])], config
+    checks += 6
     texts = np.array([t.encode() for t in exp["texts"]], dtype=np.object_)
     for binary in (True, False):  # the binary-tensor extension (tritonclient's default), JSON
         text = tc.InferInput("text", [len(texts)], "BYTES")

@@ -62,7 +62,7 @@ ALLOWED = {
     "ReloadModel": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"},
     **{f"kserve.{m}": _CALL for m in (
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-        "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex")},
+        "ModelConfig", "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex")},
     "kserve.ModelInfer well-formed": _CALL,
 }
 METHODS = {
@@ -73,7 +73,7 @@ METHODS = {
     # KServe V2 (load/unload are left out: a random body naming the model would unload it).
     **{f"kserve.{m}": f"/inference.GRPCInferenceService/{m}" for m in (
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-        "ModelInfer", "ModelStatistics", "RepositoryIndex")},
+        "ModelConfig", "ModelInfer", "ModelStatistics", "RepositoryIndex")},
 }
 # In-band errors of ModelStreamInfer: "<CODE>: <message>", with the same documented codes.
 STREAM_CODES = _CALL - {"OK"}

@@ -66,6 +66,26 @@ def test_v2_server_and_model_metadata_and_health(tiny_server, name: str) -> None
     assert [(m["name"], m["state"]) for m in index] == [(name, "READY")]
 
 
+def test_v2_model_config_is_the_grpc_one_in_tritons_json(tiny_server, name: str) -> None:
+    """Triton's JSON form: proto field names, enum names, dims as numbers (not proto3 JSON's
+    strings); the same content as the gRPC ModelConfig RPC."""
+    from google.protobuf import json_format
+
+    rt = tiny_server.server.runtime()
+    config = v2(tiny_server, "GET", f"/v2/models/{name}/config").json()
+    assert config["max_batch_size"] == rt.predictor.limits.max_texts_per_request
+    assert config["output"][0] == {"name": "probs", "data_type": "TYPE_FP32",
+                                   "dims": [rt.artifact.vocab_size]}
+    assert v2(tiny_server, "GET", f"/v2/models/{name}/versions/{rt.version}/config").json() == \
+        config
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        via_grpc = kpb_grpc.GRPCInferenceServiceStub(ch).ModelConfig(
+            kpb.ModelConfigRequest(name=name)).config
+    assert json_format.ParseDict(config, kpb.ModelConfig()) == via_grpc
+    r = v2(tiny_server, "GET", "/v2/models/nope/config")
+    assert r.status == 404 and set(r.json()) == {"error"}
+
+
 def test_v2_infer_equals_grpc_kserve_and_nextchar_v1(tiny_server, name: str) -> None:
     """The same texts: the same top-k over V2 REST, V2 gRPC and nextchar.v1 (<= 1e-6)."""
     k = 4

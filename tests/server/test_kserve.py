@@ -124,7 +124,7 @@ def test_live_ready_and_server_metadata(stub) -> None:
     assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert (meta.name, meta.version, list(meta.extensions)) == (
-        "nextchar", __version__, ["model_repository", "statistics"])
+        "nextchar", __version__, ["model_repository", "statistics", "model_configuration"])
 
 
 def test_model_ready_by_name_and_version(stub, info) -> None:
@@ -254,6 +254,49 @@ def test_int64_ids_with_lengths_match_text(stub, info, tiny_server, raw: bool) -
     _assert_matches_v1(out, info, ids, probs)
 
 
+def test_lengths_as_n_by_1_as_a_triton_client_sends_them(stub, info, tiny_server) -> None:
+    """ModelConfig says lengths is dims [1] (a batched scalar): [N, 1] is taken as [N]."""
+    ids, probs = _expected(tiny_server.address, TEXTS, top_k=5)
+    inputs, _ = _ids_inputs(info, TEXTS, raw=False)
+    inputs[1].shape[:] = [len(TEXTS), 1]
+    out = _outputs(stub.ModelInfer(_request(info, inputs, top_k=5)))
+    _assert_matches_v1(out, info, ids, probs)
+
+
+def test_model_config_describes_what_the_server_takes(stub, info, tiny_server) -> None:
+    from google.protobuf import json_format
+
+    rt = tiny_server.server.runtime()
+    delay = round(rt.settings.max_batch_delay_ms * 1000)
+    got = stub.ModelConfig(pb.ModelConfigRequest(name=info.name)).config
+    assert json_format.MessageToDict(got, preserving_proto_field_name=True) == {
+        "name": info.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+        "max_batch_size": rt.predictor.limits.max_texts_per_request,
+        "input": [
+            {"name": "text", "data_type": "TYPE_STRING", "dims": ["1"], "optional": True},
+            {"name": "ids", "data_type": "TYPE_INT64", "dims": ["-1"], "optional": True},
+            {"name": "lengths", "data_type": "TYPE_INT64", "dims": ["1"], "reshape": {},
+             "optional": True}],
+        "output": [
+            {"name": "probs", "data_type": "TYPE_FP32", "dims": [str(len(info.vocab))]},
+            {"name": "top_ids", "data_type": "TYPE_INT64", "dims": ["-1"]},
+            {"name": "top_chars", "data_type": "TYPE_STRING", "dims": ["-1"]},
+            {"name": "top_probs", "data_type": "TYPE_FP32", "dims": ["-1"]}],
+        "instance_group": [{"name": info.name, "count": rt.backend.workers, "kind": "KIND_CPU"}],
+        # proto3 JSON leaves out zeros: an empty message is a delay of 0.
+        "dynamic_batching": {"max_queue_delay_microseconds": str(delay)} if delay else {},
+    }
+    assert got.input[2].HasField("reshape") and list(got.input[2].reshape.shape) == []
+    same = stub.ModelConfig(pb.ModelConfigRequest(name=info.name, version=info.version)).config
+    assert same == got
+    assert _code(stub.ModelConfig, pb.ModelConfigRequest(name="nope"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert _code(stub.ModelConfig, pb.ModelConfigRequest(name=info.name, version="0"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert _code(stub.ModelConfig, pb.ModelConfigRequest(name=""))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_ids_without_lengths_use_full_rows(stub, info, tiny_server) -> None:
     texts = ["abcd", "dcba"]
     ids, probs = _expected(tiny_server.address, texts, top_k=2)
@@ -380,10 +423,10 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
      "lengths[0] = 3 is outside 1..2"),
     ("lengths shape", {"inputs": [_t("ids", "INT64", [2, 1], int64_contents=[1, 2]),
                                   _t("lengths", "INT64", [1], int64_contents=[1])]},
-     "lengths must have shape [2] (one per ids row), got [1]"),
+     "lengths must have shape [2] or [2, 1] (one per ids row), got [1]"),
     ("lengths 0-d", {"inputs": [_t("ids", "INT64", [1, 1], int64_contents=[1]),
                                 _t("lengths", "INT64", [], int64_contents=[1])]},
-     "lengths must have shape [1] (one per ids row), got []"),
+     "lengths must have shape [1] or [1, 1] (one per ids row), got []"),
     ("unknown output", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]},
      "unknown output 'logits': this model has probs, top_ids, top_chars, top_probs"),
     ("output twice", {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")] * 2},
@@ -501,5 +544,5 @@ def test_tritonclient_against_nextchar(tiny_server, info, tmp_path: Path) -> Non
     proc = subprocess.run([str(python), str(script), "--url", tiny_server.address,
                            "--expect", str(expect)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "17 checks passed" in proc.stdout, proc.stdout
+    assert "18 checks passed" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), file=sys.stderr)
