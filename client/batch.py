@@ -215,10 +215,16 @@ class LocalTarget:
             name = f"NEXTCHAR_{str(err['loc'][0]).upper()}" if err["loc"] else "settings"
             raise ValueError(f"invalid {name}: {err['msg']}") from None
         repository = bool(model) and not _one_model(path, model, looks_like_model)
-        # Both named, so a NEXTCHAR_MODEL(_REPOSITORY) in the environment adds no other model.
-        where: dict[str, Path | None] = ({"model_repository": path, "model": None} if repository
-                                          else {"model": path, "model_repository": None})
-        s = base.model_copy(update={**where, "low_lane_workers": 1 << 16})
+        # Only what was given: a NEXTCHAR_MODEL or NEXTCHAR_MODEL_REPOSITORY in the environment
+        # (a server's pod) adds no model. The registry reads `model` as set (a --model beside
+        # the repository) when it is in the fields set, so a repository drops it from there.
+        if repository:
+            s = base.model_copy(update={"model_repository": path, "low_lane_workers": 1 << 16,
+                                        "model": ServerSettings.model_fields["model"].default})
+            s.__pydantic_fields_set__.discard("model")
+        else:
+            s = base.model_copy(update={"model": path, "model_repository": None,
+                                        "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH
         self._loop = asyncio.new_event_loop()
@@ -678,8 +684,10 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
         meta = job_meta(input_path, fmt, opts.shard, top_k, opts.per_position, model)
     except OSError as e:
         raise JobError(f"{input_path}: cannot read ({e.strerror or e})") from e
-    with output_lock(output):
+    with output_lock(output) as lock:
         done, last_index = prepare_output(output, meta, total, opts.restart)
+        if lock.problem:
+            log.warning("%s; nothing stops a second job writing %s", lock.problem, output.name)
         if done:
             log.info("resuming %s: %d of %d items already there", output, done, total)
         summary = JobSummary(output=output, total=total, resumed=done)

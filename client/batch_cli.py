@@ -5,9 +5,10 @@
     nextchar batch in.txt -o out.jsonl --local runs/demo/artifact    (needs nextchar[serve])
 
 Rerunning the same command after a crash continues where OUTPUT stops (see docs/batch.md).
-Exit status: 0 done (error records included), 1 stopped part-way (rerun to resume),
-2 refused before starting (bad options, an INPUT or OUTPUT it cannot use, another job's OUTPUT,
-no server reachable).
+Exit status: 0 done (error records included), 1 not finished and a rerun may (stopped
+part-way: rerun to resume; or not started yet: no server reachable, another job writing
+OUTPUT), 2 refused before starting, as a rerun would be (bad options, an INPUT or OUTPUT it
+cannot use, another job's OUTPUT).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def add_parser(
     p: argparse.ArgumentParser = sub.add_parser(
         "batch", help="run a file of texts through the model: ordered JSONL out, resumable",
         description="One output line per input line, in input order. Rerun the same command to "
-                    "resume after a crash. Exit 0: done (error records included); 1: stopped "
-                    "part-way, rerun to resume; 2: refused before starting (bad options, "
-                    "an INPUT or OUTPUT it cannot use, another job's OUTPUT, no server "
-                    "reachable).")
+                    "resume after a crash. Exit 0: done (error records included); 1: not "
+                    "finished, rerun to resume (stopped part-way, or not started yet: no "
+                    "server reachable, another job writing OUTPUT); 2: refused before "
+                    "starting (bad options, an INPUT or OUTPUT it cannot use, another job's "
+                    "OUTPUT).")
     add_common(p)
     p.add_argument("input", metavar="INPUT", help="one text per line, or JSONL {\"id\", \"text\"}")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",

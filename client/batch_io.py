@@ -118,11 +118,15 @@ def resolve_format(path: Path, fmt: str) -> str:
     if suffix == ".txt":
         return "text"
     with path.open("rb") as f:
-        for index, raw in enumerate(f):
-            if index == 0:
-                raw = raw.removeprefix(BOM)
+        # readline with a bound: a file without newlines is not read whole to look at its start.
+        first = True
+        while raw := f.readline(1 << 16):
+            if first:
+                raw, first = raw.removeprefix(BOM), False
             if raw.strip():
                 return "jsonl" if raw.lstrip().startswith(b"{") else "text"
+            while not raw.endswith(b"\n") and (raw := f.readline(1 << 16)):
+                pass  # the rest of a long run of blanks on one line
     return "text"
 
 
@@ -317,8 +321,17 @@ def lock_path_for(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
+@dataclass
+class OutputLock:
+    """What output_lock got: `problem` says why OUTPUT is not protected ("" when it is). The
+    job reports it once OUTPUT proved writable: where no lock file can be made OUTPUT usually
+    cannot be written either, and that refusal is the one line to print."""
+
+    problem: str = ""
+
+
 @contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
+def output_lock(output: Path) -> Iterator[OutputLock]:
     """One job per OUTPUT at a time: a second one (a command run twice, a replaced pod while
     the old one still writes to the shared volume) would append the same items again. An
     advisory flock on OUTPUT.lock, held for the job's life and dropped by the kernel when the
@@ -327,18 +340,16 @@ def output_lock(output: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, as before this existed
-        yield
+        yield OutputLock("no file locks on this system")
         return
     path = lock_path_for(output)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        # Where no lock file can be made (a read-only file system) OUTPUT cannot be written
-        # either: prepare_output's refusal names that in OUTPUT's own terms.
-        log.debug("%s: cannot open (%s); going on unlocked", path, e.strerror or e)
-        yield
+        yield OutputLock(f"{path}: cannot open ({e.strerror or e})")
         return
     try:
+        lock = OutputLock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -347,14 +358,16 @@ def output_lock(output: Path) -> Iterator[None]:
                            f"{holder or 'holder unknown'}; lock {path.name}); wait for it to "
                            f"finish or stop it, then rerun this command to resume") from None
         except OSError as e:  # a filesystem without locks (ENOLCK): go on, unprotected
-            log.warning("%s: cannot lock (%s); nothing stops a second job writing it",
-                        path, e.strerror or e)
+            lock.problem = f"{path}: cannot lock ({e.strerror or e})"
         else:
             import socket
 
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        yield
+            try:  # the holder's name, for a refused job's message; the lock is held already
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+            except OSError as e:
+                log.debug("%s: cannot record the holder (%s)", path, e.strerror or e)
+        yield lock
     finally:
         os.close(fd)
 

@@ -52,7 +52,7 @@ def _uint32(text: str, minimum: int) -> int:
 
 
 def _count(text: str) -> int:
-    """A uint32 (count or seed), refused by argparse with one line otherwise."""
+    """A uint32 count, refused by argparse with one line otherwise."""
     return _uint32(text, 0)
 
 

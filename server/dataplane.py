@@ -185,8 +185,9 @@ class DataPlane:
             # (an unload or reload would wait on it for good). np.size, not len(): a refused
             # call's lengths may be 0-d.
             try:
-                n = len(call.texts) if call.texts is not None else (
-                    int(np.size(call.lengths)) if call.lengths is not None else 0)
+                n = (len(call.texts) if call.texts is not None else
+                     len(call.ids) if call.ids is not None and np.ndim(call.ids) else
+                     int(np.size(call.lengths)) if call.lengths is not None else 0)
                 rt.stats.request_done(ok, n, started)
             finally:
                 self.registry.release(rt)

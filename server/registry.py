@@ -438,7 +438,11 @@ class ModelRegistry:
             await rt.close()
             self.retiring.discard(rt)
             slot = self.slots.get(rt.name)
-            if slot is not None and slot.current is None and slot.state is ModelState.UNLOADING:
+            # Another retired version of it may still run (unload, load, unload again): the
+            # slot stays UNLOADING until the last one closed.
+            others = any(r.name == rt.name for r in self.retiring)
+            if slot is not None and slot.current is None and not others \
+                    and slot.state is ModelState.UNLOADING:
                 slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
                 self.changed()
 

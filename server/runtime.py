@@ -14,6 +14,7 @@ alive and nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,10 +130,14 @@ class ModelRuntime:
 
     async def start(self, warmup: bool | None = None) -> None:
         """Warm-up, then the probe (every output finite and well-shaped); ProbeFailed."""
-        try:
-            await self.batcher.start(warmup=self.settings.warmup if warmup is None else warmup)
-        except Exception as e:  # the warm-up's model calls
-            raise model_failed("warm-up", self.artifact, e) from e
+        await self.batcher.start(warmup=False)  # loads the model file: its errors as they are
+        if self.settings.warmup if warmup is None else warmup:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.batcher.executor,
+                                                                 self.backend.warmup)
+            except Exception as e:  # the warm-up's model calls
+                log.debug("model %s: warm-up failed", self.name, exc_info=e)
+                raise model_failed("warm-up", self.artifact, e) from e
         await self.generator.start()
         self.probe_logits = await run_probe(self)
 
@@ -151,7 +156,7 @@ def model_failed(stage: str, a: Artifact, e: Exception) -> ProbeFailed:
     failed ..."); its last one names the operation and the shapes."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return ProbeFailed(f"{stage}: the model failed on an input shaped as its manifest says "
-                       f"(state [{a.state_layers}, 1, {a.hidden_size}], {a.vocab_size} "
+                       f"(state [{a.state_layers}, B, {a.hidden_size}], {a.vocab_size} "
                        f"vocabulary ids): {type(e).__name__}: "
                        f"{lines[-1] if lines else 'no message'}")
 
@@ -172,6 +177,7 @@ async def run_probe(rt: ModelRuntime) -> np.ndarray:
         out = await rt.batcher.probe(ids[None, :], np.asarray([t], dtype=np.int64),
                                      rt.backend.zero_state(1), positions=True)
     except Exception as e:
+        log.debug("model %s: probe failed", rt.name, exc_info=e)
         raise model_failed("probe", a, e) from e
     expected = {
         "logits": (out.logits, (1, a.vocab_size)),

@@ -27,7 +27,8 @@ def model_config(m: ModelView) -> dict[str, Any]:
         "platform": m.platform,
         # Triton's backend names for these platforms: onnxruntime_onnx, pytorch_libtorch.
         "backend": m.platform.split("_")[0],
-        "max_batch_size": m.limits.max_texts_per_request,
+        # int32 in Triton's proto; a larger limit is no limit a client could reach anyway.
+        "max_batch_size": min(m.limits.max_texts_per_request, 2**31 - 1),
         "input": [
             tensor("text", "TYPE_STRING", [1], optional=True),
             tensor("ids", "TYPE_INT64", [-1], optional=True),

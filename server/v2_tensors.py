@@ -2,7 +2,7 @@
 grpc/kserve_codec.py; REST, http/v2_codec.py) share, so the two answer with the same tensor
 names, datatypes, shapes and numbers (docs/kserve.md).
 
-    inputs   text BYTES [N] or [N, 1]  |  ids INT64 [N, T] (+ lengths INT64 [N], optional)
+    inputs   text BYTES [N] or [N, 1]  |  ids INT64 [N, T] (+ lengths INT64 [N] or [N, 1], optional)
     params   top_k (0 or absent = the model default), priority (1 high, 2 low)
     outputs  probs FP32 [N, V], top_ids INT64 [N, k], top_chars BYTES [N, k], top_probs FP32 [N, k]
 """

@@ -1,7 +1,7 @@
 """KServe V2 gRPC tensors <-> domain values (docs/kserve.md); the servicer is kserve.py, the
 parts shared with the REST front end ../v2_tensors.py.
 
-    inputs   text BYTES [N] or [N, 1]  |  ids INT64 [N, T] (+ lengths INT64 [N], optional)
+    inputs   text BYTES [N] or [N, 1]  |  ids INT64 [N, T] (+ lengths INT64 [N] or [N, 1], optional)
     params   top_k (int64_param; 0 or absent = the model default), priority (int64: 1 high,
              2 low; Triton's convention that a lower number is more urgent)
     outputs  probs FP32 [N, V], top_ids INT64 [N, k], top_chars BYTES [N, k], top_probs FP32 [N, k]

@@ -29,8 +29,8 @@ _STATES = {ModelState.READY: pb.MODEL_STATE_READY, ModelState.LOADING: pb.MODEL_
 def lane_of(priority: int) -> int:
     # proto3 keeps an enum number it does not know; refuse it rather than guess a lane.
     if priority not in pb.Priority.values():
-        raise InvalidInput(f"priority must be PRIORITY_HIGH (1) or PRIORITY_LOW (2), got "
-                           f"{priority}")
+        raise InvalidInput(f"priority must be PRIORITY_UNSPECIFIED (0, the high lane), "
+                           f"PRIORITY_HIGH (1) or PRIORITY_LOW (2), got {priority}")
     return LOW if priority == pb.PRIORITY_LOW else HIGH
 
 

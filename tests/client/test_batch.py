@@ -448,13 +448,22 @@ def test_local_runs_the_same_job_in_process(tmp_path: Path, tiny_artifact: Path,
 
 def test_local_serves_only_the_model_it_was_given(tmp_path: Path, tiny_artifact: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A NEXTCHAR_MODEL_REPOSITORY in the environment (a server's pod) adds no model."""
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_artifact, repo / "other")
-    monkeypatch.setenv("NEXTCHAR_MODEL_REPOSITORY", str(repo))
+    """A NEXTCHAR_MODEL_REPOSITORY or NEXTCHAR_MODEL in the environment (a server's pod) adds
+    no model to the artifact or the repository given."""
+    repo, other = tmp_path / "repo", tmp_path / "other-repo"
+    shutil.copytree(tiny_artifact, repo / "mine")
+    (repo / "mine" / "config.json").write_text('{"max_batch_size": 8}')
+    shutil.copytree(tiny_artifact, other / "theirs")
+    monkeypatch.setenv("NEXTCHAR_MODEL_REPOSITORY", str(other))
     local = LocalTarget(tiny_artifact)
     try:
         assert sorted(local.registry.slots) == [local.model_spec().name]
+    finally:
+        local.close()
+    monkeypatch.setenv("NEXTCHAR_MODEL", str(other / "theirs"))
+    local = LocalTarget(repo, model="mine")
+    try:
+        assert sorted(local.registry.slots) == ["mine"] and local.model_spec().name == "mine"
     finally:
         local.close()
 

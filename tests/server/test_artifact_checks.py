@@ -5,8 +5,9 @@ that is not the vocabulary's, graph files from another export (a hand-assembled 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,19 @@ def test_onnx_graphs_that_do_not_match_the_manifest_are_named(edited, graph: str
                             f"says 32; re-export the artifact")
 
 
-def test_serve_says_which_shape_a_torchscript_graph_refused(edited, capfd) -> None:
-    """TorchScript declares no shapes: the probe finds it, and its line says what was tried."""
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """`nextchar serve` in-process configures the root logger on this test's stderr; later
+    tests must not log into that closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_serve_says_which_shape_a_torchscript_graph_refused(edited, capfd, root_logging) -> None:
+    """TorchScript declares no shapes: its warm-up finds it, and the line says what was tried."""
     from nextchar.client.cli import main
 
     art = edited(lambda m: m["model"].update(hidden_size=32))
@@ -77,5 +89,5 @@ def test_serve_says_which_shape_a_torchscript_graph_refused(edited, capfd) -> No
     err = capfd.readouterr().err.strip().splitlines()  # the log's lines, then the refusal
     assert code == 1 and "Traceback" not in "\n".join(err), err
     assert err[-1].startswith(f"nextchar serve: {art}: warm-up: the model failed on an input "
-                              f"shaped as its manifest says (state [2, 1, 32], "), err[-1]
+                              f"shaped as its manifest says (state [2, B, 32], "), err[-1]
     assert "The following operation failed" not in err[-1]

@@ -103,7 +103,8 @@ def test_an_unknown_priority_is_refused(tiny_server, method: str, request_) -> N
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     number = request_.priority
     assert ei.value.details() == (
-        f"priority must be PRIORITY_HIGH (1) or PRIORITY_LOW (2), got {number}")
+        f"priority must be PRIORITY_UNSPECIFIED (0, the high lane), PRIORITY_HIGH (1) or "
+        f"PRIORITY_LOW (2), got {number}")
 
 
 def test_load_without_a_name_is_refused(tiny_server) -> None:
