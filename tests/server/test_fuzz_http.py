@@ -42,6 +42,7 @@ MODEL = "random-rnn"  # the tiny artifact's name
 ALLOWED = {200, 400, 404, 405, 409, 413, 415, 429}
 ROUTES = [("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),
           ("GET", f"/v2/models/{MODEL}"), ("GET", f"/v2/models/{MODEL}/ready"),
+          ("GET", f"/v2/models/{MODEL}/config"),
           ("POST", f"/v2/models/{MODEL}/infer"), ("POST", "/v2/repository/index"),
           ("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/completions"),
           ("POST", "/v1/chat/completions"), ("POST", "/nextchar/v1/predict"),
@@ -308,6 +309,7 @@ segment = st.one_of(st.sampled_from([MODEL, "nope", "", "..", "%00", "%ff", "a b
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
        template=st.sampled_from(["/v2/models/{}", "/v2/models/{}/ready", "/v2/models/{}/infer",
                                  "/v2/models/{}/versions/{}", "/v2/models/{}/versions/{}/ready",
+                                 "/v2/models/{}/config", "/v2/models/{}/versions/{}/config",
                                  "/v1/models/{}", "/nextchar/v1/models/{}", "/{}", "/v2/{}",
                                  "/v1/{}"]),
        a=segment, b=segment)
