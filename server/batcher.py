@@ -203,11 +203,10 @@ class Batcher:
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self, warmup: bool = True) -> None:
+    async def start(self) -> None:
+        """Loads the model on the executor (its threads own it); the runtime warms it up."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.backend.prepare)
-        if warmup:
-            await loop.run_in_executor(self.executor, self.backend.warmup)
         self._loop = loop
 
     async def close(self) -> None:

@@ -130,7 +130,7 @@ class ModelRuntime:
 
     async def start(self, warmup: bool | None = None) -> None:
         """Warm-up, then the probe (every output finite and well-shaped); ProbeFailed."""
-        await self.batcher.start(warmup=False)  # loads the model file: its errors as they are
+        await self.batcher.start()  # loads the model file: its errors as they are
         if self.settings.warmup if warmup is None else warmup:
             try:
                 await asyncio.get_running_loop().run_in_executor(self.batcher.executor,

@@ -84,7 +84,7 @@ async def held_batcher(**settings) -> tuple[HeldBackend, Batcher]:
     """A started batcher whose backend holds every call until the test sets `release`."""
     backend = HeldBackend()
     b = Batcher(backend, **settings)
-    await b.start(warmup=False)
+    await b.start()
     backend.release.clear()
     return backend, b
 
@@ -193,7 +193,7 @@ def test_a_worker_pulling_batches_lets_queued_jobs_run_first(ahead: bool) -> Non
     async def main() -> None:
         backend = OneWorkerBackend()
         b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
+        await b.start()
         backend.release.clear()
         loop = asyncio.get_running_loop()
         order: list[str] = []
@@ -250,7 +250,7 @@ def test_queued_high_texts_are_taken_before_queued_low_ones() -> None:
     async def main() -> None:
         backend = OneWorkerBackend()
         b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
+        await b.start()
         backend.release.clear()
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(items(loop, [[1]])))
@@ -299,7 +299,7 @@ def test_max_batch_delay_still_applies_after_a_worker_took_a_batch() -> None:
     async def main() -> None:
         backend = OneWorkerBackend()
         b = Batcher(backend, parallel_batch_chars=0, max_batch_delay_ms=100)
-        await b.start(warmup=False)
+        await b.start()
         loop = asyncio.get_running_loop()
         for _ in range(3):  # each lone text waits ~the delay: the timer, then its batch
             started_at = loop.time()
@@ -415,7 +415,7 @@ def test_a_step_never_waits_for_prompts_only_its_own_worker_could_run() -> None:
     async def main() -> None:
         backend = OneWorkerBackend()
         b = Batcher(backend)
-        await b.start(warmup=False)
+        await b.start()
         backend.release.clear()
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(prompts(loop, [[1]])))
@@ -437,7 +437,7 @@ def test_a_backend_failure_fails_that_batch_and_the_batcher_goes_on() -> None:
     async def main() -> None:
         backend = FailingBackend()
         b = Batcher(backend, parallel_batch_chars=0)
-        await b.start(warmup=False)
+        await b.start()
         loop = asyncio.get_running_loop()
         with pytest.raises(RuntimeError, match="the runtime failed"):
             await b.submit(items(loop, [[1], [2]]))
@@ -494,7 +494,7 @@ def test_the_low_lane_has_its_own_batch_size() -> None:
         backend = OneWorkerBackend()
         b = Batcher(backend, parallel_batch_chars=0, max_batch_size=8,
                     low_lane=LanePolicy(max_batch_size=3))
-        await b.start(warmup=False)
+        await b.start()
         backend.release.clear()
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(items(loop, [[1]])))
