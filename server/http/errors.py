@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import NotFound, ServingError
+from .json_body import LoneSurrogate
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def body_error(cause: BaseException | None) -> str:
                 f"({cause.object[cause.start:cause.start + 1]!r}) {cause.reason}")
     if isinstance(cause, RecursionError):
         return "the request body is not valid JSON: it is nested too deeply"
+    if isinstance(cause, LoneSurrogate):
+        return f"the request body is not valid text: {cause}"
     return "the request body is not valid JSON"
 
 

@@ -50,7 +50,7 @@ _ROUTES = [(re.compile(p), t) for p, t in (
     (r"/v2", "/v2"),
     (r"/v2/health/(live|ready)", r"/v2/health/\1"),
     (r"/v2/models/[^/]+(/versions/[^/]+)?", "/v2/models/{name}"),
-    (r"/v2/models/[^/]+(/versions/[^/]+)?/(ready|infer)", r"/v2/models/{name}/\2"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?/(ready|infer|config)", r"/v2/models/{name}/\2"),
     (r"/v2/repository/index", "/v2/repository/index"),
     (r"/v2/repository/models/[^/]+/(load|unload)", r"/v2/repository/models/{name}/\1"),
     (r"/v1/models", "/v1/models"),

@@ -33,6 +33,7 @@ from ..predictor import TextResult
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
+from .json_body import json_router
 
 JSON = "application/json"
 STREAM_ENDED = ("server is shutting down: stream ended early; send the prompt plus the text "
@@ -95,7 +96,7 @@ def _prediction(r: TextResult, vocab: list[str]) -> dict[str, Any]:
 
 
 def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
-    r = APIRouter(tags=["nextchar"])
+    r = json_router("nextchar")
 
     @r.post("/nextchar/v1/predict", summary="Predict: top-k, per-position argmax, states")
     async def predict(body: PredictBody, request: Request) -> Response:

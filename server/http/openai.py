@@ -37,6 +37,7 @@ from ..logging_setup import request_id_var
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
+from .json_body import json_router
 from .openai_schemas import MAX_CHOICES, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class _Choice:
 
 
 def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
-    r = APIRouter(tags=["OpenAI"])
+    r = json_router("OpenAI")
 
     @r.get("/v1/models", summary="Served models")
     async def list_models() -> Response:
@@ -256,7 +257,8 @@ class _Scorer:
     def __init__(self, plane: DataPlane, body: CompletionRequest, deadline: float | None) -> None:
         self.plane, self.model, self.deadline = plane, body.model, deadline
         self.k = body.logprobs or 0
-        self.vocab = plane.model(body.model).artifact.vocab
+        artifact = plane.model(body.model).artifact
+        self.vocab, self.unk = artifact.vocab, artifact.unk_id
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.state = b""  # fresh
         self.after: np.ndarray | None = None  # the distribution after the text scored so far
@@ -279,7 +281,10 @@ class _Scorer:
                     chosen.append(None)
                     tops.append(None)
                     continue
-                chosen.append(_log(float(before[self.index[ch]]) if ch in self.index else 0.0))
+                # A character outside the vocabulary was read as the unknown token: that is
+                # the id whose probability the model gave it.
+                i = self.index.get(ch, self.unk)
+                chosen.append(_log(float(before[i]) if i is not None else 0.0))
                 ranked = np.argsort(-before, kind="stable")[: self.k].tolist()
                 tops.append({self.vocab[i]: _log(float(before[i])) for i in ranked})
             self.after, self.state = dists[-1], res.state

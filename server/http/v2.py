@@ -35,6 +35,7 @@ from ..telemetry import DrainGate
 from ..v2_config import model_config
 from ..v2_tensors import output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
+from .json_body import json_router
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _json_object(body: bytes, example: str) -> dict[str, Any]:
 
 def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = False) -> APIRouter:
     """control_loopback_only: load and unload answer loopback callers only (auth is off)."""
-    r = APIRouter(tags=["KServe V2"])
+    r = json_router("KServe V2")
 
     def check_control(request: Request) -> None:
         host = request.client.host if request.client is not None else ""

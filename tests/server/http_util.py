@@ -29,7 +29,8 @@ class Reply:
         return out
 
 
-def call(url: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+def call(url: str, method: str, path: str, body: Any = None,
+         headers: dict[str, str | None] | None = None,
          raw: bytes | None = None, context: ssl.SSLContext | None = None,
          timeout_s: float = 30) -> Reply:
     parts = urlsplit(url)
@@ -38,7 +39,9 @@ def call(url: str, method: str, path: str, body: Any = None, headers: dict[str, 
     conn = cls(parts.hostname, parts.port, timeout=timeout_s, **kw)
     try:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        h = {"content-type": "application/json", **(headers or {})}
+        # A header given as None is not sent (a request without any Content-Type).
+        h = {k: v for k, v in {"content-type": "application/json", **(headers or {})}.items()
+             if v is not None}
         conn.request(method, path, body=data, headers=h)
         r = conn.getresponse()
         return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())

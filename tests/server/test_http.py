@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shutil
 import socket
 import ssl
 import struct
@@ -579,3 +580,38 @@ def test_completion_max_tokens_0_is_checked_and_n_beyond_max_streams_is_400(
     r = call(st.http_url, "POST", "/v1/completions", {"model": name, "prompt": "hi", "n": 3,
                                                       "max_tokens": 0})  # opens no stream
     assert r.status == 200 and len(r.json()["choices"]) == 3
+
+
+def test_every_route_has_its_own_metric_label() -> None:
+    from nextchar.server.http import native, openai, v2
+    from nextchar.server.http.middleware import route_label
+
+    for module in (v2, openai, native):
+        for route in module.router(None, None).routes:  # building a router calls nothing
+            (method,) = route.methods
+            path = route.path.replace("{version}", "3").replace("{name}", "m").replace(
+                "{model}", "m")
+            expected = route.path.replace("/versions/{version}", "")
+            assert route_label(method, path) == f"{method} {expected}", route.path
+
+
+def test_logprobs_of_a_character_outside_the_vocabulary_are_the_unknown_tokens(
+        start_server, tiny_artifact: Path, tmp_path: Path) -> None:
+    art = tmp_path / "with-unk"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["unk_id"] = manifest["vocab"].index("?")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    st = start_server(model=art, backend="onnx")
+    name = st.server.runtime().name
+    doc = completion(st, model=name, prompt="h\u00c9i", max_tokens=0, echo=True,
+                     logprobs=1).json()
+    lp = doc["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["h", "\u00c9", "i"]
+    with NextCharClient(st.address) as c:
+        (after_h,) = c.predict(["h"], top_k=len(manifest["vocab"]))
+        (after_hq,) = c.predict(["h?"], top_k=len(manifest["vocab"]))
+    prob = {cp.char: cp.prob for cp in after_h.top}
+    assert abs(lp["token_logprobs"][1] - math.log(prob["?"])) < 1e-6  # not -10000: unk's own
+    assert abs(lp["token_logprobs"][2]
+               - math.log({cp.char: cp.prob for cp in after_hq.top}["i"])) < 1e-6
