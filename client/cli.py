@@ -35,9 +35,12 @@ from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
 # name TYPE_CHECKING as True.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import NextCharClient
 
-DEFAULT_SERVER = os.environ.get("NEXTCHAR_SERVER", f"127.0.0.1:{DEFAULT_PORT}")
+# An empty variable counts as unset, as in the server's settings (`NEXTCHAR_TLS_CA= nextchar ...`).
+DEFAULT_SERVER = os.environ.get("NEXTCHAR_SERVER") or f"127.0.0.1:{DEFAULT_PORT}"
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports after Ctrl-C
 # The flags whose default comes from the environment: a bad value there is named by its variable.
@@ -92,13 +95,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="per-call deadline in seconds (default 30)")
     p.add_argument("--tls", action="store_true",
                    help="TLS, verifying the server against the system's CA roots")
-    p.add_argument("--tls-ca", default=os.environ.get("NEXTCHAR_TLS_CA"), metavar="PEM",
+    p.add_argument("--tls-ca", default=os.environ.get("NEXTCHAR_TLS_CA") or None, metavar="PEM",
                    help="TLS, verifying the server against this CA bundle [env NEXTCHAR_TLS_CA]")
     p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mTLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-server-name", metavar="NAME",
                    help="name to verify in the server certificate (default: the host in --server)")
-    p.add_argument("--token", default=os.environ.get("NEXTCHAR_TOKEN"),
+    p.add_argument("--token", default=os.environ.get("NEXTCHAR_TOKEN") or None,
                    help="bearer token sent with every call [env NEXTCHAR_TOKEN, preferred: a flag "
                         "shows in the process list]")
 
@@ -219,15 +222,23 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Prints the characters as they arrive; Ctrl-C cancels the call on the server."""
-    if args.echo:
-        sys.stdout.write(args.prompt)
-    with _client(args) as c:
-        for text in c.generate(args.prompt, max_chars=args.max_chars, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                               model=args.model, priority=args.priority):
-            sys.stdout.write(text)
+    # The echo waits for the first chunk: a prompt the server refuses is not printed.
+    echo, started = args.prompt if args.echo else "", False
+    try:
+        with _client(args) as c:
+            for text in c.generate(args.prompt, max_chars=args.max_chars,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                   model=args.model, priority=args.priority):
+                sys.stdout.write(text if started else echo + text)
+                sys.stdout.flush()
+                started = True
+    except BaseException:
+        if started:  # the text so far ends its line; the error (or ^C) starts its own
+            sys.stdout.write("\n")
             sys.stdout.flush()
-    sys.stdout.write("\n")
+        raise
+    sys.stdout.write(("" if started else echo) + "\n")
     return 0
 
 
@@ -392,6 +403,39 @@ def _check(sp: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.token = _strip_newline(args.token)
 
 
+class StdoutFailed(Exception):
+    """Standard output refused the command's answer: a full disk, an I/O error, or an encoding
+    (a non-UTF-8 locale) that cannot write one of its characters."""
+
+
+class _Stdout:
+    """sys.stdout, whose write failures say they are standard output's (not an input file's)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def _guard(self, op: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return op(*args)
+        except BrokenPipeError:
+            raise
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.start + 1]
+            raise StdoutFailed(f"standard output's encoding {e.encoding!r} cannot write {bad!r}: "
+                               "set PYTHONIOENCODING=utf-8 or a UTF-8 locale") from None
+        except OSError as e:
+            raise StdoutFailed(f"cannot write to standard output: {e.strerror or e}") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _stdout_closed() -> int:
     """The reader of stdout left (`| head`): no traceback, and none at exit either, when Python
     flushes what is still buffered."""
@@ -462,16 +506,26 @@ def _load_client(argv: list[str]) -> Callable[[], int]:
     args = _parse(argv)
 
     def run() -> int:
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            print(f"nextchar {args.command}: standard output is closed", file=sys.stderr)
+            return 1
+        real, sys.stdout = sys.stdout, _Stdout(sys.stdout)  # type: ignore[assignment]
         try:
             code = int(args.func(args))
             sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return code
         except BrokenPipeError:
             return _stdout_closed()
+        except StdoutFailed as e:
+            print(f"nextchar {args.command}: {e}", file=sys.stderr)
+            _stdout_closed()  # what is still buffered cannot be written at exit either
+            return 1
         except NextCharError as e:
             details = " ".join(e.details.split("\n")).strip()
             print(f"nextchar {args.command}: {e.code.name}: {details}", file=sys.stderr)
             return 1
+        finally:
+            sys.stdout = real
 
     return run
 

@@ -20,7 +20,7 @@ import json
 import re
 import socket
 from collections import namedtuple
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CLOSED = "this NextCharClient is closed; make a new one"
 
 # gRPC's own retry policy, for the calls a server refuses without running them. A draining
 # server sends GOAWAY and closes its listener; a call that raced it is answered UNAVAILABLE
@@ -342,18 +343,24 @@ T = TypeVar("T")
 
 class Stream(Iterator[T]):
     """A streaming call's responses: an iterator that is also a context manager; `close()`
-    cancels the call on the server (closing an ended stream does nothing)."""
+    cancels the call on the server (closing an ended stream does nothing). `close()` may come
+    from another thread while one iterates: the iterating thread's loop then simply ends."""
 
-    def __init__(self, items: Iterator[T]) -> None:
-        self._items = items
+    def __init__(self, items: Iterator[T], cancel: Callable[[], object] | None = None) -> None:
+        self._items, self._cancel = items, cancel
 
     def __next__(self) -> T:
         return next(self._items)
 
     def close(self) -> None:
+        if self._cancel is not None:
+            self._cancel()  # gRPC's cancel is thread-safe, unlike closing a running generator
         close = getattr(self._items, "close", None)
         if close is not None:
-            close()
+            try:
+                close()
+            except ValueError:  # "generator already executing" in another thread: the cancel
+                pass  # above ends it there
 
     def __enter__(self) -> Stream[T]:
         return self
@@ -365,6 +372,29 @@ class Stream(Iterator[T]):
         # What a plain generator does when dropped: a `for` loop that breaks out of the call
         # itself cancels it at once (CPython frees the iterator then).
         self.close()
+
+
+class _Call:
+    """One Generate call and whether this side ended it (a cancel it asked for is no error)."""
+
+    def __init__(self, call: Any, client: NextCharClient) -> None:
+        self.call, self.client, self.cancelled = call, client, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.call.cancel()  # no-op once the stream ended; frees the server's slot otherwise
+
+    def responses(self) -> Iterator[pb.GenerateResponse]:
+        try:
+            yield from self.call
+        except grpc.RpcError as e:
+            if self.client._closed:
+                raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED) from e
+            if self.cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise NextCharError.from_rpc_error(e) from e
+        finally:
+            self.call.cancel()
 
 
 def _texts_of(responses: Stream[pb.GenerateResponse]) -> Iterator[str]:
@@ -460,8 +490,7 @@ class NextCharClient:
     def _check_open(self) -> None:
         # gRPC's own error for a closed channel is a bare ValueError.
         if self._closed:
-            raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this NextCharClient is closed; make a new one")
+            raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED)
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         if timeout_s is None:
@@ -521,7 +550,8 @@ class NextCharClient:
         """
         request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state,
                                    model=model, priority=priority)
-        return Stream(_texts_of(self.generate_responses(request, timeout_s)))
+        responses = self.generate_responses(request, timeout_s)
+        return Stream(_texts_of(responses), responses.close)
 
     def generate_responses(
         self, request: pb.GenerateRequest, timeout_s: float | None = None
@@ -530,17 +560,11 @@ class NextCharClient:
         it cancels the call, as for `generate`."""
         timeout = self._timeout(timeout_s)  # checked now, not at the first response
         self._check_open()
-        return Stream(self._responses(request, timeout))
-
-    def _responses(self, request: pb.GenerateRequest, timeout: float | None
-                   ) -> Iterator[pb.GenerateResponse]:
-        call = self.stub.Generate(request, timeout=timeout)
         try:
-            yield from call
-        except grpc.RpcError as e:
-            raise NextCharError.from_rpc_error(e) from e
-        finally:
-            call.cancel()  # no-op once the stream ended; frees the server's slot otherwise
+            call = _Call(self.stub.Generate(request, timeout=timeout), self)
+        except ValueError as e:  # the channel closed since the check: gRPC's bare error
+            raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED) from e
+        return Stream(call.responses(), call.cancel)
 
     def predict_response(self, request: pb.PredictRequest, timeout_s: float | None = None) -> pb.PredictResponse:
         return self._call(self.stub.Predict, request, timeout_s)

@@ -24,6 +24,7 @@ port, and commands whose stdout is a closed pipe (`| head`) exit quietly.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import socket
@@ -252,6 +253,43 @@ def test_closed_pipe_is_quiet(args: list[str], tiny_server: Any) -> None:
     assert err == ""
 
 
+@pytest.mark.parametrize("args", [["predict", "hello"], ["generate", "--echo", "hello"],
+                                  ["info"]], ids=lambda a: a[0])
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_a_stdout_that_cannot_be_written_is_one_line(args: list[str], stdout: str,
+                                                     tiny_server: Any) -> None:
+    """`> /dev/full` (every write: ENOSPC) and `>&-` (no stdout at all)."""
+    cmd = [sys.executable, "-m", "nextchar", args[0], "--server", tiny_server.address, *args[1:]]
+    redirect = "> /dev/full" if stdout == "full" else ">&-"
+    r = subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", *cmd], capture_output=True,
+                       text=True, timeout=60)
+    assert_one_clean_line(args[0], r.returncode, r.stderr)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"nextchar {args[0]}: cannot write to standard output: "
+                                "No space left on device" if stdout == "full"
+                                else f"nextchar {args[0]}: standard output is closed")
+
+
+def test_an_encoding_that_cannot_write_the_answer_says_how_to_fix_it() -> None:
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    with pytest.raises(cli.StdoutFailed) as e:
+        cli._Stdout(ascii_out).write("caf\u00e9")
+    assert str(e.value) == ("standard output's encoding 'ascii' cannot write '\u00e9': set "
+                            "PYTHONIOENCODING=utf-8 or a UTF-8 locale")
+
+
+def test_generate_ends_its_line_before_an_error_and_echoes_nothing_refused(
+        tiny_server: Any) -> None:
+    base = [sys.executable, "-m", "nextchar", "generate", "--server", tiny_server.address]
+    r = subprocess.run([*base, "--echo", "h~llo"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""  # the prompt the server refused is not echoed
+    assert "INVALID_ARGUMENT" in r.stderr
+    r = subprocess.run([*base, "--echo", "--seed", "1", "--max-chars", "5", "hello"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("hello") and len(r.stdout) == 11
+    assert r.stdout.endswith("\n")
+
+
 def test_serve_on_a_taken_port(tiny_artifact: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -331,3 +369,15 @@ def test_any_uint64_seed_is_taken(tiny_server: Any, isolated: Path,
     assert code == 2 and error_lines(err) == [
         f"nextchar generate: error: argument --seed: must be between 0 and {2**64 - 1}, "
         f"got {2**64}"]
+
+
+def test_an_empty_environment_variable_counts_as_unset(tiny_server: Any) -> None:
+    env = {**os.environ, "NEXTCHAR_TLS_CA": "", "NEXTCHAR_SERVER": "", "NEXTCHAR_TOKEN": ""}
+    r = subprocess.run([sys.executable, "-m", "nextchar", "predict", "--server",
+                        tiny_server.address, "hello"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("'hello' -> "), r.stderr  # plaintext
+    r = subprocess.run([sys.executable, "-c", "from nextchar.client import cli; "
+                        "print(cli.DEFAULT_SERVER)"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.stdout.strip() == "127.0.0.1:50051"

@@ -167,6 +167,31 @@ def test_closing_a_kept_stream_cancels_the_call(endless) -> None:
             next(chunks)
 
 
+def test_closing_a_stream_from_another_thread_ends_the_loop_and_the_call(endless) -> None:
+    address, servicer = endless
+    with NextCharClient(address) as c:
+        for ask in (lambda: c.generate("x"),
+                    lambda: c.generate_responses(pb.GenerateRequest(prompt="x"))):
+            servicer.ended.clear()
+            chunks = ask()
+            next(chunks)
+            closer = threading.Timer(0.2, chunks.close)  # while this thread waits in next()
+            closer.start()
+            n = sum(1 for _ in chunks)  # ends, without an error: the cancel was asked for
+            closer.join()
+            assert 0 < n < 1000 and servicer.ended.wait(5)
+
+
+def test_a_stream_of_a_client_closed_since_says_so(endless) -> None:
+    c = NextCharClient(endless[0])
+    chunks = c.generate("x")
+    c.close()
+    with pytest.raises(NextCharError) as e:
+        next(chunks)
+    assert (e.value.code, e.value.details) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                               "this NextCharClient is closed; make a new one")
+
+
 def test_a_stream_used_with_with_cancels_at_its_end(endless) -> None:
     address, servicer = endless
     with NextCharClient(address) as c:
