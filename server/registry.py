@@ -206,6 +206,9 @@ class ModelSlot:
                 newest = candidates[0]
                 if newest == current.artifact.path and _manifest_sha(newest) == served_sha \
                         and self.settings == self._served_settings:
+                    if self.reason:  # a newer version that failed is gone: nothing to explain
+                        self.reason = ""
+                        self.registry.changed()
                     return LoadOutcome(self.name, False, served, served, served_sha,
                                        f"version {served} is already the newest")
                 candidates = candidates[:1]  # a running model never falls back to older ones

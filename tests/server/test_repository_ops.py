@@ -205,3 +205,13 @@ def test_the_index_says_why_a_newer_version_is_not_served(start_server, repo: Pa
         _poll(st)
         alpha = {m.name: m for m in c.list_models().models}["alpha"]
         assert (alpha.version, alpha.reason) == ("3", "")
+        # A failed newer version that is then deleted leaves nothing to explain.
+        (repo / "alpha" / "4").mkdir()
+        (repo / "alpha" / "4" / "manifest.json").write_text("{not json")
+        _poll(st)
+        assert {m.name: m for m in c.list_models().models}["alpha"].reason.startswith(
+            "version 4 not loaded (")
+        shutil.rmtree(repo / "alpha" / "4")
+        _poll(st)
+        alpha = {m.name: m for m in c.list_models().models}["alpha"]
+        assert (alpha.version, alpha.reason) == ("3", "")
