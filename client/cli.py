@@ -29,7 +29,15 @@ from collections.abc import Callable, Iterator
 
 from nextchar import __version__
 
-from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
+from .limits import (
+    DEFAULT_PORT,
+    FLOAT32_MAX,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TIMEOUT_S,
+    UINT32_MAX,
+    UINT64_MAX,
+)
 
 # typing.TYPE_CHECKING without importing typing before `main` runs (see main); mypy takes any
 # name TYPE_CHECKING as True.
@@ -81,10 +89,40 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: always the likeliest), "
+                                         f"got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (0 or 1: off), got {text}")
+    return value
+
+
+def _stop(text: str) -> str:
+    if not 1 <= len(text) <= MAX_STOP_CHARS:
+        raise argparse.ArgumentTypeError(f"must have 1 to {MAX_STOP_CHARS} characters, "
+                                         f"got {len(text)}")
+    return text
+
+
+def _prompt(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give at least one character")
+    return text
+
+
 # argparse names a type in its message ("invalid _count value"): name them for the reader.
 _count.__name__ = "integer"
 _positive_count.__name__ = "integer"
 _seconds.__name__ = "seconds"
+_temperature.__name__ = _top_p.__name__ = "number"
+_stop.__name__ = _prompt.__name__ = "text"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -289,18 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--max-chars", type=_positive_count, default=200,
                     help="characters to generate at most, 1 to the server's max_chars_per_text "
                          "(4096 by default) (default 200)")
-    sg.add_argument("--temperature", type=float, default=1.0,
+    sg.add_argument("--temperature", type=_temperature, default=1.0,
                     help="0: always the likeliest (default 1)")
     sg.add_argument("--top-k", type=_count, default=0,
                     help="sample among the k likeliest (default 0: all)")
-    sg.add_argument("--top-p", type=float, default=0.0,
+    sg.add_argument("--top-p", type=_top_p, default=0.0,
                     help="nucleus sampling mass (default 0: off)")
     sg.add_argument("--seed", type=_seed, default=None,
                     help="0 to 2^64-1; same seed, same text (default random)")
-    sg.add_argument("--stop", action="append", default=[], metavar="STRING",
+    sg.add_argument("--stop", action="append", default=[], metavar="STRING", type=_stop,
                     help="stop before this string; repeatable")
     sg.add_argument("--echo", action="store_true", help="print the prompt before the text")
-    sg.add_argument("prompt", metavar="PROMPT")
+    sg.add_argument("prompt", metavar="PROMPT", type=_prompt)
     sg.set_defaults(func=cmd_generate)
     sb = batch_cli.add_parser(sub, _add_common, _client)
     _add_model(sb)
@@ -394,11 +432,15 @@ def _strip_newline(token: str) -> str:
 
 def _check(sp: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses, as a usage error naming the argument, a value that is not UTF-8, a server
-    address with a port outside 1-65535 and a token that is not printable ASCII."""
+    address with a port outside 1-65535, a token that is not printable ASCII and more stop
+    strings than the server takes."""
     for dest, label, value in _given(sp, args):
         problem = _not_utf8(value) or _bad_value(dest, value)
         if problem:
             sp.error(f"{label}: {problem}")
+    if len(getattr(args, "stop", ())) > MAX_STOP_STRINGS:
+        sp.error(f"argument --stop: at most {MAX_STOP_STRINGS} stop strings, got "
+                 f"{len(args.stop)}")
     if getattr(args, "token", None):
         args.token = _strip_newline(args.token)
 

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -246,6 +247,37 @@ def _read(path: str | Path, what: str) -> bytes:
     return data
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
+def _check_pair(cert: str | Path, key: str | Path) -> None:
+    """The client certificate and its key, loaded together as OpenSSL will at the handshake:
+    a key that is not the certificate's, or one under a passphrase (gRPC cannot ask for it),
+    fails here in one line, rather than as gRPC core log lines and a vague UNAVAILABLE."""
+    _read(cert, "--tls-cert")  # unreadable or not PEM: named as such first
+    _read(key, "--tls-key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"--tls-key {key}: the key is encrypted; gRPC needs it unencrypted "
+                            f"(openssl pkey -in {key} -out plain.key)") from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"--tls-key {key} does not go with --tls-cert {cert}: it is not "
+                                f"the certificate's private key") from None
+        raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"--tls-cert {cert} must hold a PEM certificate and --tls-key {key} "
+                            f"its PEM private key: OpenSSL cannot load them as such "
+                            f"({e.reason or e.library})") from None
+
+
 def channel_credentials(
     tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
@@ -254,6 +286,8 @@ def channel_credentials(
     if (tls_cert is None) != (tls_key is None):
         raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
                             "--tls-cert and --tls-key go together (the client certificate and its key)")
+    if tls_cert is not None and tls_key is not None:
+        _check_pair(tls_cert, tls_key)
     return grpc.ssl_channel_credentials(
         root_certificates=None if tls_ca is None else _read(tls_ca, "--tls-ca"),
         private_key=None if tls_key is None else _read(tls_key, "--tls-key"),

@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The client checks stop strings against the same bounds before it calls: one definition.
+from ..client.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from .backends.base import BatchOutput
 from .batcher import HIGH, Item
 from .errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
@@ -68,8 +70,6 @@ from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 64
 STOP_MAX_CHARS = "max_chars"
 STOP_STRING = "stop_string"
 

@@ -58,11 +58,23 @@ def _read_pem(path: Path, setting: str, marker: str) -> bytes:
     return data
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
 def _check_key_pair(cert: Path, key: Path) -> None:
     """gRPC reports a key that is not the certificate's only as log lines and a failed bind;
-    Python's ssl says what is wrong."""
+    Python's ssl says what is wrong. A key under a passphrase is refused rather than prompted
+    for on the terminal: gRPC cannot use it."""
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise SecurityConfigError(f"--tls-key {key}: the key is encrypted; gRPC needs it "
+                                  f"unencrypted (openssl pkey -in {key} -out plain.key)") from None
     except ssl.SSLError as e:
         reason = "it is not the certificate's private key" if "MISMATCH" in str(e) else (
             e.reason or str(e)).lower().replace("_", " ")

@@ -91,10 +91,8 @@ def _shape(t: dict[str, Any], name: str, max_texts: int) -> list[int]:
 def decode_request(body: bytes, header_length: str | None, max_texts: int) -> InferRequest:
     binary = b""
     if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            n = -1
+        # Digits only, as HTTP's Content-Length: int() would also take "1_3", " 13" and "+13".
+        n = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
         if not 0 <= n <= len(body):
             raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not a "
                                f"length within the body ({len(body)} bytes)")

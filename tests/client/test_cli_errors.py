@@ -381,3 +381,32 @@ def test_an_empty_environment_variable_counts_as_unset(tiny_server: Any) -> None
                         "print(cli.DEFAULT_SERVER)"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.stdout.strip() == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--temperature=-1"], "argument --temperature: must be a finite number >= 0 (0: always the "
+                           "likeliest), got -1"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0 (0: always "
+                               "the likeliest), got nan"),
+    (["--temperature", "1e39"], "argument --temperature: must be a finite number >= 0 (0: always "
+                                "the likeliest), got 1e39"),
+    (["--top-p", "1.5"], "argument --top-p: must be between 0 and 1 (0 or 1: off), got 1.5"),
+    (["--top-p", "warm"], "argument --top-p: invalid number value: 'warm'"),
+    (["--stop", ""], "argument --stop: must have 1 to 64 characters, got 0"),
+    (["--stop", "x" * 65], "argument --stop: must have 1 to 64 characters, got 65"),
+    ([f"--stop={i}" for i in range(9)], "argument --stop: at most 8 stop strings, got 9"),
+])
+def test_generate_refuses_sampling_values_the_server_would_refuse_as_a_usage_error(
+        args: list[str], message: str, isolated: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 before any call (the server at port 1 is never dialed), like every other flag."""
+    code, out, err = run_in_process(["generate", "--server", "127.0.0.1:1", *args, "hi"], capfd)
+    assert (code, out) == (2, "")
+    assert error_lines(err) == [f"nextchar generate: error: {message}"]
+
+
+def test_generate_refuses_an_empty_prompt_as_a_usage_error(
+        isolated: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_in_process(["generate", "--server", "127.0.0.1:1", ""], capfd)
+    assert (code, out) == (2, "")
+    assert error_lines(err) == [
+        "nextchar generate: error: argument PROMPT: is empty: give at least one character"]

@@ -256,10 +256,12 @@ def test_cli_prints_the_generated_text(client: NextCharClient, tiny_server) -> N
     ok = subprocess.run([*cli, "--seed", "11", "--max-chars", "30", "--echo", PROMPT],
                         capture_output=True, text=True, timeout=60)
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, PROMPT + expected + "\n", "")
-    bad = subprocess.run([*cli, "--top-p", "2", PROMPT], capture_output=True, text=True, timeout=60)
+    # A limit only the server knows (its max_chars_per_text) comes back as the server's error.
+    bad = subprocess.run([*cli, "--max-chars", "5000", PROMPT], capture_output=True, text=True,
+                         timeout=60)
     assert bad.returncode == 1 and bad.stdout == ""
-    assert bad.stderr == ("nextchar generate: INVALID_ARGUMENT: top_p must be between 0 and 1 "
-                          "(0 or 1: off), got 2.0\n")
+    assert bad.stderr == ("nextchar generate: INVALID_ARGUMENT: max_chars must be between 1 and "
+                          "4096 (max_chars_per_text), got 5000\n")
 
 
 # -- the sampler -------------------------------------------------------------------------------

@@ -153,6 +153,20 @@ def test_v2_infer_ids_nested_data_outputs_and_binary(tiny_server, name: str) -> 
     assert abs(float(probs.sum(axis=1)[0]) - 1) < 1e-5
 
 
+@pytest.mark.parametrize("length", ["1_3", "+13", "0x1f", "-1", "x", "999"])
+def test_v2_a_header_length_that_is_not_digits_within_the_body_is_400(tiny_server, name: str,
+                                                                     length: str) -> None:
+    """As HTTP's Content-Length: ASCII digits only. int() alone would read "1_3" and "+13" as 13
+    and split the body there."""
+    head = json.dumps({"inputs": [text_input(["hello"])]}).encode()
+    assert len(head) > 13
+    r = v2(tiny_server, "POST", f"/v2/models/{name}/infer", raw=head,
+           headers={"inference-header-content-length": length})
+    assert r.status == 400, r.body
+    assert r.json() == {"error": f"Inference-Header-Content-Length {length!r} is not a length "
+                                 f"within the body ({len(head)} bytes)"}
+
+
 @pytest.mark.parametrize(("body", "fragment"), [
     ({"inputs": []}, "no inputs"),
     ({"inputs": [{"name": "text", "datatype": "INT64", "shape": [1], "data": [1]}]},

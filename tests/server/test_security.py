@@ -132,6 +132,40 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(start_server, tin
         assert _predict_code(client) == grpc.StatusCode.OK
 
 
+def _encrypted(key_path: Path, out: Path) -> Path:
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    return _write(out, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"secret")))
+
+
+def test_a_client_key_that_cannot_serve_its_certificate_is_refused_before_dialing(
+        pki: Pki, tmp_path: Path, capsys) -> None:
+    """Without the check, gRPC logs core lines and every call fails UNAVAILABLE with no word
+    about the key; an encrypted key would do the same (gRPC takes no passphrase)."""
+    def refused(cert: Path, key: Path) -> str:
+        with pytest.raises(NextCharError) as e:
+            NextCharClient("127.0.0.1:1", tls_ca=pki.ca, tls_cert=cert, tls_key=key)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        return e.value.details
+
+    assert refused(pki.client_cert, pki.stranger_key) == (
+        f"--tls-key {pki.stranger_key} does not go with --tls-cert {pki.client_cert}: it is not "
+        f"the certificate's private key")
+    enc = _encrypted(pki.client_key, tmp_path / "enc.key")
+    assert refused(pki.client_cert, enc) == (
+        f"--tls-key {enc}: the key is encrypted; gRPC needs it unencrypted "
+        f"(openssl pkey -in {enc} -out plain.key)")
+    assert refused(pki.client_key, pki.client_key).startswith(
+        f"--tls-cert {pki.client_key} must hold a PEM certificate and --tls-key {pki.client_key} "
+        f"its PEM private key: OpenSSL cannot load them as such")
+    # The CLI says the same in one line and exits non-zero.
+    assert client_main(["health", "--server", "127.0.0.1:1", "--tls-ca", str(pki.ca),
+                        "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.stranger_key)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("it is not the certificate's private key")
+
+
 def test_tls_server_name_override(start_server, tiny_artifact, pki: Pki) -> None:
     st = start_server(model=tiny_artifact, tls_cert=pki.server_cert, tls_key=pki.server_key)
     with NextCharClient(f"localhost:{st.port}", tls_ca=pki.ca) as by_name:
@@ -252,6 +286,10 @@ def test_bad_security_settings_fail_with_one_line(tmp_path: Path, pki: Pki) -> N
     assert creds(tls_cert=pki.server_cert, tls_key=pki.client_key) == (
         f"--tls-key {pki.client_key} does not go with --tls-cert {pki.server_cert}: it is not "
         f"the certificate's private key")
+    enc = _encrypted(pki.server_key, tmp_path / "enc.key")
+    assert creds(tls_cert=pki.server_cert, tls_key=enc) == (
+        f"--tls-key {enc}: the key is encrypted; gRPC needs it unencrypted "
+        f"(openssl pkey -in {enc} -out plain.key)")
     assert server_credentials(ServerSettings()) is None
 
     def tokens(**kw) -> str:
