@@ -17,7 +17,8 @@ call ends. `accepting` is the server's own gate: False while starting and draini
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,6 +152,20 @@ class DataPlane:
             raise NotReady(NOT_READY)
 
     # -- inference ---------------------------------------------------------------------------
+    @contextmanager
+    def decoding(self, name: str) -> Iterator[None]:
+        """Around a front end's decoding of a request for model `name`: a request refused there
+        (a tensor of the wrong shape, bad UTF-8) counts as a failed inference of the model, as
+        the ones predict refuses do, so the statistics do not depend on which layer said no."""
+        started = time.perf_counter_ns()
+        try:
+            yield
+        except InvalidInput:
+            slot = self.registry.slots.get(name or self.registry.default_name)
+            if slot is not None:
+                slot.stats.request_done(False, 0, started)
+            raise
+
     async def predict(self, call: PredictCall) -> PredictAnswer:
         self._check()
         rt = self.registry.acquire(call.model)

@@ -427,7 +427,8 @@ class ModelRegistry:
             return FailedPrecondition(f"model '{slot.name}' failed to load: {slot.reason}")
         why = slot.reason if slot.reason and slot.reason != "not loaded" else ""
         return NotFound(f"model '{slot.name}' is not loaded{f' ({why})' if why else ''}; "
-                        f"load it with Admin.LoadModel (nextchar load {slot.name})")
+                        f"load it (`nextchar load {slot.name}`, Admin.LoadModel, or KServe's "
+                        f"RepositoryModelLoad / POST /v2/repository/models/{slot.name}/load)")
 
     # -- retiring ----------------------------------------------------------------------------
     def retire(self, rt: ModelRuntime) -> None:

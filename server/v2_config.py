@@ -7,7 +7,8 @@ see what this server takes:
     max_batch_size   max_texts_per_request: texts per request (the batch dimension)
     input            text TYPE_STRING [1] | ids TYPE_INT64 [-1] + lengths TYPE_INT64 [1] (optional)
     output           probs TYPE_FP32 [V] | top_ids, top_chars, top_probs [-1] (k per text)
-    dynamic_batching max_queue_delay_microseconds: --max-batch-delay-ms
+    dynamic_batching max_queue_delay_microseconds: --max-batch-delay-ms; priority_levels 2
+                     (priority 1 high, the default; 2 low)
     instance_group   one group: the backend's workers, on CPU or GPU
 """
 
@@ -44,5 +45,7 @@ def model_config(m: ModelView) -> dict[str, Any]:
         "instance_group": [{"name": m.name, "count": m.workers,
                             "kind": "KIND_GPU" if m.device == "cuda" else "KIND_CPU"}],
         "dynamic_batching": {
-            "max_queue_delay_microseconds": round(m.max_batch_delay_ms * 1000)},
+            "max_queue_delay_microseconds": round(m.max_batch_delay_ms * 1000),
+            # The two lanes, as the `priority` parameter names them (v2_tensors.py).
+            "priority_levels": 2, "default_priority_level": 1},
     }

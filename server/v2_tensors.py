@@ -9,6 +9,7 @@ names, datatypes, shapes and numbers (docs/kserve.md).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,19 @@ from .predictor import TextResult
 
 INPUTS = ("text", "ids", "lengths")
 OUTPUTS = ("probs", "top_ids", "top_chars", "top_probs")
+
+def metadata_tensors(vocab_size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """ModelMetadata's inputs and outputs (name, datatype, shape), for gRPC and REST alike. The
+    shapes are what Triton derives from the model configuration (v2_config.py): the batch
+    dimension -1, then each tensor's dims, so text and lengths read [-1, 1]; [N] is taken too."""
+    def meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+        return {"name": name, "datatype": datatype, "shape": shape}
+
+    return ([meta("text", "BYTES", [-1, 1]), meta("ids", "INT64", [-1, -1]),
+             meta("lengths", "INT64", [-1, 1])],
+            [meta("probs", "FP32", [-1, vocab_size]), meta("top_ids", "INT64", [-1, -1]),
+             meta("top_chars", "BYTES", [-1, -1]), meta("top_probs", "FP32", [-1, -1])])
+
 
 # V2 raw/binary contents are little-endian.
 DTYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
@@ -37,11 +51,41 @@ class Tensor:
     data: np.ndarray | list[bytes]
 
 
-def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
-    """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes."""
+# Shapes the codec refuses itself; a bad `lengths` rank is the predictor's to name, as it knows
+# N from `ids` ("lengths must have shape [2] or [2, 1]").
+SHAPES = {"text": "[N] or [N, 1] (one text per row)", "ids": "[N, T] with T >= 1"}
+
+
+def check_shape(name: str, shape: list[int], max_texts: int) -> int:
+    """An input's declared shape, checked before any element is decoded; its element count.
+    A shape with no rows is refused here: [0, 2**62] declares no elements, so no data can
+    disprove it, yet numpy cannot reshape to it ("array is too big")."""
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+    if shape and shape[0] > max_texts:
+        raise InvalidInput(f"too many texts: {shape[0]} > max_texts_per_request {max_texts}; "
+                           f"split the request")
+    if name == "ids":
+        ok = len(shape) == 2 and shape[1] >= 1
+    else:
+        ok = name != "text" or len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+    if not ok:
+        raise InvalidInput(f"input '{name}' must have shape {SHAPES[name]}, got {shape}")
+    if shape and shape[0] == 0:
+        raise InvalidInput(f"input '{name}': shape {shape} has no rows: send at least one text")
+    return math.prod(shape)
+
+
+def unpack_bytes(raw: bytes, name: str, count: int, shape: list[int]) -> list[bytes]:
+    """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes. Stops
+    at the first element past the shape's `count`: 16 MB of empty elements would otherwise
+    cost a second of the event loop before the count is compared."""
     out: list[bytes] = []
     pos, end = 0, len(raw)
     while pos < end:
+        if len(out) == count:
+            raise InvalidInput(f"input '{name}': shape {shape} needs {count} BYTES elements, "
+                               f"the raw content holds more")
         if pos + 4 > end:
             raise InvalidInput(f"input '{name}': raw BYTES content is truncated at byte {pos} "
                                f"(each element is a 4-byte little-endian length, then the bytes)")

@@ -27,6 +27,7 @@ from ..errors import InvalidInput, NotFound, ServingError
 from ..registry import ModelState
 from ..stats import Duration
 from ..v2_config import model_config
+from ..v2_tensors import metadata_tensors
 from .kserve_codec import (
     decode_inputs,
     encode_response,
@@ -87,18 +88,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         m = self.plane.model(_named(request.name), request.version)
         meta = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=m.name,
-            versions=[m.version],
-            platform=m.platform,
-            inputs=[meta(name="text", datatype="BYTES", shape=[-1]),
-                    meta(name="ids", datatype="INT64", shape=[-1, -1]),
-                    meta(name="lengths", datatype="INT64", shape=[-1])],
-            outputs=[meta(name="probs", datatype="FP32", shape=[-1, m.artifact.vocab_size]),
-                     meta(name="top_ids", datatype="INT64", shape=[-1, -1]),
-                     meta(name="top_chars", datatype="BYTES", shape=[-1, -1]),
-                     meta(name="top_probs", datatype="FP32", shape=[-1, -1])],
-        )
+        inputs, outputs = metadata_tensors(m.artifact.vocab_size)
+        return pb.ModelMetadataResponse(name=m.name, versions=[m.version], platform=m.platform,
+                                        inputs=[meta(**t) for t in inputs],
+                                        outputs=[meta(**t) for t in outputs])
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
@@ -112,12 +105,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         name = _named(request.model_name)
         limits = self.plane.model(name, request.model_version).limits
-        wanted = requested_outputs(request)
-        inputs = decode_inputs(request, limits.max_texts_per_request)
+        with self.plane.decoding(name):
+            wanted = requested_outputs(request)
+            inputs = decode_inputs(request, limits.max_texts_per_request)
+            top_k, lane = top_k_of(request.parameters), lane_of(request.parameters)
         answer = await self.plane.predict(PredictCall(
             texts=inputs.get("texts"), ids=inputs.get("ids"), lengths=inputs.get("lengths"),
-            top_k=top_k_of(request.parameters), want_probs="probs" in wanted, model=name,
-            version=request.model_version, lane=lane_of(request.parameters), deadline=deadline))
+            top_k=top_k, want_probs="probs" in wanted, model=name,
+            version=request.model_version, lane=lane, deadline=deadline))
         response = pb.ModelInferResponse(model_name=answer.model, model_version=answer.version,
                                          id=request.id)
         encode_response(response, output_tensors(wanted, answer.results, answer.top_k,

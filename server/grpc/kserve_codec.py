@@ -12,7 +12,6 @@ Typed `contents` and `raw_input_contents` are both accepted; a request that sent
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from nextchar.kserve import grpc_predict_v2_pb2 as pb
 
 from ..errors import InvalidInput
 from ..v2_tensors import DTYPES as _DTYPES
-from ..v2_tensors import OUTPUTS, Tensor, lane_of_priority, output_tensors
+from ..v2_tensors import OUTPUTS, Tensor, check_shape, lane_of_priority, output_tensors
 from ..v2_tensors import pack_bytes as _pack_bytes
 from ..v2_tensors import unpack_bytes as _unpack_bytes
 
@@ -33,7 +32,7 @@ __all__ = ["OUTPUTS", "Tensor", "decode_inputs", "encode_response", "lane_of", "
 
 
 def _decode_tensor(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, want: str
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, want: str, max_texts: int
 ) -> np.ndarray | list[bytes]:
     """One input's elements (flat), checked against its declared datatype and shape."""
     name = tensor.name
@@ -41,12 +40,11 @@ def _decode_tensor(
         raise InvalidInput(f"input '{name}' must have datatype {want}, got "
                            f"'{tensor.datatype}' (see docs/kserve.md)")
     shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
-    count = math.prod(shape)
+    count = check_shape(name, shape, max_texts)
     values: np.ndarray | list[bytes]
     if want == "BYTES":
-        values = _unpack_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
+        values = (_unpack_bytes(raw, name, count, shape) if raw is not None
+                  else list(tensor.contents.bytes_contents))
         where = "raw_input_contents" if raw is not None else "contents.bytes_contents"
     else:
         dtype = _DTYPES[want]
@@ -94,15 +92,13 @@ def decode_inputs(request: pb.ModelInferRequest, max_texts: int) -> dict[str, An
 
     def decode(name: str, want: str) -> tuple[np.ndarray | list[bytes], list[int]]:
         i = by_name[name]
-        return _decode_tensor(inputs[i], raw[i] if raw else None, want), list(inputs[i].shape)
+        return (_decode_tensor(inputs[i], raw[i] if raw else None, want, max_texts),
+                list(inputs[i].shape))
 
     if "text" in by_name:
         if len(by_name) > 1:
             raise InvalidInput("send either 'text' or 'ids' (+ 'lengths'), not both")
         values, shape = decode("text", "BYTES")
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-            raise InvalidInput(f"input 'text' must have shape [N] or [N, 1] (one text per row), "
-                               f"got {shape}")
         texts = []
         for i, b in enumerate(values):
             try:
@@ -117,8 +113,6 @@ def decode_inputs(request: pb.ModelInferRequest, max_texts: int) -> dict[str, An
         raise InvalidInput("no inputs: send 'text' (BYTES [N]) or 'ids' (INT64 [N, T]) with "
                            "'lengths' (INT64 [N]); see docs/kserve.md")
     flat, shape = decode("ids", "INT64")
-    if len(shape) != 2 or shape[1] < 1:
-        raise InvalidInput(f"input 'ids' must have shape [N, T] with T >= 1, got {shape}")
     ids = np.asarray(flat, dtype=np.int64).reshape(shape)
     if "lengths" in by_name:
         lengths_flat, lshape = decode("lengths", "INT64")

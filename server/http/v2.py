@@ -33,7 +33,7 @@ from ..registry import ModelState
 from ..security import CONTROL_LOOPBACK_ONLY, is_loopback
 from ..telemetry import DrainGate
 from ..v2_config import model_config
-from ..v2_tensors import output_tensors
+from ..v2_tensors import metadata_tensors, output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
 from .json_body import json_router
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
@@ -53,7 +53,8 @@ async def infer(plane: DataPlane, body: bytes, header_length: str | None, name: 
                 version: str, deadline: float | None) -> tuple[bytes, int | None]:
     """One V2 infer: (response body, JSON header length when outputs are binary)."""
     limits = plane.model(name, version).limits
-    req = decode_request(body, header_length, limits.max_texts_per_request)
+    with plane.decoding(name):
+        req = decode_request(body, header_length, limits.max_texts_per_request)
     answer = await plane.predict(PredictCall(
         texts=req.texts, ids=req.ids, lengths=req.lengths, top_k=req.top_k,
         want_probs="probs" in req.wanted, model=name, version=version, lane=req.lane,
@@ -151,16 +152,9 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
 
     async def metadata(name: str, version: str = "") -> Response:
         m = plane.model(name, version)
-        v = m.artifact.vocab_size
-        return _json({
-            "name": m.name, "versions": [m.version], "platform": m.platform,
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "ids", "datatype": "INT64", "shape": [-1, -1]},
-                       {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
-            "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, v]},
-                        {"name": "top_ids", "datatype": "INT64", "shape": [-1, -1]},
-                        {"name": "top_chars", "datatype": "BYTES", "shape": [-1, -1]},
-                        {"name": "top_probs", "datatype": "FP32", "shape": [-1, -1]}]})
+        inputs, outputs = metadata_tensors(m.artifact.vocab_size)
+        return _json({"name": m.name, "versions": [m.version], "platform": m.platform,
+                      "inputs": inputs, "outputs": outputs})
 
     async def model_ready(name: str, version: str = "") -> Response:
         return _ready({"name": name}, plane.model_ready(name, version) and not gate.draining)

@@ -25,7 +25,15 @@ import numpy as np
 import orjson
 
 from ..errors import InvalidInput
-from ..v2_tensors import DTYPES, INPUTS, OUTPUTS, Tensor, lane_of_priority, unpack_bytes
+from ..v2_tensors import (
+    DTYPES,
+    INPUTS,
+    OUTPUTS,
+    Tensor,
+    check_shape,
+    lane_of_priority,
+    unpack_bytes,
+)
 from .errors import body_error
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -80,11 +88,7 @@ def _shape(t: dict[str, Any], name: str, max_texts: int) -> list[int]:
     if not isinstance(shape, list) or not shape:
         raise InvalidInput(f"input '{name}': shape must be a non-empty list of integers")
     dims = [_int(d, f"input '{name}': shape element") for d in shape]
-    if any(d < 0 for d in dims):
-        raise InvalidInput(f"input '{name}': shape {dims} has a negative dimension")
-    if dims[0] > max_texts:
-        raise InvalidInput(f"too many texts: {dims[0]} > max_texts_per_request {max_texts}; "
-                           f"split the request")
+    check_shape(name, dims, max_texts)
     return dims
 
 
@@ -181,7 +185,7 @@ def _inputs(inputs: Any, binary: bytes, max_texts: int, req: InferRequest) -> No
             chunk = binary[pos : pos + size]
             pos += size
             if want == "BYTES":
-                values = unpack_bytes(chunk, name)
+                values = unpack_bytes(chunk, name, count, shape)
             else:
                 if size % 8:
                     raise InvalidInput(f"input '{name}': {size} bytes are not a whole number "
@@ -201,9 +205,6 @@ def _inputs(inputs: Any, binary: bytes, max_texts: int, req: InferRequest) -> No
         if len(by_name) > 1:
             raise InvalidInput("send either 'text' or 'ids' (+ 'lengths'), not both")
         values, shape = by_name["text"]
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-            raise InvalidInput(f"input 'text' must have shape [N] or [N, 1] (one text per "
-                               f"row), got {shape}")
         texts = []
         for i, v in enumerate(values):
             if isinstance(v, bytes):
@@ -220,8 +221,6 @@ def _inputs(inputs: Any, binary: bytes, max_texts: int, req: InferRequest) -> No
     if "ids" not in by_name:
         raise InvalidInput("'lengths' needs an 'ids' input (INT64 [N, T]) beside it")
     flat, shape = by_name["ids"]
-    if len(shape) != 2 or shape[1] < 1:
-        raise InvalidInput(f"input 'ids' must have shape [N, T] with T >= 1, got {shape}")
     req.ids = _int64(flat, "ids").reshape(shape)
     if "lengths" in by_name:
         lflat, lshape = by_name["lengths"]

@@ -57,7 +57,9 @@ def main() -> None:
         try:
             infer_one(client, args.unload)
         except InferenceServerException as e:
-            assert "is not loaded" in e.message(), e.message()
+            # The hint names this protocol's way back, not only nextchar's own.
+            assert "is not loaded" in e.message() and "RepositoryModelLoad" in e.message(), \
+                e.message()
         else:
             raise AssertionError("an unloaded model answered")
         index = client.get_model_repository_index(as_json=True)

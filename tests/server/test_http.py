@@ -52,7 +52,7 @@ def test_v2_server_and_model_metadata_and_health(tiny_server, name: str) -> None
     assert meta["name"] == name and meta["versions"] == [rt.version]
     assert meta["platform"] == "onnxruntime_onnx"
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
-        ("text", "BYTES", [-1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1])]
+        ("text", "BYTES", [-1, 1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1, 1])]
     assert [(t["name"], t["datatype"]) for t in meta["outputs"]] == [
         ("probs", "FP32"), ("top_ids", "INT64"), ("top_chars", "BYTES"), ("top_probs", "FP32")]
     assert meta["outputs"][0]["shape"] == [-1, rt.artifact.vocab_size]
@@ -184,6 +184,12 @@ def test_v2_a_header_length_that_is_not_digits_within_the_body_is_400(tiny_serve
     ({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 1.5]}]},
      "integer"),
     ([1, 2], "JSON object"),
+    # No rows and a huge other dimension (this was a 500: numpy cannot reshape to it).
+    ({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [0, 2**62], "data": []}]},
+     "input 'ids': shape [0, 4611686018427387904] has no rows: send at least one text"),
+    ({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 1], "data": [1]},
+                 {"name": "lengths", "datatype": "INT64", "shape": [0, 2**62], "data": []}]},
+     "input 'lengths': shape [0, 4611686018427387904] has no rows: send at least one text"),
 ])
 def test_v2_bad_requests_are_400_with_the_v2_error_shape(tiny_server, name: str, body,
                                                          fragment: str) -> None:

@@ -24,6 +24,8 @@ from nextchar import __version__
 from nextchar.client import NextCharClient
 from nextchar.kserve import grpc_predict_v2_pb2 as pb
 from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from nextchar.server.errors import InvalidInput
+from nextchar.server.v2_tensors import unpack_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["hello world", "To be, or not to b", "Q"]
@@ -137,7 +139,7 @@ def test_model_metadata(stub, info) -> None:
     assert (meta.name, list(meta.versions), meta.platform) == (
         info.name, [info.version], "onnxruntime_onnx")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("text", "BYTES", [-1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1])]
+        ("text", "BYTES", [-1, 1]), ("ids", "INT64", [-1, -1]), ("lengths", "INT64", [-1, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probs", "FP32", [-1, len(info.vocab)]), ("top_ids", "INT64", [-1, -1]),
         ("top_chars", "BYTES", [-1, -1]), ("top_probs", "FP32", [-1, -1])]
@@ -283,9 +285,14 @@ def test_model_config_describes_what_the_server_takes(stub, info, tiny_server) -
             {"name": "top_chars", "data_type": "TYPE_STRING", "dims": ["-1"]},
             {"name": "top_probs", "data_type": "TYPE_FP32", "dims": ["-1"]}],
         "instance_group": [{"name": info.name, "count": rt.backend.workers, "kind": "KIND_CPU"}],
-        # proto3 JSON leaves out zeros: an empty message is a delay of 0.
-        "dynamic_batching": {"max_queue_delay_microseconds": str(delay)} if delay else {},
+        # proto3 JSON leaves out zeros: without a delay only the priority levels show.
+        "dynamic_batching": {**({"max_queue_delay_microseconds": str(delay)} if delay else {}),
+                             "priority_levels": "2", "default_priority_level": "1"},
     }
+    # Triton derives each tensor's metadata shape from its config: -1 (the batch) + dims.
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=info.name))
+    assert [(t.name, [-1, *t.dims]) for t in [*got.input, *got.output]] == \
+        [(t.name, list(t.shape)) for t in [*meta.inputs, *meta.outputs]]
     assert got.input[2].HasField("reshape") and list(got.input[2].reshape.shape) == []
     same = stub.ModelConfig(pb.ModelConfigRequest(name=info.name, version=info.version)).config
     assert same == got
@@ -409,6 +416,19 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
      "'lengths' needs an 'ids' input"),
     ("ids 1-D", {"inputs": [_t("ids", "INT64", [2], int64_contents=[1, 2])]},
      "input 'ids' must have shape [N, T] with T >= 1, got [2]"),
+    # No rows and a huge other dimension: no elements to count, and numpy cannot reshape to
+    # it (this was INTERNAL, "array is too big").
+    ("ids no rows", {"inputs": [_t("ids", "INT64", [0, 2**62])]},
+     "input 'ids': shape [0, 4611686018427387904] has no rows: send at least one text"),
+    ("lengths no rows", {"inputs": [_t("ids", "INT64", [1, 1], int64_contents=[1]),
+                                    _t("lengths", "INT64", [0, 2**62])]},
+     "input 'lengths': shape [0, 4611686018427387904] has no rows: send at least one text"),
+    ("text no rows", {"inputs": [_t("text", "BYTES", [0])]},
+     "input 'text': shape [0] has no rows: send at least one text"),
+    ("raw BYTES past the shape", {"inputs": [pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[1])],
+        "raw_input_contents": [_pack_bytes([b"a", b"b", b"c"])]},
+     "input 'text': shape [1] needs 1 BYTES elements, the raw content holds more"),
     ("ids as INT32", {"inputs": [_t("ids", "INT32", [1, 1], int_contents=[1])]},
      "input 'ids' must have datatype INT64, got 'INT32'"),
     ("id out of range", {"inputs": [_t("ids", "INT64", [1, 3], int64_contents=[1, 2, 999])]},
@@ -546,3 +566,46 @@ def test_tritonclient_against_nextchar(tiny_server, info, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "18 checks passed" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), file=sys.stderr)
+
+
+def test_raw_bytes_stop_decoding_at_the_first_element_past_the_shape() -> None:
+    """A million empty elements and then a truncated one: refused for the count, at element 2,
+    so the decoder never reached the truncation a million elements on (the event loop would
+    spend about a second on 16 MB of them)."""
+    raw = b"\0\0\0\0" * 1_000_000 + b"\xff"
+    with pytest.raises(InvalidInput) as e:
+        unpack_bytes(raw, "text", 1, [1])
+    assert str(e.value) == "input 'text': shape [1] needs 1 BYTES elements, the raw content holds more"
+    with pytest.raises(InvalidInput) as e:  # given room for all of them, it reaches the end
+        unpack_bytes(raw, "text", 2_000_000, [2_000_000])
+    assert "truncated at byte 4000000" in str(e.value)
+
+
+def test_every_refused_infer_counts_as_a_failure_in_the_statistics(start_server,
+                                                                   tiny_artifact) -> None:
+    """Whichever layer refuses it (the tensor decoding or the model's own checks), over gRPC or
+    REST, a refused infer of a served model is one `fail` in ModelStatistics."""
+    from http_util import call
+
+    st = start_server(model=tiny_artifact)
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        name = st.server.runtime().name
+        refused = [_t("text", "INT32", [1], int_contents=[1]),  # the codec's
+                   _t("text", "BYTES", [1], bytes_contents=[b"\xff"]),
+                   _t("text", "BYTES", [1], bytes_contents=[b"a~"]),  # the predictor's
+                   _t("text", "BYTES", [1], bytes_contents=[b""])]
+        for tensor in refused:
+            code, _ = _code(stub.ModelInfer, pb.ModelInferRequest(model_name=name, inputs=[tensor]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+        bad_priority = pb.ModelInferRequest(model_name=name, inputs=[_text_input(["hi"])])
+        bad_priority.parameters["priority"].int64_param = 9
+        assert _code(stub.ModelInfer, bad_priority)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        for body in ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1]}]},
+                     {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                  "data": ["a~"]}]}):
+            assert call(st.http_url, "POST", f"/v2/models/{name}/infer", body).status == 400
+        stub.ModelInfer(pb.ModelInferRequest(model_name=name, inputs=[_text_input(["hi"])]))
+        (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name)).model_stats
+    assert (s.inference_stats.fail.count, s.inference_stats.success.count) == (7, 1)
+    assert s.inference_count == 1
