@@ -67,6 +67,7 @@ from .batch_io import (
     shard_items,
 )
 from .client import NextCharClient, NextCharError, predict_request, prediction_to_dict
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -648,13 +649,24 @@ def _run_threads(job: _Job, out: Any, on_written: Callable[[int], None],
     finally:
         for _ in workers:
             job.work.put(None)
-        # After a failure, in-flight requests need not finish: the writer keeps the in-order
-        # prefix of what has completed, and a rerun redoes the rest.
-        for w in workers:
-            w.join(None if not job.stop.is_set() else 2.0)
-        job.results.put(_FINAL)
-        writer.join()
+        try:
+            _join(job, workers, writer)
+        except KeyboardInterrupt:
+            # Ctrl-C once everything is queued lands here, in the joins: the job stops the
+            # same way (the writer keeps the in-order prefix), with its message and exit 130.
+            interrupted = True
+            job.fail(JobAborted("interrupted"))
+            _join(job, workers, writer)
     return interrupted
+
+
+def _join(job: _Job, workers: list[threading.Thread], writer: threading.Thread) -> None:
+    # After a failure, in-flight requests need not finish: the writer keeps the in-order
+    # prefix of what has completed, and a rerun redoes the rest.
+    for w in workers:
+        w.join(None if not job.stop.is_set() else 2.0)
+    job.results.put(_FINAL)  # a second one, after an interrupted first join, is never read
+    writer.join()
 
 
 def run_job(input_path: Path | str, output_path: Path | str, target: Target,
@@ -698,12 +710,7 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
         except OSError as e:
             raise cannot_write(output, e) from e
 
-        from tqdm import tqdm  # imported here: `nextchar predict` need not pay for it
-
-        # In container logs (no terminal) a redrawn bar would be a line every 0.1 s: one per 30 s.
-        bar = tqdm(total=total, initial=done, unit="items", dynamic_ncols=True, smoothing=0.05,
-                   disable=not opts.progress, desc=output.name,
-                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        bar = progress(total, done, output.name, opts.progress)
         started = time.monotonic()
         try:
             interrupted = _run_threads(job, out, bar.update,

@@ -36,7 +36,8 @@ def _shard(spec: str) -> tuple[int, int]:
     try:
         return parse_shard(spec)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--shard {spec!r}: ")) from e
+        # argparse names the flag itself: "argument --shard: '3/2': need 0 <= I < N".
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard ")) from e
 
 
 def add_parser(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -61,7 +62,7 @@ def parse_shard(spec: str) -> tuple[int, int]:
         raise ValueError(f"--shard {spec!r}: expected I/N, e.g. 0/4")
     i, n = int(m.group(1)), int(m.group(2))
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard {spec}: need 0 <= I < N")
+        raise ValueError(f"--shard {spec!r}: need 0 <= I < N")
     return i, n
 
 
@@ -103,8 +104,11 @@ def check_paths(input_path: Path, output_path: Path | str) -> None:
 
 
 def cannot_write(output: Path, e: OSError) -> JobError:
+    """A full disk or quota is NotYet (exit 1), as it is mid-job: freeing space and rerunning
+    works, and a Kubernetes Job's podFailurePolicy retries exit 1 but not 2."""
     where = f"{e.filename}: " if e.filename and str(e.filename) != str(output) else ""
-    return JobError(f"-o {output}: cannot write ({where}{e.strerror or e})")
+    kind = NotYet if e.errno in (errno.ENOSPC, errno.EDQUOT) else JobError
+    return kind(f"-o {output}: cannot write ({where}{e.strerror or e})")
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -197,7 +201,9 @@ def _finite_float(literal: str) -> float:
 
 # -- output and its meta -------------------------------------------------------------------------
 def meta_path_for(output: Path) -> Path:
-    return output.with_name(output.name + ".meta.json")
+    """Beside the file OUTPUT names: through a symlink, beside its target (see lock_path_for)."""
+    real = output.resolve()
+    return real.with_name(real.name + ".meta.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -239,7 +245,11 @@ def meta_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 diffs.append(f"{key} {old[key]} -> {new[key]}")
         om, nm = old["model"], new["model"]
         if om["artifact_sha256"] != nm["artifact_sha256"]:
-            diffs.append(f"model {om['name']} {om['version']} -> {nm['name']} {nm['version']}")
+            was, now = f"{om['name']} {om['version']}", f"{nm['name']} {nm['version']}"
+            if was == now:  # same name and version stamp, other weights: name the artifacts
+                was, now = (f"{m['name']} {m['version']} (artifact {str(m['artifact_sha256'])[:12]})"
+                            for m in (om, nm))
+            diffs.append(f"model {was} -> {now}")
     except (KeyError, TypeError):
         diffs.append("unreadable meta")
     return diffs
@@ -318,7 +328,10 @@ def last_line(path: Path) -> bytes:
 
 
 def lock_path_for(output: Path) -> Path:
-    return output.with_name(output.name + ".lock")
+    """Beside the file OUTPUT names, symlinks followed: a job on a link to another job's OUTPUT
+    takes the same lock, rather than its own beside the link, and is refused."""
+    real = output.resolve()
+    return real.with_name(real.name + ".lock")
 
 
 @dataclass
@@ -388,6 +401,12 @@ def prepare_output(output: Path, meta: dict[str, Any], total: int, restart: bool
     except (OSError, ValueError) as e:
         raise JobError(f"{meta_path}: unreadable ({e}); pass --restart to start over") from e
     diffs = meta_differences(old, meta)
+    if diffs and all(d.startswith("model ") for d in diffs):
+        # The command may be the very one that wrote OUTPUT: the server's model changed.
+        raise JobError(f"{output} holds results of another model ({diffs[0]}): the server "
+                       f"serves another artifact now; resume against the original one (the "
+                       f"same artifact with --local DIR, or its server), or pass --restart to "
+                       f"start over")
     if diffs:
         raise JobError(f"{output} holds another job's results ({'; '.join(diffs)}); rerun the "
                        f"original command to resume it, or pass --restart to start over")

@@ -9,6 +9,7 @@ decimal), which would make "equal to an uninterrupted run" a matter of luck.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from nextchar.client.batch import (
     RemoteTarget,
     run_job,
 )
-from nextchar.client.batch_io import JobError, count_lines
+from nextchar.client.batch_io import JobError, NotYet, cannot_write, count_lines, output_lock
 from nextchar.client.cli import main as cli_main
 from nextchar.v1 import nextchar_pb2 as pb
 
@@ -528,7 +529,8 @@ def test_cli_bad_top_k_and_shard_are_refused(tmp_path: Path, det_server: Any,
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--shard", "3/3"])
     assert exit_info.value.code == 2
-    assert "--shard: --shard 3/3: need 0 <= I < N" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nextchar batch: error: argument --shard: '3/3': need 0 <= I < N")
 
 
 def test_cli_local_refusals_are_one_line(tmp_path: Path,
@@ -619,3 +621,93 @@ def test_chunks_keep_to_the_servers_characters_per_request(tmp_path: Path, tiny_
     assert records[10]["error"] == {"code": "INVALID_ARGUMENT", "message": (
         "text has 150 characters > the server's max_chars_per_request 100")}
     assert all(len(r["top"]) == 2 for i, r in enumerate(records) if i != 10)
+
+
+def test_ctrl_c_once_every_item_is_queued_stops_with_the_message_and_exit_130(
+        tmp_path: Path, tiny_artifact: Path, start_server: Any) -> None:
+    """With 4 items and 1 request at a time, the producer has queued everything at once and the
+    CLI waits in the joins; Ctrl-C there is reported as one anywhere else is (it used to end
+    with exit 130 and no word). The server waits ~1 s per request (batch delay)."""
+    st = start_server(model=tiny_artifact, backend="onnx", max_batch_delay_ms=1000)
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    write_texts(inp, 4, seed=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nextchar", "batch", str(inp), "-o", str(out), "--server",
+         st.address, "--concurrency", "1", "--texts-per-request", "1", "--no-progress"],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 1):  # the first answer is in
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    done = out.read_bytes().count(b"\n")
+    assert proc.returncode == 130 and 1 <= done < 4, (proc.returncode, done, err)
+    assert err.strip().splitlines()[-1] == (
+        f"nextchar batch: interrupted; stopped after {done}/4 items: rerun the same command to "
+        f"resume")
+
+
+def test_a_rerun_after_the_servers_model_changed_says_so(tmp_path: Path, det_server: Any) -> None:
+    """A rolling update under the same name and version stamp: the rerun is the very command
+    that wrote OUTPUT, so "rerun the original command" would not help; it names the artifacts."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    write_texts(inp, 5, seed=21)
+    run_remote(det_server.address, inp, out, exact_opts())
+    meta_path = tmp_path / "out.jsonl.meta.json"
+    meta = json.loads(meta_path.read_text())
+    served = meta["model"]["artifact_sha256"]
+    meta["model"]["artifact_sha256"] = "f" * 64  # what an earlier model wrote
+    meta_path.write_text(json.dumps(meta))
+    m = f"{meta['model']['name']} {meta['model']['version']}"
+    with pytest.raises(JobError) as e:
+        run_remote(det_server.address, inp, out, exact_opts())
+    assert str(e.value) == (
+        f"{out} holds results of another model (model {m} (artifact ffffffffffff) -> {m} "
+        f"(artifact {served[:12]})): the server serves another artifact now; resume against the "
+        f"original one (the same artifact with --local DIR, or its server), or pass --restart "
+        f"to start over")
+
+
+def test_a_link_to_another_jobs_output_takes_that_jobs_lock(tmp_path: Path,
+                                                            det_server: Any) -> None:
+    """Without it, a job on the link took its own lock beside the link and (with --restart)
+    truncated and appended to the file the other job was writing."""
+    inp, out, link = tmp_path / "in.txt", tmp_path / "Y.jsonl", tmp_path / "Ysym.jsonl"
+    write_texts(inp, 5, seed=22)
+    run_remote(det_server.address, inp, out, exact_opts())
+    link.symlink_to(out.name)
+    before = out.read_bytes()
+    with output_lock(out):  # the other job, still running
+        with pytest.raises(NotYet, match=r"another nextchar batch is writing it \(host "):
+            run_remote(det_server.address, inp, link, exact_opts(restart=True))
+    assert out.read_bytes() == before
+    assert not (tmp_path / "Ysym.jsonl.lock").exists()
+    # Free again, the link resumes the job its target holds (meta beside the target).
+    assert run_remote(det_server.address, inp, link, exact_opts()).resumed == 5
+
+
+def test_a_full_disk_at_the_start_is_exit_1_as_it_is_mid_job() -> None:
+    """Freeing space and rerunning works: exit 1 (NotYet), not 2 (a rerun cannot help)."""
+    e = cannot_write(Path("out.jsonl"), OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(e, NotYet) and str(e) == "-o out.jsonl: cannot write (No space left on device)"
+    assert type(cannot_write(Path("out.jsonl"), OSError(errno.EACCES, "Permission denied"))) \
+        is JobError
+
+
+def test_progress_off_a_terminal_is_newline_ended_lines(tmp_path: Path, det_server: Any,
+                                                        capfd: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Container logs split on newlines; tqdm's redraws are '\\r'-joined even off a terminal,
+    so they showed nothing until the job ended. (A line every 30 s; every update here.)"""
+    from nextchar.client import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 6, seed=23)
+    run_remote(det_server.address, inp, tmp_path / "out.jsonl", exact_opts(progress=True))
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("out.jsonl: ")]
+    assert len(lines) >= 2 and lines[-1].startswith("out.jsonl: 100%")
+    assert all("/6 [" in line for line in lines), lines
