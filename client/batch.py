@@ -613,6 +613,10 @@ def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
                 raise JobError(f"cannot start: {where} answered {e.code.name}: "
                                f"{e.details.splitlines()[0] if e.details else 'no details'}"
                                ) from e
+            if _tls_mismatch(e.details):
+                raise JobError(f"cannot start: TLS with {where} failed ({_tls_reason(e.details)}): "
+                               f"check --tls / --tls-ca against the server's TLS settings "
+                               f"(a plaintext server takes no --tls)") from e
             if attempt >= opts.max_retries:
                 tries = f" after {attempt} retries" if attempt else ""
                 raise ServerUnreachable(
@@ -625,6 +629,21 @@ def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
             log.warning("%s: %s; retrying in %.1f s (%d/%d)", where, e.code.name, delay,
                         attempt, opts.max_retries)
             time.sleep(delay)
+
+
+# gRPC's UNAVAILABLE for a TLS handshake the peer's protocol refused (SSL_ERROR_SSL: a wrong
+# version, i.e. a plaintext server, or a certificate that does not verify). Retrying cannot help,
+# unlike a reset or a refused connection (SSL_ERROR_SYSCALL, "Connection refused").
+_TLS_REFUSED = re.compile(r"handshake failed.*SSL_ERROR_SSL", re.IGNORECASE | re.DOTALL)
+
+
+def _tls_mismatch(details: str) -> bool:
+    return bool(details and _TLS_REFUSED.search(details))
+
+
+def _tls_reason(details: str) -> str:
+    m = re.search(r"OPENSSL_internal:([A-Z_]+)", details)
+    return m.group(1) if m else "handshake refused"
 
 
 def _run_threads(job: _Job, out: Any, on_written: Callable[[int], None],

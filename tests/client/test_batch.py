@@ -711,3 +711,21 @@ def test_progress_off_a_terminal_is_newline_ended_lines(tmp_path: Path, det_serv
     lines = [line for line in err.splitlines() if line.startswith("out.jsonl: ")]
     assert len(lines) >= 2 and lines[-1].startswith("out.jsonl: 100%")
     assert all("/6 [" in line for line in lines), lines
+
+
+def test_tls_against_a_plaintext_server_is_refused_at_once(tmp_path: Path,
+                                                           det_server: Any) -> None:
+    """A handshake the server's protocol refuses is a setting to fix, not an outage: exit 2 at
+    the first answer (it was retried for a minute, then exit 1, "a rerun may")."""
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 3, seed=24)
+    r = subprocess.run([sys.executable, "-m", "nextchar", "batch", str(inp), "-o",
+                        str(tmp_path / "out.jsonl"), "--server", det_server.address, "--tls",
+                        "--max-retries", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"nextchar batch: cannot start: TLS with {det_server.address} failed "
+        f"(WRONG_VERSION_NUMBER): check --tls / --tls-ca against the server's TLS settings "
+        f"(a plaintext server takes no --tls)")
+    assert "retrying" not in r.stderr and not (tmp_path / "out.jsonl").exists()
