@@ -64,6 +64,7 @@ ALLOWED = {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
         "ModelConfig", "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex")},
     "kserve.ModelInfer well-formed": _CALL,
+    "kserve.ModelInfer declared shapes": _CALL,
 }
 METHODS = {
     "Predict": "/nextchar.v1.NextChar/Predict",
@@ -399,8 +400,12 @@ def test_admin_message_is_empty() -> None:
 
 # -- KServe V2 ---------------------------------------------------------------------------------
 DTYPES = st.sampled_from(["BYTES", "INT64", "FP32", "INT32", "bytes", ""])
+# Hostile shapes include no rows beside a huge dimension ([0, 2**62]): no elements to count,
+# and numpy cannot build an array of that shape (this was INTERNAL).
+DIM = st.one_of(st.integers(-2, 2**40), st.sampled_from([0, 2**62, 2**63 - 1]))
+EDGE_SHAPES = st.sampled_from([[0], [0, 1], [0, 2**62], [2**62, 0], [0, 2**63 - 1], []])
 SHAPE = mostly(st.lists(st.integers(1, 4), min_size=1, max_size=2),
-               st.lists(st.integers(-2, 2**40), max_size=3))
+               st.one_of(st.lists(DIM, max_size=3), EDGE_SHAPES))
 
 
 @st.composite
@@ -563,6 +568,36 @@ def _check_infer(r: kpb.ModelInferResponse, t: Target | None = None,
 def test_kserve_infer_fields(target: Target, data: st.DataObject) -> None:
     request = data.draw(infer_request())
     code, response = target.outcome("kserve.ModelInfer",
+                                    lambda: target.kserve.ModelInfer(request, timeout=30))
+    if code == "OK":
+        _check_infer(response)
+
+
+@st.composite
+def declared_shape_request(draw: st.DrawFn) -> kpb.ModelInferRequest:
+    """Right names and datatypes, any declared shape, few elements: the shape checks alone.
+    (The loose requests above reach e.g. ids [0, 2**62] with no data about once in 3,000.)"""
+    r = kpb.ModelInferRequest(model_name=MODEL)
+    which = draw(st.sampled_from(["text", "ids", "ids+lengths"]))
+    shapes = st.one_of(st.lists(DIM, max_size=3), EDGE_SHAPES)
+    if which == "text":
+        t = r.inputs.add(name="text", datatype="BYTES", shape=draw(shapes))
+        t.contents.bytes_contents.extend(b"ab" for _ in range(draw(st.integers(0, 3))))
+        return r
+    t = r.inputs.add(name="ids", datatype="INT64",
+                     shape=draw(shapes) if which == "ids" else [1, 2])
+    t.contents.int64_contents.extend([1] * draw(st.integers(0, 3)) if which == "ids" else [1, 2])
+    if which == "ids+lengths":
+        lt = r.inputs.add(name="lengths", datatype="INT64", shape=draw(shapes))
+        lt.contents.int64_contents.extend([2] * draw(st.integers(0, 2)))
+    return r
+
+
+@given(data=st.data())
+@FUZZ
+def test_kserve_infer_declared_shapes(target: Target, data: st.DataObject) -> None:
+    request = data.draw(declared_shape_request())
+    code, response = target.outcome("kserve.ModelInfer declared shapes",
                                     lambda: target.kserve.ModelInfer(request, timeout=30))
     if code == "OK":
         _check_infer(response)

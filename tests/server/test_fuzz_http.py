@@ -208,7 +208,9 @@ def v2_inputs(draw: st.DrawFn) -> list[Any]:
 v2_loose_input = st.fixed_dictionaries({}, optional={
     "name": maybe(st.sampled_from(["text", "ids", "lengths", "probs", ""])),
     "datatype": maybe(st.sampled_from(["BYTES", "INT64", "FP32", "INT32", "bytes"])),
-    "shape": maybe(st.lists(st.integers(-2, 40), min_size=0, max_size=3)),
+    # No rows beside a huge dimension ([0, 2**62]) was a 500 (numpy cannot reshape to it).
+    "shape": maybe(st.lists(st.one_of(st.integers(-2, 40), st.sampled_from([0, 2**62, 2**63 - 1])),
+                            min_size=0, max_size=3)),
     "data": maybe(st.one_of(st.lists(texts, max_size=6), st.lists(st.integers(-3, 70),
                                                                   max_size=12),
                             st.lists(st.lists(st.integers(-3, 70), max_size=4), max_size=4))),
