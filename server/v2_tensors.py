@@ -58,7 +58,7 @@ SHAPES = {"text": "[N] or [N, 1] (one text per row)", "ids": "[N, T] with T >= 1
 
 def check_shape(name: str, shape: list[int], max_texts: int) -> int:
     """An input's declared shape, checked before any element is decoded; its element count.
-    A shape with no rows is refused here: [0, 2**62] declares no elements, so no data can
+    A shape with a 0 dimension is refused here: [0, 2**62] declares no elements, so no data can
     disprove it, yet numpy cannot reshape to it ("array is too big")."""
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
@@ -73,6 +73,8 @@ def check_shape(name: str, shape: list[int], max_texts: int) -> int:
         raise InvalidInput(f"input '{name}' must have shape {SHAPES[name]}, got {shape}")
     if shape and shape[0] == 0:
         raise InvalidInput(f"input '{name}': shape {shape} has no rows: send at least one text")
+    if 0 in shape:  # [33, 2**62, 0]: as above, no elements, and no array numpy could build
+        raise InvalidInput(f"input '{name}': shape {shape} has a 0 dimension, so no elements")
     return math.prod(shape)
 
 

@@ -423,6 +423,9 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("lengths no rows", {"inputs": [_t("ids", "INT64", [1, 1], int64_contents=[1]),
                                     _t("lengths", "INT64", [0, 2**62])]},
      "input 'lengths': shape [0, 4611686018427387904] has no rows: send at least one text"),
+    ("lengths 0 inside", {"inputs": [_t("ids", "INT64", [1, 1], int64_contents=[1]),
+                                     _t("lengths", "INT64", [33, 2**62, 0])]},
+     "input 'lengths': shape [33, 4611686018427387904, 0] has a 0 dimension, so no elements"),
     ("text no rows", {"inputs": [_t("text", "BYTES", [0])]},
      "input 'text': shape [0] has no rows: send at least one text"),
     ("raw BYTES past the shape", {"inputs": [pb.ModelInferRequest.InferInputTensor(
