@@ -253,13 +253,15 @@ class NextCharServer:
             # that sent none meanwhile (a non-streaming HTTP answer, a prompt still queued)
             # fail NotReady, which each front end answers in its own shape (UNAVAILABLE, 503)
             # rather than as a cancelled call; what is left after that is cancelled below.
+            running = self.tracker.count  # counted before they are ended, for the log line
             self.gate.streams_must_end = True
             if not await self.tracker.wait_idle(0.5):
                 for rt in self.registry.runtimes():
                     await rt.generator.close()
                 await self.tracker.wait_idle(0.5)
-            log.warning("draining: %d call(s) still running after grace %.1fs; cancelling them",
-                        self.tracker.count, grace_s)
+            log.warning("draining: %d call(s) still running after grace %.1fs: streams ended "
+                        "with UNAVAILABLE, %d left cancelled", running, grace_s,
+                        self.tracker.count)
         # Answers already computed still need a moment to reach the wire; other calls (health
         # Watch streams, refused calls) are cancelled after it.
         await self._server.stop(min(FLUSH_S, max(0.0, deadline - loop.time())) if finished else 0)

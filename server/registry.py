@@ -126,6 +126,7 @@ class ModelSlot:
         self._failed: dict[tuple[Path, str], tuple[float, str]] = {}  # -> (when, why)
         self._served_settings = settings  # what the served version was started with
         self._opened: tuple[Path, Artifact, Backend] | None = None  # from open_initial()
+        self._fallback_reason = ""  # open_initial(): the newer versions that failed
         self._last_problem = ""
 
     # -- start-up (blocking part, before the port opens) -----------------------------------
@@ -143,16 +144,19 @@ class ModelSlot:
             self._fail(str(e))
             return
         first_error: Exception | None = None
+        newer: list[str] = []  # the newer versions that failed: the served one's reason
         for path in candidates:
             try:
                 artifact, backend = open_model(path, self.settings)
                 self._opened = (path, artifact, backend)
+                self._fallback_reason = "; ".join(newer)
                 return
             except Exception as e:  # ArtifactError, or a runtime refusing the model file
                 if fail_fast and not self.source.versioned:
                     raise
                 first_error = first_error or e
                 self._failed[_failure_key(path, self.source.root)] = (time.monotonic(), _reason(e))
+                newer.append(f"version {path.name} not loaded ({_reason(e)})")
                 self.registry.count_reload(self.name, "failure")
                 log.error("model %s: version %s not loaded, trying an older one: %s",
                           self.name, path.name, e)
@@ -174,7 +178,7 @@ class ModelSlot:
             self.registry.count_reload(self.name, "failure")
             self._fail(f"version {path.name} not loaded ({_reason(e)})")
             raise
-        self._swap(rt)
+        self._swap(rt, self._fallback_reason)
         self._served_settings = self.settings
         self.registry.count_reload(self.name, "success")  # loads count, the first one too
         return True
@@ -197,7 +201,15 @@ class ModelSlot:
                 if current is None:
                     self._fail(str(e))
                     raise ReloadFailed(str(e)) from e
-                self._problem(f"{e}; still serving version {served}")
+                # A bad config.json (or an unreadable folder) under a served model: it keeps
+                # serving, and ListModels, the index and the failure counter say why.
+                problem = f"{e}; still serving version {served}"
+                if retry_failed or problem != self.reason:
+                    self.registry.count_reload(self.name, "failure")
+                if problem != self.reason:
+                    self.reason = problem
+                    self.registry.changed()
+                self._problem(problem)
                 if retry_failed:  # a caller asked: the load did not happen, say so
                     raise ReloadFailed(f"model {self.name}: {e}; still serving version "
                                        f"{served}") from e
@@ -219,9 +231,11 @@ class ModelSlot:
                 failed = self._failed.get(key)
                 if failed is not None and (not retry_failed
                                            or time.monotonic() - failed[0] < RETRY_AFTER_S):
+                    # Polling re-verifies only after a change; a load call also after 30 s.
+                    when = (f"before {RETRY_AFTER_S:.0f}s or a change to its files or config.json"
+                            if retry_failed else "until its files or config.json change")
                     errors.append(f"version {path.name} failed {time.monotonic() - failed[0]:.0f}s "
-                                  f"ago ({failed[1]}); not re-verified before {RETRY_AFTER_S:.0f}s "
-                                  f"or a change to its files or config.json")
+                                  f"ago ({failed[1]}); not re-verified {when}")
                     continue
                 log.info("%s: loading model %s from %s (serving %s)", reason, self.name, path,
                          served or "nothing")
@@ -240,7 +254,8 @@ class ModelSlot:
                     tried.append(errors[-1])
                     continue
                 self._failed.pop(key, None)
-                self._swap(rt)
+                # Served after newer versions failed (a model's first load falls back): say so.
+                self._swap(rt, "; ".join(tried))
                 self._served_settings = self.settings
                 self.registry.count_reload(self.name, "success")
                 log.info("%s: now serving model %s version %s (artifact %s, sha256 %s…), was %s",
@@ -250,7 +265,10 @@ class ModelSlot:
                 return LoadOutcome(self.name, True, served, rt.version, artifact.sha256)
             message = "; ".join(errors)
             if current is None:
-                self._fail(message)
+                # The reason changes only with a new attempt: the skipped versions' text holds
+                # their age, and a reason that changed every poll would notify every watcher.
+                if tried or not self.reason:
+                    self._fail(message)
                 raise ReloadFailed(f"model {self.name}: {message}")
             # Still READY on the old version; ListModels and RepositoryIndex say why the newer
             # one is not served (Triton's index lists a failed version with its reason).
@@ -303,10 +321,11 @@ class ModelSlot:
             raise
         return rt
 
-    def _swap(self, rt: ModelRuntime) -> None:
-        """Points new calls at `rt` in one step; the old version closes after its last call."""
+    def _swap(self, rt: ModelRuntime, reason: str = "") -> None:
+        """Points new calls at `rt` in one step; the old version closes after its last call.
+        `reason`: why a newer version is not the one served, if one failed."""
         old, self.current = self.current, rt
-        self.state, self.reason = ModelState.READY, ""
+        self.state, self.reason = ModelState.READY, reason
         self.registry.on_served(rt)
         self.registry.changed()
         if old is not None:
@@ -468,8 +487,10 @@ class ModelRegistry:
     def all_ready(self) -> bool:
         wanted = [s for s in self.slots.values() if s.wanted]
         ready = [s for s in wanted if s.state is ModelState.READY]
+        # Nothing ready is never ready, also when nothing is wanted (every model unloaded):
+        # a probe must not route calls that can only answer NOT_FOUND.
         if self.settings.strict_readiness:
-            return len(ready) == len(wanted)
+            return bool(ready) and len(ready) == len(wanted)
         return bool(ready)
 
     # -- polling and explicit control --------------------------------------------------------

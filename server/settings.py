@@ -82,8 +82,10 @@ class ServerSettings(BaseSettings):
     batching: bool = Field(True, description="Merge concurrent requests into shared model calls.")
     max_batch_size: int = Field(256, ge=1, description="Texts per model call.")
     max_batch_chars: int = Field(65536, ge=1, description="Padded characters (B*T) per model call.")
+    # Upper bounds on waits: a delay of `inf` or 1e9 ms would start and report SERVING, then
+    # answer every call DEADLINE_EXCEEDED.
     max_batch_delay_ms: float = Field(
-        0.0, ge=0, description="Extra wait to fill a batch; 0 = greedy (take what is queued)."
+        0.0, ge=0, le=10_000, description="Extra wait to fill a batch; 0 = greedy (take what is queued)."
     )
     max_queue_texts: int = Field(
         8192, ge=1, description="High-priority texts waiting for the model; beyond it "
@@ -98,7 +100,7 @@ class ServerSettings(BaseSettings):
         "RESOURCE_EXHAUSTED."
     )
     high_timeout_s: float = Field(
-        0.0, ge=0, description="High lane: a text without a deadline waits at most this long "
+        0.0, ge=0, le=86_400, description="High lane: a text without a deadline waits at most this long "
         "in the queue (DEADLINE_EXCEEDED); 0 = no limit."
     )
     low_max_batch_size: int = Field(
@@ -106,7 +108,7 @@ class ServerSettings(BaseSettings):
         "batch-job calls hold the GIL and the event loop for less at a time."
     )
     low_timeout_s: float = Field(
-        0.0, ge=0, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
+        0.0, ge=0, le=86_400, description="Low lane: the same queue timeout for batch-job texts; 0 = none."
     )
     low_lane_workers: int = Field(
         0, ge=0, description="Concurrent model calls low-priority batches may use while "
@@ -145,15 +147,15 @@ class ServerSettings(BaseSettings):
         True, description="Advance all Generate streams in one model call per step (off: one call per stream per step)."
     )
     generate_flush_ms: float = Field(
-        20.0, ge=0, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
+        20.0, ge=0, le=10_000, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
     )
     generate_max_messages_per_s: float = Field(
-        1000.0, ge=0, description="Generate's messages per second, all streams together, "
+        1000.0, ge=0, le=1e9, description="Generate's messages per second, all streams together, "
         "that the flush interval keeps under: with more streams open than generate_flush_ms "
         "allows for, a stream's messages come (open streams / this) seconds apart; 0: no cap."
     )
     generate_prefill_wait_ms: float = Field(
-        50.0, ge=0, description="While at least as many prompts of new Generate streams are "
+        50.0, ge=0, le=10_000, description="While at least as many prompts of new Generate streams are "
         "queued or in a model call as the next step would advance streams (a burst of new "
         "streams), the step waits for them up to this long, so the burst gets its first "
         "characters sooner where the cores are few; 0: steps never wait."
@@ -164,7 +166,7 @@ class ServerSettings(BaseSettings):
         "windows, for big messages on long links; off (as every recorded benchmark ran), no "
         "PING frames per burst of small calls (docs/benchmarks.md)."
     )
-    grace_s: float = Field(10.0, ge=0, description="On SIGTERM: time for accepted work to finish.")
+    grace_s: float = Field(10.0, ge=0, le=86_400, description="On SIGTERM: time for accepted work to finish.")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="asyncio event loop: uvloop (faster per request) or the standard "
         "one; auto = uvloop when installed."
@@ -188,10 +190,11 @@ class ServerSettings(BaseSettings):
         "text", description="Log lines as text or one JSON object per line (with request_id)."
     )
     prestop_s: float = Field(
-        0.0, ge=0, description="On SIGTERM: keep serving this long after health turns NOT_SERVING."
+        0.0, ge=0, le=86_400, description="On SIGTERM: keep serving this long after health turns NOT_SERVING."
     )
     poll_s: float = Field(
-        0.0, ge=0, description="Check a model repository for a newer version every poll_s; 0 = off."
+        0.0, ge=0, le=86_400, description="Check a model repository for a newer version every "
+        "poll_s (0.1 s at least: each poll reads the repository); 0 = off."
     )
 
     # Tracing (docs/tracing.md): OpenTelemetry, needs `pip install 'nextchar[otel]'`.
@@ -238,3 +241,14 @@ class ServerSettings(BaseSettings):
             raise PydanticCustomError(  # its text alone, without pydantic's "Value error, "
                 "ipv6_brackets", "{host}: brackets hold an IPv6 address, e.g. [::1]",
                 {"host": host}) from None
+
+    @field_validator("poll_s")
+    @classmethod
+    def _poll_period(cls, poll_s: float) -> float:
+        """0 is off; a period under 0.1 s re-reads the repository back to back (one core's worth
+        of stat calls on an idle server)."""
+        if 0 < poll_s < 0.1:
+            raise PydanticCustomError(
+                "poll_too_often", "{poll_s}: poll at most every 0.1 s (0 turns polling off)",
+                {"poll_s": poll_s})
+        return poll_s

@@ -146,6 +146,9 @@ def test_a_stream_longer_than_grace_ends_with_unavailable(server_process, tiny_a
     assert "stream ended early" in e.value.details
     assert sp.proc.wait(30) == 0
     assert "grace exceeded" in sp.log()
+    # The one stream is counted as still running (it was counted after being ended: 0).
+    assert "draining: 1 call(s) still running after grace 1.0s: streams ended with " \
+        "UNAVAILABLE, 0 left cancelled" in sp.log()
 
 
 def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(

@@ -165,6 +165,21 @@ def test_serve_bounds_the_worker_count(tiny_artifact: Path) -> None:
                                 "less than or equal to 256")
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    # Accepted before, then every call ended DEADLINE_EXCEEDED.
+    ("--max-batch-delay-ms", "inf", "Input should be less than or equal to 10000"),
+    ("--max-batch-delay-ms", "1e9", "Input should be less than or equal to 10000"),
+    ("--generate-prefill-wait-ms", "1e12", "Input should be less than or equal to 10000"),
+    # Accepted before, then re-read the repository back to back (half a core, idle).
+    ("--poll-s", "0.000001", "1e-06: poll at most every 0.1 s (0 turns polling off)"),
+    ("--grace-s", "inf", "Input should be less than or equal to 86400"),
+])
+def test_serve_bounds_its_waits(tiny_artifact: Path, flag: str, value: str, message: str) -> None:
+    r = _serve("--model", str(tiny_artifact), "--port", "0", flag, value)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"nextchar serve: invalid {flag}: {message}"
+
+
 def test_serve_refuses_missing_file(tiny_artifact: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(tiny_artifact, bad)

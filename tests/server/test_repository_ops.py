@@ -178,6 +178,18 @@ def test_a_bad_config_fails_the_load_and_the_served_version_stays(start_server,
         assert f"{config}: unknown setting(s) bogus" in details
         assert [len(p.top) for p in c.predict(["abc"], top_k=3, model="alpha")] == [3]
         assert c.health() == "SERVING"
+        # Polling finds it too: the served model's reason says why its settings did not change
+        # (it was only in the log).
+        config.write_text("{nope")
+        _poll(st)
+        _poll(st)
+        alpha = {m.name: m for m in c.list_models().models}["alpha"]
+        assert (alpha.version, alpha.state) == ("1", pb.MODEL_STATE_READY)
+        assert alpha.reason.startswith(f"{config}: ") and alpha.reason.endswith(
+            "; still serving version 1")
+        config.unlink()
+        _poll(st)
+        assert {m.name: m for m in c.list_models().models}["alpha"].reason == ""
 
 
 def test_load_of_a_served_model_whose_folder_went_says_so(start_server, repo: Path) -> None:
@@ -189,6 +201,20 @@ def test_load_of_a_served_model_whose_folder_went_says_so(start_server, repo: Pa
         assert details == (f"model beta: {repo / 'beta'}: no such directory (an artifact "
                            f"directory or a directory of <version>/ artifact directories); "
                            f"still serving version 1")
+
+
+def test_a_start_that_falls_back_to_an_older_version_says_why(start_server, repo: Path) -> None:
+    """docs/models.md: READY on the older version, its reason naming the one that failed (at
+    start-up the reason was empty; only a later reload call said why)."""
+    (repo / "alpha" / "2").mkdir()
+    (repo / "alpha" / "2" / "manifest.json").write_text("{not json")
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        alpha = {m.name: m for m in c.list_models().models}["alpha"]
+        assert (alpha.version, alpha.state) == ("1", pb.MODEL_STATE_READY)
+        assert alpha.reason.startswith("version 2 not loaded (")
+        _poll(st)  # polling leaves the unchanged failure alone, and the reason with it
+        assert {m.name: m for m in c.list_models().models}["alpha"].reason == alpha.reason
 
 
 def test_the_index_says_why_a_newer_version_is_not_served(start_server, repo: Path) -> None:
@@ -215,3 +241,21 @@ def test_the_index_says_why_a_newer_version_is_not_served(start_server, repo: Pa
         _poll(st)
         alpha = {m.name: m for m in c.list_models().models}["alpha"]
         assert (alpha.version, alpha.reason) == ("3", "")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_server_with_every_model_unloaded_is_not_ready(start_server, repo: Path,
+                                                         strict: bool) -> None:
+    """Nothing to serve is not ready, strict or not: a probe must not route calls that can only
+    answer NOT_FOUND (with strict readiness, "every wanted model" was vacuously true)."""
+    from http_util import call
+
+    st = start_server(model_repository=repo, poll_s=0, strict_readiness=strict)
+    with NextCharClient(st.address) as c:
+        c.unload_model("alpha")
+        assert _health_becomes(c, "SERVING") == "SERVING"  # beta still serves
+        c.unload_model("beta")
+        assert _health_becomes(c, "NOT_SERVING") == "NOT_SERVING"
+        assert call(st.http_url, "GET", "/v2/health/ready").status == 503
+        c.load_model("beta")
+        assert _health_becomes(c, "SERVING") == "SERVING"
