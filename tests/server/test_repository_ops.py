@@ -259,3 +259,18 @@ def test_a_server_with_every_model_unloaded_is_not_ready(start_server, repo: Pat
         assert call(st.http_url, "GET", "/v2/health/ready").status == 503
         c.load_model("beta")
         assert _health_becomes(c, "SERVING") == "SERVING"
+
+
+def test_a_failed_models_reason_stays_put_across_polls(start_server, repo: Path) -> None:
+    """The reason changes only with a new attempt: it used to become "version 1 failed 2s ago
+    ...", a new text at every poll (and a change notification to every watcher)."""
+    (repo / "gamma" / "1").mkdir(parents=True)
+    (repo / "gamma" / "1" / "manifest.json").write_text("{not json")
+    st = start_server(model_repository=repo, strict_readiness=False)
+    with NextCharClient(st.address) as c:
+        first = {m.name: m for m in c.list_models().models}["gamma"]
+        assert first.state == pb.MODEL_STATE_FAILED and "no version loads" in first.reason
+        time.sleep(1.1)
+        _poll(st)
+        _poll(st)
+        assert {m.name: m for m in c.list_models().models}["gamma"].reason == first.reason
