@@ -165,8 +165,7 @@ def check_ports_free(settings: ServerSettings) -> None:
     if getattr(settings, "http", False):
         chosen.append(("--http-port", getattr(settings, "http_port", 0)))
     metrics_host = getattr(settings, "metrics_host", None) or settings.host
-    wildcard = ("", "0.0.0.0", "::")
-    if metrics_host == settings.host or metrics_host in wildcard or settings.host in wildcard:
+    if _overlap(metrics_host, settings.host):
         chosen.append(("--metrics-port", getattr(settings, "metrics_port", None) or 0))
     seen: dict[int, str] = {}
     for flag, port in chosen:  # two of our own on one port: not "another server"
@@ -178,23 +177,44 @@ def check_ports_free(settings: ServerSettings) -> None:
         check_port_free(settings.host, settings.http_port, "--http-port", "HTTP ")
     metrics_port = getattr(settings, "metrics_port", None)
     if metrics_port:
-        check_port_free(getattr(settings, "metrics_host", None) or settings.host, metrics_port,
-                        "--metrics-port", "metrics ")
+        check_port_free(metrics_host, metrics_port, "--metrics-port", "metrics ",
+                        host_flag="--metrics-host")
 
 
-def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") -> None:
+def _addresses(host: str) -> set[str] | None:
+    """The addresses a bind on `host` takes; None for a wildcard (every address)."""
+    if host in ("", "0.0.0.0", "::"):
+        return None
+    try:
+        return {str(i[4][0]) for i in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return set()  # unresolvable: check_port_free names it
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether binds on hosts a and b can collide: `localhost` and `127.0.0.1` do."""
+    if a == b:
+        return True
+    aa, bb = _addresses(a), _addresses(b)
+    return aa is None or bb is None or bool(aa & bb)
+
+
+def check_port_free(host: str, port: int, flag: str = "--port", what: str = "",
+                    host_flag: str = "--host") -> None:
     """Binds (and closes) a plain socket on the address gRPC will bind, so a taken port fails in
     one line before the model loads, and without gRPC core's own error log line. gRPC binds with
     SO_REUSEADDR (and here without SO_REUSEPORT), so this does too; the start still reports a
     port taken in between (see `_serve`)."""
     if port == 0:
         return
+    where = f"{what}{host_port(host, port)}"
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-    except OSError:
-        return  # an unresolvable --host: gRPC's bind reports it
-    where = f"{what}{host_port(host, port)}"
+    except (OSError, UnicodeError) as e:  # gRPC's bind would say only "cannot bind"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OSError(f"cannot bind {where}: {host_flag} {host} does not resolve "
+                      f"({reason})") from e
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -207,7 +227,7 @@ def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") 
                                     ) from e
                 if e.errno == errno.EADDRNOTAVAIL:
                     raise OSError(f"cannot bind {where}: {host} is not an address of this "
-                                  f"machine (--host)") from e
+                                  f"machine ({host_flag})") from e
                 if e.errno == errno.EACCES:
                     raise OSError(f"cannot bind {where}: permission denied (ports "
                                   f"below 1024 need privileges; pick another {flag})") from e
@@ -216,6 +236,11 @@ def check_port_free(host: str, port: int, flag: str = "--port", what: str = "") 
 
 def main(argv: list[str]) -> int:
     flags = flags_from_args(argv)
+    for field in ("model", "model_repository"):  # Path("") would be ".", the current folder
+        if flags.get(field) == "":
+            print(f"nextchar serve: {setting_name(field, flags)} is empty: give a directory",
+                  file=sys.stderr)
+            return 2
     try:
         settings = ServerSettings(**flags)
     except ValidationError as e:

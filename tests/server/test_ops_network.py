@@ -248,3 +248,27 @@ def test_an_empty_variable_counts_as_unset(monkeypatch) -> None:
     s = cli.settings_from_args([])
     assert (s.metrics_port, s.port, s.host, s.batching) == (None, 50051, "127.0.0.1", True)
     assert cli.settings_from_args(["--port", "0"]).port == 0  # a flag still wins
+
+
+# 7. A metrics address that cannot work fails before the model loads, naming its flag.
+
+def test_an_unresolvable_host_is_named_with_its_flag() -> None:
+    with pytest.raises(OSError) as e:
+        cli.check_ports_free(ServerSettings(port=0, http=False, metrics_port=18577,
+                                            metrics_host="nosuchhost.invalid"))
+    assert str(e.value).startswith("cannot bind metrics nosuchhost.invalid:18577: --metrics-host "
+                                   "nosuchhost.invalid does not resolve (")
+    with pytest.raises(OSError) as e:
+        cli.check_ports_free(ServerSettings(host="nosuchhost.invalid", port=18578, http=False))
+    assert str(e.value).startswith("cannot bind nosuchhost.invalid:18578: --host "
+                                   "nosuchhost.invalid does not resolve (")
+
+
+def test_one_port_under_two_names_of_one_address_is_refused() -> None:
+    """`localhost` and `127.0.0.1` are one address: the same port for both listeners failed
+    only after the model loaded, as a bare "[Errno 98] Address already in use"."""
+    s = ServerSettings(host="127.0.0.1", port=0, http_port=18579, metrics_host="localhost",
+                       metrics_port=18579)
+    with pytest.raises(OSError) as e:
+        cli.check_ports_free(s)
+    assert str(e.value) == "--http-port and --metrics-port are both 18579: give each its own port"

@@ -180,6 +180,14 @@ def test_serve_bounds_its_waits(tiny_artifact: Path, flag: str, value: str, mess
     assert r.stderr.strip() == f"nextchar serve: invalid {flag}: {message}"
 
 
+@pytest.mark.parametrize("flag", ["--model", "--model-repository"])
+def test_serve_refuses_an_empty_directory_flag(flag: str) -> None:
+    """An empty path was the current folder ("."), refused later for not being an artifact."""
+    r = _serve(flag, "", "--port", "0")
+    assert (r.returncode, r.stderr.strip()) == (2, f"nextchar serve: {flag} is empty: give a "
+                                                   f"directory")
+
+
 def test_serve_refuses_missing_file(tiny_artifact: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(tiny_artifact, bad)
