@@ -10,6 +10,7 @@ import asyncio
 import errno
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -234,6 +235,25 @@ def check_port_free(host: str, port: int, flag: str = "--port", what: str = "",
                 raise
 
 
+def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
+    """A NEXTCHAR_* variable that is no setting but close to one (NEXTCHAR_METRIC_PORT): settings
+    ignore unknown variables (compose and the deploy scripts set their own NEXTCHAR_* ones), so
+    a typo would otherwise leave its setting at the default without a word."""
+    import difflib
+
+    from ..client.cli import ENV_DEFAULTS  # the client's own: NEXTCHAR_SERVER, _TOKEN, _TLS_CA
+
+    known = {f"NEXTCHAR_{name.upper()}" for name in ServerSettings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith("NEXTCHAR_") and name not in known | set(ENV_DEFAULTS.values()):
+            # 0.9: a letter or two off (METRIC_PORT, DEVICES), not another word (HOST_PORTS).
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+            if close:
+                lines.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     flags = flags_from_args(argv)
     for field in ("model", "model_repository"):  # Path("") would be ".", the current folder
@@ -264,6 +284,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    for line in misspelled_variables(os.environ):
+        log.warning("%s", line)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     try:
         loop_factory = event_loop_factory(settings.event_loop)

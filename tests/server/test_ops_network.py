@@ -272,3 +272,17 @@ def test_one_port_under_two_names_of_one_address_is_refused() -> None:
     with pytest.raises(OSError) as e:
         cli.check_ports_free(s)
     assert str(e.value) == "--http-port and --metrics-port are both 18579: give each its own port"
+
+
+# 8. A misspelled variable is named at start (settings ignore unknown NEXTCHAR_* variables).
+
+def test_a_misspelled_variable_is_named_and_the_projects_own_are_not() -> None:
+    env = {"NEXTCHAR_METRIC_PORT": "9100", "NEXTCHAR_MAX_BATCH_DELAY": "2",
+           # the client's and the deploy scripts' own variables are not settings, and no typo
+           "NEXTCHAR_SERVER": "a:1", "NEXTCHAR_TLS_CA": "ca.pem", "NEXTCHAR_HOST_PORTS": "50051",
+           "NEXTCHAR_GRACE_SECONDS": "30", "NEXTCHAR_BATCH_DIR": "/data", "PATH": "/bin"}
+    assert cli.misspelled_variables(env) == [
+        "NEXTCHAR_MAX_BATCH_DELAY is not a setting and is ignored: did you mean "
+        "NEXTCHAR_MAX_BATCH_DELAY_MS?",
+        "NEXTCHAR_METRIC_PORT is not a setting and is ignored: did you mean "
+        "NEXTCHAR_METRICS_PORT?"]
