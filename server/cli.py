@@ -188,7 +188,7 @@ def _addresses(host: str) -> set[str] | None:
         return None
     try:
         return {str(i[4][0]) for i in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a label IDNA cannot encode
         return set()  # unresolvable: check_port_free names it
 
 

@@ -147,7 +147,7 @@ class ServerSettings(BaseSettings):
         True, description="Advance all Generate streams in one model call per step (off: one call per stream per step)."
     )
     generate_flush_ms: float = Field(
-        20.0, ge=0, le=10_000, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
+        20.0, ge=0, le=600_000, description="Generate sends a stream's new text at most this often (first and last at once); 0: every step."
     )
     generate_max_messages_per_s: float = Field(
         1000.0, ge=0, le=1e9, description="Generate's messages per second, all streams together, "
@@ -194,7 +194,7 @@ class ServerSettings(BaseSettings):
     )
     poll_s: float = Field(
         0.0, ge=0, le=86_400, description="Check a model repository for a newer version every "
-        "poll_s (0.1 s at least: each poll reads the repository); 0 = off."
+        "poll_s (0.01 s at least: each poll reads the repository); 0 = off."
     )
 
     # Tracing (docs/tracing.md): OpenTelemetry, needs `pip install 'nextchar[otel]'`.
@@ -245,10 +245,10 @@ class ServerSettings(BaseSettings):
     @field_validator("poll_s")
     @classmethod
     def _poll_period(cls, poll_s: float) -> float:
-        """0 is off; a period under 0.1 s re-reads the repository back to back (one core's worth
+        """0 is off; a period of microseconds re-reads the repository back to back (half a core
         of stat calls on an idle server)."""
-        if 0 < poll_s < 0.1:
+        if 0 < poll_s < 0.01:
             raise PydanticCustomError(
-                "poll_too_often", "{poll_s}: poll at most every 0.1 s (0 turns polling off)",
+                "poll_too_often", "{poll_s}: poll at most every 0.01 s (0 turns polling off)",
                 {"poll_s": poll_s})
         return poll_s

@@ -171,7 +171,7 @@ def test_serve_bounds_the_worker_count(tiny_artifact: Path) -> None:
     ("--max-batch-delay-ms", "1e9", "Input should be less than or equal to 10000"),
     ("--generate-prefill-wait-ms", "1e12", "Input should be less than or equal to 10000"),
     # Accepted before, then re-read the repository back to back (half a core, idle).
-    ("--poll-s", "0.000001", "1e-06: poll at most every 0.1 s (0 turns polling off)"),
+    ("--poll-s", "0.000001", "1e-06: poll at most every 0.01 s (0 turns polling off)"),
     ("--grace-s", "inf", "Input should be less than or equal to 86400"),
 ])
 def test_serve_bounds_its_waits(tiny_artifact: Path, flag: str, value: str, message: str) -> None:
