@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +55,20 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = _plain({"format": FORMAT, "format_version": FORMAT_VERSION, **payload})
+    # Serialized in memory first: torch.save reports a failed write (a full disk) as a bare
+    # RuntimeError ("unexpected pos ..."), a plain write an OSError that names the file.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e} (the previous {path.name}, if any, is kept)",
+                      str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -110,6 +120,10 @@ def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, A
     why = _not_a_torch_file(path)
     if why:
         raise CheckpointError(f"{path} is not a nextchar checkpoint (it {why})")
+    damaged = _bad_record(path)
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: {damaged}; use another checkpoint (best.pt, "
+                              f"an older copy) or train again")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... here
@@ -127,6 +141,18 @@ def load_checkpoint(run_or_file: str | Path, which: str = "last") -> dict[str, A
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     return ckpt
+
+
+def _bad_record(path: Path) -> str:
+    """A checkpoint is a zip archive with a CRC-32 per record, which torch.load does not check:
+    flipped bytes inside a tensor load as other weights. "" when every record checks out (or
+    the archive is unreadable as a zip: torch.load then says why)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return ""
+    return f"record {bad} fails its CRC-32 check" if bad else ""
 
 
 def _check_vocab(vocab: Any, vocab_size: int) -> None:

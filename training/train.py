@@ -150,6 +150,9 @@ class TrainConfig:
                                     f"got {value}")
         if self.lr is not None and self.lr == 0:
             raise TrainingError("--lr must be > 0")
+        if self.min_lr_ratio is not None and self.min_lr_ratio > 1:  # the decay would climb
+            raise TrainingError(f"--min-lr-ratio must be in [0, 1] (the schedule's end as a "
+                                f"fraction of --lr), got {self.min_lr_ratio}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainingError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
@@ -585,8 +588,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
             saved_step = step if resume_path == ckpt_path else None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{resume_path} cannot be resumed: {e}") from None
-        say(f"resuming {resume_path} at step {step} ({train_time_s:.0f} s trained; best so "
-            f"far step {best['step']}, val {best['val_nats_per_char']:.4f})")
+        so_far = (f"best so far step {best['step']}, val {best['val_nats_per_char']:.4f}"
+                  if best["step"] is not None else "no validation yet")
+        say(f"resuming {resume_path} at step {step} ({train_time_s:.0f} s trained; {so_far})")
     for group in optimizer.param_groups:  # auto weight decay may differ from the saved one
         group["weight_decay"] = cfg.weight_decay
 
@@ -642,7 +646,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         # JSON has no nan: a loss that is not a number (no validation text) is null.
         text = json.dumps(finite_or_none({**metrics, "best": body["best"]}), indent=1,
                           allow_nan=False)
-        (out / METRICS_FILENAME).write_text(text + "\n")
+        try:
+            (out / METRICS_FILENAME).write_text(text + "\n")
+        except OSError as e:  # a failed write names no file (the open did)
+            raise OSError(e.errno, e.strerror, str(out / METRICS_FILENAME)) from e
         from .curves import save_run_curve  # matplotlib: only the process that writes needs it
 
         save_run_curve(history, out / CURVE_FILENAME, f"{name}: {_summary(metrics)}",
@@ -756,7 +763,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
                     f"{cfg.weight_decay:g}")
 
             window_loss, window_n = window_loss + loss_value, window_n + 1
-            if step % 10 == 0 or progress >= 1.0 or stop:
+            # Also at each validation step: its line and metrics report the training loss of the
+            # steps just before it (a step between tens found no point yet, or an old one).
+            if step % 10 == 0 or step % cfg.eval_every == 0 or progress >= 1.0 or stop:
                 nats = window_loss / window_n
                 history["train"]["step"].append(step)
                 history["train"]["time_s"].append(round(train_time_s, 3))

@@ -125,3 +125,62 @@ def test_real_process_exit_status(good_checkpoint: Path, tmp_path: Path) -> None
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("nextchar export: ") and "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file_and_keeps_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save into a full disk raised a bare RuntimeError ("unexpected pos ..."), which the
+    CLI printed as a traceback; now the write is a plain one, whose OSError names the file."""
+    import errno
+    import os
+
+    from nextchar.training import checkpoint
+
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as e:
+        save_checkpoint(path, {"step": 2})
+    assert (e.value.errno, e.value.filename, e.value.strerror) == (
+        errno.ENOSPC, str(path), "No space left on device (the previous checkpoint.pt, if any, "
+                                 "is kept)")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
+
+
+def test_flipped_bytes_inside_a_tensor_are_caught_by_the_records_crc(
+        good_checkpoint: Path, tmp_path: Path) -> None:
+    """torch.load reads them as other weights without a word; the export would ship them."""
+    import struct
+    import zipfile
+
+    data = bytearray(good_checkpoint.read_bytes())
+    with zipfile.ZipFile(good_checkpoint) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's record
+    # The record's data starts after its local header (30 bytes, its name and its extra
+    # field, which torch pads for alignment: read from the local header itself).
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    for i in range(start + 8, start + 16):
+        data[i] ^= 0xFF
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert str(e.value) == (f"{bad} is damaged: record {info.filename} fails its CRC-32 check; "
+                            f"use another checkpoint (best.pt, an older copy) or train again")

@@ -332,3 +332,25 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(capsys: pytest.CaptureF
     bar.close()
     assert capsys.readouterr().err == ("step 5/20: loss 1.234, lr 8.0e-03\n"
                                        "step 6/20: loss 1.234, lr 8.0e-03\n")
+
+
+def test_every_validation_reports_the_training_loss_just_before_it(
+        tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With --eval-every 5 the training loss was only recorded every 10 steps: step 5 said
+    `train nan`, step 15 repeated step 10's."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "20",
+                  *TINY, "--eval-every", "5") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")
+             and ": val " in line]
+    trains = [float(line.split(", train ")[1].split(",")[0]) for line in lines]
+    assert [line.split(":")[0] for line in lines] == ["step 5", "step 10", "step 15"]
+    assert all(t == t for t in trains) and len(set(trains)) == 3, lines
+
+
+def test_a_min_lr_ratio_above_one_is_refused(tiny_corpus: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """50 made the "decay" climb to 50x the peak learning rate, and the run went on."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps", "2",
+                  *TINY, "--min-lr-ratio", "50") == 1
+    assert capsys.readouterr().err == ("nextchar train: --min-lr-ratio must be in [0, 1] (the "
+                                       "schedule's end as a fraction of --lr), got 50.0\n")
