@@ -357,6 +357,9 @@ def output_lock(output: Path) -> Iterator[OutputLock]:
         return
     path = lock_path_for(output)
     try:
+        # OUTPUT's folder may not exist yet (`-o out/part-3.jsonl`, shards on an empty volume):
+        # made here, or the lock could not be taken and every shard would run unprotected.
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         yield OutputLock(f"{path}: cannot open ({e.strerror or e})")

@@ -729,3 +729,16 @@ def test_tls_against_a_plaintext_server_is_refused_at_once(tmp_path: Path,
         f"(WRONG_VERSION_NUMBER): check --tls / --tls-ca against the server's TLS settings "
         f"(a plaintext server takes no --tls)")
     assert "retrying" not in r.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_output_in_a_folder_not_made_yet_is_locked_too(tmp_path: Path, det_server: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """docs/batch.md's shard loop writes out/part-I.jsonl into a folder that does not exist:
+    the lock file could not be opened there, and the job ran unprotected with a warning."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out" / "deeper" / "part-0.jsonl"
+    write_texts(inp, 3, seed=25)
+    with caplog.at_level("WARNING"):
+        run_remote(det_server.address, inp, out, exact_opts())
+    assert (tmp_path / "out" / "deeper" / "part-0.jsonl.lock").is_file()
+    assert "nothing stops a second job" not in caplog.text
+    assert count_lines(out) == 3
