@@ -123,7 +123,18 @@ def _check_float(name: str, value: Any) -> float:
 def _check_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _invalid(f"{name} must be a string, got {value!r}")
+    _check_unicode(name, value)
     return value
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """A lone surrogate (what os.fsdecode and argv make of bytes that are not UTF-8) cannot be
+    sent: protobuf would raise UnicodeEncodeError building the request."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _invalid(f"{name}: character U+{ord(value[e.start]):04X} at position {e.start} "
+                       f"is a lone surrogate, not valid Unicode") from None
 
 
 def priority_value(priority: str | int | None) -> int:
@@ -676,6 +687,8 @@ def _texts(name: str, values: Any, kind: type) -> list[Any]:
     for i, value in enumerate(out):
         if not isinstance(value, kind):
             raise _invalid(f"{name}[{i}] must be {kind.__name__}, got {type(value).__name__}")
+        if kind is str:
+            _check_unicode(f"{name}[{i}]", value)
     return out
 
 

@@ -78,9 +78,20 @@ class Limits:
         )
 
 
+# Field tags, lengths and a KServe answer's output names, datatypes and shapes: a bound, not a
+# count (4 outputs of at most ~40 bytes each, plus the id a request may echo up to 128).
+ANSWER_FRAMING_BYTES = 320
+
+
 class Predictor:
-    def __init__(self, artifact: Artifact, backend: Backend, batcher: Batcher, limits: Limits) -> None:
+    def __init__(self, artifact: Artifact, backend: Backend, batcher: Batcher, limits: Limits,
+                 name: str = "", version: str = "") -> None:
         self.artifact = artifact
+        # What every answer carries besides its predictions: the model's name and version (a
+        # repository folder name may be 255 bytes), the artifact's sha256, a KServe answer's
+        # tensor names and shapes and its echoed id, with their field tags.
+        self._answer_header_bytes = (len(name.encode()) + len(version.encode()) + 64
+                                     + ANSWER_FRAMING_BYTES)
         self.backend = backend
         self.batcher = batcher
         self.limits = limits
@@ -98,7 +109,7 @@ class Predictor:
             per_text += 4 + self.state_codec.size_bytes
         if want_probs:
             per_text += 4 * self.artifact.vocab_size
-        size = len(lengths) * per_text
+        size = self._answer_header_bytes + len(lengths) * per_text
         if per_position:
             size += sum(lengths) * (self._char_prob_bytes + 4)  # positions + argmax_text
         limit = self.limits.max_message_bytes

@@ -112,7 +112,10 @@ def model_folder(root: Path, name: str) -> Path | None:
             or "\0" in name or Path(name).is_absolute():
         return None
     path = root / name
-    return path if path.is_dir() and looks_like_model(path) else None
+    try:  # a name the filesystem cannot hold (over 255 bytes: ENAMETOOLONG) names no folder
+        return path if path.is_dir() and looks_like_model(path) else None
+    except OSError:
+        return None
 
 
 def version_fingerprint(path: Path, model_dir: Path) -> str:

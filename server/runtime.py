@@ -120,7 +120,8 @@ class ModelRuntime:
         statistics, kept across its versions (a new one when omitted)."""
         stats = stats if stats is not None else ModelStats()
         batcher = build_batcher(backend, settings, metrics, name, stats, tracing)
-        predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings))
+        predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings), name,
+                              version)
         generator = Generator(predictor, step_batching=settings.step_batching,
                               flush_ms=settings.generate_flush_ms,
                               max_messages_per_s=settings.generate_max_messages_per_s,

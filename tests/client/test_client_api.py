@@ -225,3 +225,20 @@ def test_local_target_in_the_thin_install_names_the_extra(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("LocalTarget runs the server's core in this process: it needs "
                                "'pip install nextchar[serve]' (No module named '")
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    (lambda c: c.predict(["a\ud800"]), "texts[0]"),
+    (lambda c: c.model_info("\udc80"), "model"),
+    (lambda c: c.load_model("x\udc80"), "model"),
+    (lambda c: list(c.generate("hi", stop=["\ud800"])), "stop[0]"),
+    (lambda c: list(c.generate("h\ud800i")), "prompt"),
+])
+def test_a_lone_surrogate_is_invalid_argument_not_a_unicode_error(call: Any, name: str) -> None:
+    """os.fsdecode and argv make lone surrogates of bytes that are not UTF-8; protobuf raised a
+    bare UnicodeEncodeError building the request."""
+    with NextCharClient("127.0.0.1:1") as c, pytest.raises(NextCharError) as e:
+        call(c)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details.startswith(f"{name}: character U+D")
+    assert e.value.details.endswith("is a lone surrogate, not valid Unicode")

@@ -274,3 +274,12 @@ def test_a_failed_models_reason_stays_put_across_polls(start_server, repo: Path)
         _poll(st)
         _poll(st)
         assert {m.name: m for m in c.list_models().models}["gamma"].reason == first.reason
+
+
+def test_a_load_of_a_name_no_filesystem_holds_is_not_found(start_server, repo: Path) -> None:
+    """Over 255 bytes the folder check raised ENAMETOOLONG: the call answered INTERNAL."""
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c:
+        code, details = _error(c.load_model, "x" * 300)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details.startswith(f"model '{'x' * 300}' is not in the repository")

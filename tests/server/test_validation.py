@@ -159,3 +159,26 @@ def test_health_serving(client: NextCharClient) -> None:
 def test_response_carries_model_version(client: NextCharClient) -> None:
     resp = client.predict_response(pb.PredictRequest(texts=["abc"]))
     assert resp.model_version
+
+
+def test_an_answer_near_the_message_cap_is_refused_before_compute(start_server, tiny_artifact,
+                                                                  tmp_path) -> None:
+    """The size check counted only the predictions: with a long model name (a repository
+    folder may have 255 bytes) answers just under the cap by that count failed after the
+    compute, RESOURCE_EXHAUSTED "Sent message larger than max"."""
+    import shutil
+
+    name = "m" * 200
+    shutil.copytree(tiny_artifact, tmp_path / "repo" / name / "1")
+    st = start_server(model_repository=tmp_path / "repo", max_message_bytes=1024)
+    codes = set()
+    with NextCharClient(st.address) as c:
+        for n in range(1, 40):
+            try:
+                c.predict(["abc"] * n, top_k=3, model=name)
+                codes.add("OK")
+            except NextCharError as e:
+                codes.add(e.code.name)
+                assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e.details
+                assert "> max_message_bytes 1024" in e.details
+    assert codes == {"OK", "INVALID_ARGUMENT"}
