@@ -687,7 +687,7 @@ def _texts(name: str, values: Any, kind: type) -> list[Any]:
     for i, value in enumerate(out):
         if not isinstance(value, kind):
             raise _invalid(f"{name}[{i}] must be {kind.__name__}, got {type(value).__name__}")
-        if kind is str:
+        if isinstance(value, str):
             _check_unicode(f"{name}[{i}]", value)
     return out
 

@@ -52,6 +52,12 @@ def state_bytes(state_layers: int, hidden_size: int) -> int:
     return OVERHEAD_BYTES + state_layers * hidden_size * 4
 
 
+# The largest magnitude a decoded state may hold. Hidden states are tanh outputs (or mixes of
+# them) within [-1, 1]; an LSTM cell grows by at most 1 a character. A forged finite value near
+# float32's limit (-3e38) overflowed inside the model and answered NaN probabilities.
+MAX_STATE_ABS = 1e6
+
+
 @dataclass(frozen=True)
 class StateCodec:
     artifact_id: bytes  # 16 bytes
@@ -110,4 +116,7 @@ class StateCodec:
         state = np.frombuffer(blob, dtype="<f4", count=s * h, offset=HEADER_BYTES)
         if not np.isfinite(state).all():
             raise InvalidInput(f"{what} holds NaN or infinite values")
+        if np.abs(state).max(initial=0.0) > MAX_STATE_ABS:
+            raise InvalidInput(f"{what} holds values beyond +-{MAX_STATE_ABS:g}, which no "
+                               f"model's state reaches: it was not made by this server")
         return state.astype(np.float32).reshape(s, h)

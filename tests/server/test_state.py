@@ -186,10 +186,19 @@ def _nan_state(valid: bytes) -> bytes:
     return _with_crc(bytes(body))
 
 
+def _huge_state(valid: bytes) -> bytes:
+    """Finite, with a valid header and checksum: every value -3e38 (a forged state that made
+    the model answer NaN probabilities and return a state the server then refused)."""
+    n = (len(valid) - 4 - HEADER_BYTES) // 4
+    body = valid[:HEADER_BYTES] + struct.pack(f"<{n}f", *([-3e38] * n))
+    return _with_crc(body)
+
+
 @pytest.mark.parametrize("mangle, message", [
     (lambda b: b[: len(b) // 2], "states[0] is truncated or padded"),
     (lambda b: b[:40] + bytes([b[40] ^ 0x10]) + b[41:], "states[0] is corrupted"),
     (_nan_state, "states[0] holds NaN or infinite values"),
+    (_huge_state, "states[0] holds values beyond +-1e+06, which no model's state reaches"),
     (lambda b: b"not a state", "states[0] is not a nextchar state"),
 ])
 def test_corrupted_truncated_nan_state_is_invalid_argument(client, mangle, message: str) -> None:
