@@ -294,4 +294,9 @@ class DataPlane:
 
     async def reload_model(self, name: str = "") -> LoadOutcome:
         self._check()
-        return await self.registry.slot(name).load(retry_failed=True, reason="Admin.ReloadModel")
+        slot = self.registry.slot(name)
+        if not slot.wanted:  # an operator's unload is not undone by a reload
+            raise NotFound(f"model '{slot.name}' is unloaded: reload takes the newest version "
+                           f"of a loaded model; load it with LoadModel (nextchar load "
+                           f"{slot.name})")
+        return await slot.load(retry_failed=True, reason="Admin.ReloadModel")

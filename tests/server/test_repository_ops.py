@@ -283,3 +283,17 @@ def test_a_load_of_a_name_no_filesystem_holds_is_not_found(start_server, repo: P
         code, details = _error(c.load_model, "x" * 300)
     assert code == grpc.StatusCode.NOT_FOUND
     assert details.startswith(f"model '{'x' * 300}' is not in the repository")
+
+
+def test_reload_does_not_undo_an_unload(start_server, repo: Path) -> None:
+    """ReloadModel on an unloaded model loaded it again (reloaded: true), undoing the unload."""
+    st = start_server(model_repository=repo, poll_s=0)
+    with NextCharClient(st.address) as c:
+        c.unload_model("alpha")
+        code, details = _error(c.reload_model, "alpha")
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert details == ("model 'alpha' is unloaded: reload takes the newest version of a "
+                           "loaded model; load it with LoadModel (nextchar load alpha)")
+        assert {m.name: m.state for m in c.list_models().models}["alpha"] != pb.MODEL_STATE_READY
+        assert c.load_model("alpha").version == "1"
+        assert c.reload_model("alpha").reloaded is False  # loaded again: reload answers
