@@ -109,6 +109,10 @@ class NextCharServer:
             # (docs/benchmarks.md, peer benchmark); every recorded benchmark ran with it off.
             ("grpc.http2.bdp_probe", int(s.http2_bdp_probe)),
         ]
+        if s.max_connection_age_s > 0:  # gRPC adds up to +-10 % jitter, so clients spread out
+            options += [("grpc.max_connection_age_ms", round(s.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms",
+                         round(s.max_connection_age_grace_s * 1000))]
         server = grpc.aio.server(options=options)
         # Every handler registered through `wrapped` gets telemetry, auth and error mapping,
         # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).

@@ -161,6 +161,13 @@ class ServerSettings(BaseSettings):
         "characters sooner where the cores are few; 0: steps never wait."
     )
 
+    max_connection_age_s: float = Field(
+        0.0, ge=0, le=30 * 86_400, description="Close each gRPC client connection after about "
+        "this long (a GOAWAY; the client reconnects, re-resolving dns:/// names), so replicas "
+        "an autoscaler adds get long-lived clients' calls too; 0 = never.")
+    max_connection_age_grace_s: float = Field(
+        300.0, ge=0, le=86_400, description="Once a connection is past --max-connection-age-s: "
+        "how long its calls in flight (a long Generate stream) may go on before it is closed.")
     http2_bdp_probe: bool = Field(
         False, description="HTTP/2 bandwidth-delay probing: PINGs that grow flow-control "
         "windows, for big messages on long links; off (as every recorded benchmark ran), no "

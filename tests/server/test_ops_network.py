@@ -286,3 +286,25 @@ def test_a_misspelled_variable_is_named_and_the_projects_own_are_not() -> None:
         "NEXTCHAR_MAX_BATCH_DELAY_MS?",
         "NEXTCHAR_METRIC_PORT is not a setting and is ignored: did you mean "
         "NEXTCHAR_METRICS_PORT?"]
+
+
+# 9. --max-connection-age-s ends connections, so clients re-resolve and find new replicas.
+
+def test_a_connection_past_its_max_age_is_closed_and_the_client_reconnects(start_server,
+                                                                            tiny_artifact) -> None:
+    import time
+
+    st = start_server(model=tiny_artifact, max_connection_age_s=0.5,
+                      max_connection_age_grace_s=1)
+    states: list[grpc.ChannelConnectivity] = []
+    with grpc.insecure_channel(st.address) as ch:
+        ch.subscribe(states.append)
+        stub = pb_grpc.NextCharStub(ch)
+        stub.Predict(pb.PredictRequest(texts=["abc"]), timeout=10)
+        deadline = time.monotonic() + 10
+        while grpc.ChannelConnectivity.IDLE not in states[states.index(
+                grpc.ChannelConnectivity.READY):] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = states[states.index(grpc.ChannelConnectivity.READY):]
+        assert grpc.ChannelConnectivity.IDLE in after, states  # the server sent GOAWAY
+        assert stub.Predict(pb.PredictRequest(texts=["abc"]), timeout=10).predictions
