@@ -310,7 +310,8 @@ def check_token(token: Any) -> str:
     """A bearer token travels in an HTTP/2 header: printable ASCII without spaces, as the server
     requires of its tokens. Anything else would fail as gRPC core log lines and INTERNAL
     "Invalid metadata". The message names the character, never the token (a secret)."""
-    _check_str("token", token)
+    if not isinstance(token, str):  # not _check_str: its message would name the character
+        raise _invalid(f"token must be a string, got {type(token).__name__}")
     for pos, ch in enumerate(token):
         if not (ch.isascii() and ch.isprintable()) or ch == " ":
             raise _invalid(f"token must be printable ASCII without spaces; character "
