@@ -258,12 +258,13 @@ def _read(path: str | Path, what: str) -> bytes:
     return data
 
 
-class _EncryptedKey(Exception):
-    pass
+class EncryptedKey(Exception):
+    """A PEM key under a passphrase, which gRPC cannot use (the server's check raises it too)."""
 
 
-def _no_passphrase() -> bytes:
-    raise _EncryptedKey
+def no_passphrase() -> bytes:
+    """ssl's password callback: a key that asks for one is refused, not prompted for."""
+    raise EncryptedKey
 
 
 def _check_pair(cert: str | Path, key: str | Path) -> None:
@@ -273,8 +274,8 @@ def _check_pair(cert: str | Path, key: str | Path) -> None:
     _read(cert, "--tls-cert")  # unreadable or not PEM: named as such first
     _read(key, "--tls-key")
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_no_passphrase)
-    except _EncryptedKey:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=no_passphrase)
+    except EncryptedKey:
         raise NextCharError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"--tls-key {key}: the key is encrypted; gRPC needs it unencrypted "
                             f"(openssl pkey -in {key} -out plain.key)") from None

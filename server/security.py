@@ -27,6 +27,7 @@ import grpc
 
 from nextchar.kserve import grpc_predict_v2_pb2
 
+from ..client.client import EncryptedKey, no_passphrase  # the client checks its key the same way
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -58,21 +59,13 @@ def _read_pem(path: Path, setting: str, marker: str) -> bytes:
     return data
 
 
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_passphrase() -> bytes:
-    raise _EncryptedKey
-
-
 def _check_key_pair(cert: Path, key: Path) -> None:
     """gRPC reports a key that is not the certificate's only as log lines and a failed bind;
     Python's ssl says what is wrong. A key under a passphrase is refused rather than prompted
     for on the terminal: gRPC cannot use it."""
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
-    except _EncryptedKey:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
+    except EncryptedKey:
         raise SecurityConfigError(f"--tls-key {key}: the key is encrypted; gRPC needs it "
                                   f"unencrypted (openssl pkey -in {key} -out plain.key)") from None
     except ssl.SSLError as e:
