@@ -17,8 +17,7 @@ call ends. `accepting` is the server's own gate: False while starting and draini
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,6 +137,26 @@ class GenerateSession:
             self._registry.release(self.runtime)
 
 
+class _Decoding:
+    """DataPlane.decoding's context manager: a class, not @contextmanager, since it wraps every
+    V2 infer (about 0.2 us against 0.9 us for a generator's, measured with timeit)."""
+
+    __slots__ = ("registry", "name", "started")
+
+    def __init__(self, registry: ModelRegistry, name: str) -> None:
+        self.registry, self.name = registry, name
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter_ns()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: object) -> None:  # None: the error goes on to the front end's mapping
+        if kind is not None and issubclass(kind, InvalidInput):
+            slot = self.registry.slots.get(self.name or self.registry.default_name)
+            if slot is not None:
+                slot.stats.request_done(False, 0, self.started)
+
+
 class DataPlane:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -152,19 +171,11 @@ class DataPlane:
             raise NotReady(NOT_READY)
 
     # -- inference ---------------------------------------------------------------------------
-    @contextmanager
-    def decoding(self, name: str) -> Iterator[None]:
+    def decoding(self, name: str) -> _Decoding:
         """Around a front end's decoding of a request for model `name`: a request refused there
         (a tensor of the wrong shape, bad UTF-8) counts as a failed inference of the model, as
         the ones predict refuses do, so the statistics do not depend on which layer said no."""
-        started = time.perf_counter_ns()
-        try:
-            yield
-        except InvalidInput:
-            slot = self.registry.slots.get(name or self.registry.default_name)
-            if slot is not None:
-                slot.stats.request_done(False, 0, started)
-            raise
+        return _Decoding(self.registry, name)
 
     async def predict(self, call: PredictCall) -> PredictAnswer:
         self._check()

@@ -16,7 +16,6 @@ the same way.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,13 +82,13 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return out
 
 
-def _shape(t: dict[str, Any], name: str, max_texts: int) -> list[int]:
+def _shape(t: dict[str, Any], name: str, max_texts: int) -> tuple[list[int], int]:
+    """The declared shape and its element count (v2_tensors.check_shape)."""
     shape = t.get("shape")
     if not isinstance(shape, list) or not shape:
         raise InvalidInput(f"input '{name}': shape must be a non-empty list of integers")
     dims = [_int(d, f"input '{name}': shape element") for d in shape]
-    check_shape(name, dims, max_texts)
-    return dims
+    return dims, check_shape(name, dims, max_texts)
 
 
 def decode_request(body: bytes, header_length: str | None, max_texts: int) -> InferRequest:
@@ -173,8 +172,7 @@ def _inputs(inputs: Any, binary: bytes, max_texts: int, req: InferRequest) -> No
         if t.get("datatype") != want:
             raise InvalidInput(f"input '{name}' must have datatype {want}, got "
                                f"{json.dumps(t.get('datatype'))[:40]} (see docs/kserve.md)")
-        shape = _shape(t, name, max_texts)
-        count = math.prod(shape)
+        shape, count = _shape(t, name, max_texts)
         p = _obj(t.get("parameters") or {}, f"input '{name}' parameters")
         values: list[Any] | np.ndarray
         if "binary_data_size" in p:
