@@ -154,6 +154,9 @@ def priority_value(priority: str | int | None) -> int:
 # What follows the first colon of `host:port`: digits, or nothing (the default port); a sign
 # is caught so `:-1` is refused as a port rather than passed on as a URI.
 _PORT_LIKE = re.compile(r"[-+]?[0-9]*")
+# The URI schemes gRPC's resolvers take (dns: is parsed above). Anything else before a colon is
+# a host with a mistyped port: gRPC would try to resolve "localhost:5005l" as a name.
+_GRPC_SCHEMES = ("ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
 
 
 def with_default_port(server: str) -> str:
@@ -168,8 +171,12 @@ def with_default_port(server: str) -> str:
             break
     else:
         if ":" in server and not server.startswith("[") and not _is_ipv6(server):
-            if not _PORT_LIKE.fullmatch(server.partition(":")[2]):  # unix:, ipv4:, ...
-                return server
+            prefix, _, rest = server.partition(":")
+            if not _PORT_LIKE.fullmatch(rest):
+                if prefix.lower() in _GRPC_SCHEMES:  # unix:/run/x.sock, ipv4:a:1,b:2, ...
+                    return server
+                raise _invalid(f"server address {server!r}: port {rest!r} is not a number "
+                               f"(give host:port, or a gRPC URI: dns:///, ipv4:, unix:, ...)")
     if address.startswith("["):  # [v6] or [v6]:port
         host, _, port = address.partition("]")
         host, port = host + "]", port.removeprefix(":")

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from .artifact import ArtifactError
 from .backends import DeviceUnavailable
 from .logging_setup import configure_logging
-from .security import SecurityConfigError
+from .security import SecurityConfigError, tls_flags_problem
 from .settings import ServerSettings, host_port
 
 log = logging.getLogger("nextchar.server")
@@ -272,6 +272,10 @@ def main(argv: list[str]) -> int:
     if model is not None and Path(model).is_file():
         print(f"nextchar serve: --model {model} is a file, not a directory (an "
               f"artifact directory holds manifest.json and the model files)", file=sys.stderr)
+        return 2
+    problem = tls_flags_problem(settings)
+    if problem is not None:
+        print(f"nextchar serve: {problem}", file=sys.stderr)
         return 2
     try:
         check_ports_free(settings)

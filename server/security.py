@@ -75,18 +75,27 @@ def _check_key_pair(cert: Path, key: Path) -> None:
                                   f"{reason}") from None
 
 
-def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings; None when TLS is off (no --tls-cert)."""
+def tls_flags_problem(s: ServerSettings) -> str | None:
+    """A TLS flag given without the one it needs: a usage error, found before any file is read
+    (`nextchar serve` exits 2 on it, as on every other bad flag)."""
     if s.tls_cert is None:
         if s.tls_key or s.tls_client_ca or s.tls_require_client_cert:
-            raise SecurityConfigError(
-                "--tls-key/--tls-client-ca/--tls-require-client-cert need --tls-cert as well")
+            return "--tls-key/--tls-client-ca/--tls-require-client-cert need --tls-cert as well"
         return None
     if s.tls_key is None:
-        raise SecurityConfigError("--tls-cert needs --tls-key (the certificate's private key)")
+        return "--tls-cert needs --tls-key (the certificate's private key)"
     if s.tls_require_client_cert and s.tls_client_ca is None:
-        raise SecurityConfigError(
-            "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)")
+        return "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)"
+    return None
+
+
+def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings; None when TLS is off (no --tls-cert)."""
+    problem = tls_flags_problem(s)
+    if problem is not None:
+        raise SecurityConfigError(problem)
+    if s.tls_cert is None or s.tls_key is None:
+        return None
     cert = _read_pem(s.tls_cert, "--tls-cert", "CERTIFICATE")
     key = _read_pem(s.tls_key, "--tls-key", "")  # RSA, EC or PKCS#8: any BEGIN block
     _check_key_pair(s.tls_cert, s.tls_key)

@@ -291,6 +291,8 @@ def test_message_to_dict_keeps_uint64_as_numbers() -> None:
     ("dns:///nextchar-headless:", "dns:///nextchar-headless:50051"),
     ("127.0.0.1:65535", "127.0.0.1:65535"),
     ("127.0.0.1:1", "127.0.0.1:1"),
+    ("unix-abstract:nextchar", "unix-abstract:nextchar"),
+    ("IPv6:[::1]:7000", "IPv6:[::1]:7000"),
 ])
 def test_a_server_without_port_is_50051(given: str, dialled: str) -> None:
     assert with_default_port(given) == dialled
@@ -309,6 +311,18 @@ def test_a_port_outside_1_to_65535_is_refused(given: str) -> None:
                                f"65535")
     with pytest.raises(NextCharError):
         NextCharClient(given)
+
+
+@pytest.mark.parametrize(("given", "port"), [("localhost:5005l", "5005l"), ("a:b:c", "b:c"),
+                                              ("nextchar:grpc", "grpc")])
+def test_a_port_that_is_no_number_is_refused(given: str, port: str) -> None:
+    """Without a scheme gRPC knows, the text after the colon is a mistyped port; gRPC would
+    answer UNAVAILABLE, failing to resolve the whole address as a host name."""
+    with pytest.raises(NextCharError) as e:
+        with_default_port(given)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details == (f"server address {given!r}: port {port!r} is not a number (give "
+                               f"host:port, or a gRPC URI: dns:///, ipv4:, unix:, ...)")
 
 
 def test_client_refuses_a_timeout_beyond_grpc_deadlines(stub) -> None:

@@ -331,3 +331,19 @@ def test_serve_cli_reports_a_bad_tls_setting_in_one_line(tiny_artifact, tmp_path
     assert "\n" not in err
     # Tokens are read from the environment or a file only: no flag would put them in `ps`.
     assert "--auth-tokens" not in build_parser().format_help().replace("--auth-tokens-file", "")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tls-cert", "c.pem"], "--tls-cert needs --tls-key (the certificate's private key)"),
+    (["--tls-client-ca", "ca.pem"],
+     "--tls-key/--tls-client-ca/--tls-require-client-cert need --tls-cert as well"),
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-require-client-cert"],
+     "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)"),
+])
+def test_serve_cli_tls_flags_missing_their_partner_are_usage_errors(
+        tiny_artifact, capsys, flags: list[str], message: str) -> None:
+    """Exit 2, like every other bad flag, before any file is read or the model loads."""
+    from nextchar.server.cli import main as serve_main
+
+    assert serve_main(["--model", str(tiny_artifact), "--port", "0", *flags]) == 2
+    assert capsys.readouterr().err == f"nextchar serve: {message}\n"
