@@ -3,12 +3,14 @@ grpc/kserve_codec.py; REST, http/v2_codec.py) share, so the two answer with the 
 names, datatypes, shapes and numbers (docs/kserve.md).
 
     inputs   text BYTES [N] or [N, 1]  |  ids INT64 [N, T] (+ lengths INT64 [N] or [N, 1], optional)
-    params   top_k (0 or absent = the model default), priority (1 high, 2 low)
+    params   top_k (0 or absent = the model default), priority (1 high, 2 low),
+             timeout (microseconds; 0 or absent = the caller's deadline only)
     outputs  probs FP32 [N, V], top_ids INT64 [N, k], top_chars BYTES [N, k], top_probs FP32 [N, k]
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -103,6 +105,24 @@ def unpack_bytes(raw: bytes, name: str, count: int, shape: list[int]) -> list[by
 
 def pack_bytes(items: Iterable[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+# A timeout longer than gRPC's own deadlines (~292 years) could not be a deadline.
+MAX_TIMEOUT_US = 2**63 // 1000
+
+
+def deadline_with_timeout(deadline: float | None, timeout_us: int) -> float | None:
+    """V2 parameter `timeout` (Triton's schedule-policy extension, tritonclient's `timeout=`):
+    the microseconds from now within which the request must leave the queue, or it is refused
+    (DEADLINE_EXCEEDED / 504). It can shorten the call's own deadline, never extend it; 0 is
+    none. `deadline` and the answer are on the event loop's clock."""
+    if not 0 <= timeout_us <= MAX_TIMEOUT_US:
+        raise InvalidInput(f"parameter timeout must be microseconds between 0 (none) and "
+                           f"{MAX_TIMEOUT_US}, got {timeout_us}")
+    if timeout_us == 0:
+        return deadline
+    own = asyncio.get_running_loop().time() + timeout_us / 1e6
+    return own if deadline is None else min(deadline, own)
 
 
 def lane_of_priority(priority: int) -> int:

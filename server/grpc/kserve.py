@@ -27,7 +27,7 @@ from ..errors import InvalidInput, NotFound, ServingError
 from ..registry import ModelState
 from ..stats import Duration
 from ..v2_config import model_config
-from ..v2_tensors import metadata_tensors
+from ..v2_tensors import deadline_with_timeout, metadata_tensors
 from .kserve_codec import (
     decode_inputs,
     encode_response,
@@ -36,6 +36,7 @@ from .kserve_codec import (
     mark_final,
     output_tensors,
     requested_outputs,
+    timeout_of,
     top_k_of,
 )
 from .wrapping import deadline_of
@@ -81,7 +82,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
                                          extensions=["model_repository", "statistics",
-                                                     "model_configuration"])
+                                                     "model_configuration", "schedule_policy"])
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -109,6 +110,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             wanted = requested_outputs(request)
             inputs = decode_inputs(request, limits.max_texts_per_request)
             top_k, lane = top_k_of(request.parameters), lane_of(request.parameters)
+            deadline = deadline_with_timeout(deadline, timeout_of(request.parameters))
         answer = await self.plane.predict(PredictCall(
             texts=inputs.get("texts"), ids=inputs.get("ids"), lengths=inputs.get("lengths"),
             top_k=top_k, want_probs="probs" in wanted, model=name,

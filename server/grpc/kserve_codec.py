@@ -25,7 +25,7 @@ from ..v2_tensors import pack_bytes as _pack_bytes
 from ..v2_tensors import unpack_bytes as _unpack_bytes
 
 __all__ = ["OUTPUTS", "Tensor", "decode_inputs", "encode_response", "lane_of", "output_tensors",
-           "requested_outputs", "top_k_of"]
+           "requested_outputs", "timeout_of", "top_k_of"]
 
 
 # -- request decoding ------------------------------------------------------------------------
@@ -134,6 +134,11 @@ def _int_param(parameters: Any, name: str) -> int:
 
 def top_k_of(parameters: Any) -> int:
     return _int_param(parameters, "top_k")
+
+
+def timeout_of(parameters: Any) -> int:
+    """V2 parameter `timeout`, microseconds (0: none); see v2_tensors.deadline_with_timeout."""
+    return _int_param(parameters, "timeout")
 
 
 def lane_of(parameters: Any) -> int:

@@ -33,7 +33,7 @@ from ..registry import ModelState
 from ..security import CONTROL_LOOPBACK_ONLY, is_loopback
 from ..telemetry import DrainGate
 from ..v2_config import model_config
-from ..v2_tensors import metadata_tensors, output_tensors
+from ..v2_tensors import deadline_with_timeout, metadata_tensors, output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
 from .json_body import json_router
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
@@ -55,6 +55,7 @@ async def infer(plane: DataPlane, body: bytes, header_length: str | None, name: 
     limits = plane.model(name, version).limits
     with plane.decoding(name):
         req = decode_request(body, header_length, limits.max_texts_per_request)
+        deadline = deadline_with_timeout(deadline, req.timeout_us)
     answer = await plane.predict(PredictCall(
         texts=req.texts, ids=req.ids, lengths=req.lengths, top_k=req.top_k,
         want_probs="probs" in req.wanted, model=name, version=version, lane=req.lane,
@@ -139,7 +140,7 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
     async def server_metadata() -> Response:
         return _json({"name": SERVER_NAME, "version": __version__,
                       "extensions": ["model_repository", "model_configuration",
-                                     "binary_tensor_data"]})
+                                     "binary_tensor_data", "schedule_policy"]})
 
     @r.get("/v2/health/live", summary="Liveness: 200 whenever the process answers")
     async def live() -> Response:

@@ -46,6 +46,7 @@ class InferRequest:
     lengths: np.ndarray | None = None
     top_k: int = 0
     lane: int = 0
+    timeout_us: int = 0  # parameter timeout: see v2_tensors.deadline_with_timeout
     wanted: list[str] = field(default_factory=list)
     binary: set[str] = field(default_factory=set)  # outputs to send as binary data
 
@@ -117,6 +118,7 @@ def decode_request(body: bytes, header_length: str | None, max_texts: int) -> In
     if "top_k" in params:
         req.top_k = _int(params["top_k"], "parameter top_k")
     req.lane = lane_of_priority(_int(params.get("priority", 0), "parameter priority"))
+    req.timeout_us = _int(params.get("timeout", 0), "parameter timeout")
     binary_out = params.get("binary_data_output", False)
     if not isinstance(binary_out, bool):
         raise InvalidInput("parameter binary_data_output must be true or false")

@@ -145,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             assert e.status() == "StatusCode.INVALID_ARGUMENT", (e.status(), e.message())
         checks += 2
 
+        # The schedule-policy timeout reaches the server (microseconds; its expiry in the queue
+        # is tested in test_kserve.py): 60 s bounds nothing, a negative one is refused.
+        try:
+            client.infer(model, text_inputs(exp), parameters=params, timeout=-1)
+            raise AssertionError("a negative timeout was accepted")
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.INVALID_ARGUMENT", (e.status(), e.message())
+            assert "parameter timeout must be microseconds" in e.message(), e.message()
+        check_result(client.infer(model, text_inputs(exp), outputs=requested(),
+                                  parameters=params, timeout=60_000_000), exp, "timeout 60 s")
+        checks += 2
+
         # ModelStreamInfer: answers in order, errors in-band.
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))

@@ -91,8 +91,17 @@ def main() -> None:
         tc.InferRequestedOutput(o) for o in OUTPUTS], parameters={"top_k": exp["top_k"]})
     check(result, exp, "ids")
     checks += 1
+    # The schedule-policy timeout reaches the server (its expiry: test_http.py): 60 s bounds
+    # nothing, a negative one is refused.
+    result = client.infer(exp["model"], [text], outputs=[
+        tc.InferRequestedOutput(o) for o in OUTPUTS], parameters={"top_k": exp["top_k"]},
+        timeout=60_000_000)
+    check(result, exp, "timeout 60 s")
+    checks += 1
     for bad, fragment in ((lambda: client.get_model_metadata("no-such-model"), "not served"),
-                          (lambda: client.infer(exp["model"], [_bad_text()]), "vocabulary")):
+                          (lambda: client.infer(exp["model"], [_bad_text()]), "vocabulary"),
+                          (lambda: client.infer(exp["model"], [text], timeout=-1),
+                           "parameter timeout must be microseconds")):
         try:
             bad()
         except InferenceServerException as e:

@@ -124,6 +124,23 @@ def test_v2_infer_equals_grpc_kserve_and_nextchar_v1(tiny_server, name: str) -> 
     assert np.array(out["top_chars"]["data"]).reshape(n, k).tolist() == chars
 
 
+def test_v2_timeout_parameter_bounds_the_wait_in_the_queue(start_server, tiny_artifact) -> None:
+    """Triton's schedule-policy `timeout` in microseconds, as over gRPC (test_kserve.py): with a
+    50 ms batch delay, 1 us is over before a worker takes the request (504, the V2 error body);
+    60 s is not."""
+    st = start_server(model=tiny_artifact, backend="onnx", max_batch_delay_ms=50)
+    with NextCharClient(st.address) as c:
+        name = c.model_info().name
+        ids = [cp.id for cp in c.predict(["hello"], top_k=2)[0].top]
+    body = {"inputs": [text_input(["hello"])], "parameters": {"top_k": 2, "timeout": 1}}
+    r = v2(st, "POST", f"/v2/models/{name}/infer", body)
+    assert (r.status, r.json()) == (504, {"error": "deadline expired while queued"})
+    body["parameters"]["timeout"] = 60_000_000
+    r = v2(st, "POST", f"/v2/models/{name}/infer", body)
+    assert r.status == 200, r.body
+    assert {o["name"]: o["data"] for o in r.json()["outputs"]}["top_ids"] == ids
+
+
 def test_v2_infer_ids_nested_data_outputs_and_binary(tiny_server, name: str) -> None:
     vocab = tiny_server.server.runtime().artifact.vocab
     ids = [[vocab.index(ch) for ch in "hello"], [vocab.index(ch) for ch in "ab"] + [0, 0, 0]]
@@ -180,6 +197,10 @@ def test_v2_a_header_length_that_is_not_digits_within_the_body_is_400(tiny_serve
     ({"inputs": [text_input(["a"])], "parameters": {"top_k": 10_000}}, "top_k"),
     ({"inputs": [text_input(["a"])], "parameters": {"top_k": "3"}}, "integer"),
     ({"inputs": [text_input(["a"])], "parameters": {"priority": 7}}, "priority"),
+    ({"inputs": [text_input(["a"])], "parameters": {"timeout": -1}},
+     "parameter timeout must be microseconds between 0 (none) and 9223372036854775, got -1"),
+    ({"inputs": [text_input(["a"])], "parameters": {"timeout": 1.5}},
+     "parameter timeout must be an integer, got 1.5"),
     ({"inputs": [text_input(["a"])], "outputs": [{"name": "nope"}]}, "unknown output"),
     ({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 1.5]}]},
      "integer"),

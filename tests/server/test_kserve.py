@@ -7,6 +7,7 @@ client (`tritonclient[grpc]`) from its own venv (.venv-triton; `make tritonclien
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import struct
@@ -126,7 +127,8 @@ def test_live_ready_and_server_metadata(stub) -> None:
     assert stub.ServerReady(pb.ServerReadyRequest()).ready is True
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert (meta.name, meta.version, list(meta.extensions)) == (
-        "nextchar", __version__, ["model_repository", "statistics", "model_configuration"])
+        "nextchar", __version__, ["model_repository", "statistics", "model_configuration",
+                                 "schedule_policy"])
 
 
 def test_model_ready_by_name_and_version(stub, info) -> None:
@@ -517,6 +519,55 @@ def test_bad_top_k(stub, info, set_param: Any, message: str) -> None:
     assert message in details
 
 
+def test_timeout_parameter_bounds_the_wait_in_the_queue(start_server, tiny_artifact) -> None:
+    """Triton's schedule-policy `timeout` (microseconds; tritonclient's infer(timeout=)). With
+    a 50 ms batch delay a lone request waits in the queue: 1 us is over before a worker takes
+    it (without a delay it may not be: the loop's clock moves in milliseconds), 60 s is not,
+    0 is none."""
+    st = start_server(model=tiny_artifact, backend="onnx", max_batch_delay_ms=50)
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        name = stub.RepositoryIndex(pb.RepositoryIndexRequest()).models[0].name
+
+        def with_timeout(set_param: Any) -> pb.ModelInferRequest:
+            req = pb.ModelInferRequest(model_name=name, inputs=[_text_input(["hello"])])
+            req.parameters["top_k"].int64_param = 2
+            set_param(req.parameters["timeout"])
+            return req
+
+        assert _code(stub.ModelInfer, with_timeout(lambda p: setattr(p, "int64_param", 1))) == (
+            grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired while queued")
+        ids, _ = _expected(st.address, ["hello"], 2)
+        for field, micros in (("int64_param", 60_000_000), ("int64_param", 0),
+                              ("uint64_param", 60_000_000)):
+            out = _outputs(stub.ModelInfer(
+                with_timeout(lambda p, f=field, m=micros: setattr(p, f, m)), timeout=30))
+            np.testing.assert_array_equal(out["top_ids"], ids)
+        assert _code(stub.ModelInfer, with_timeout(lambda p: setattr(p, "int64_param", -5))) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parameter timeout must be microseconds between 0 (none) and 9223372036854775, got -5")
+        assert _code(stub.ModelInfer, with_timeout(lambda p: setattr(p, "double_param", 1.5))) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parameter timeout must be an integer (int64_param), got double_param")
+        stream = list(stub.ModelStreamInfer(iter([with_timeout(
+            lambda p: setattr(p, "int64_param", 1))]), timeout=30))
+        assert [r.error_message for r in stream] == ["DEADLINE_EXCEEDED: deadline expired while queued"]
+
+
+def test_timeout_parameter_only_shortens_the_calls_deadline() -> None:
+    from nextchar.server.v2_tensors import deadline_with_timeout
+
+    async def check() -> None:
+        now = asyncio.get_running_loop().time()
+        assert deadline_with_timeout(None, 0) is None
+        assert deadline_with_timeout(now + 5.0, 0) == now + 5.0
+        assert deadline_with_timeout(now + 5.0, 60_000_000) == now + 5.0  # never extended
+        assert now + 0.9 < deadline_with_timeout(now + 5.0, 1_000_000) < now + 1.9
+        assert now + 0.9 < deadline_with_timeout(None, 1_000_000) < now + 1.9
+
+    asyncio.run(check())
+
+
 def test_unknown_model_or_version_on_infer_is_not_found(stub, info) -> None:
     req = _request(info, [_text_input(["hello"])])
     req.model_name = "other"
@@ -567,7 +618,7 @@ def test_tritonclient_against_nextchar(tiny_server, info, tmp_path: Path) -> Non
     proc = subprocess.run([str(python), str(script), "--url", tiny_server.address,
                            "--expect", str(expect)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "18 checks passed" in proc.stdout, proc.stdout
+    assert "20 checks passed" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), file=sys.stderr)
 
 
