@@ -86,6 +86,11 @@ def tls_flags_problem(s: ServerSettings) -> str | None:
         return "--tls-cert needs --tls-key (the certificate's private key)"
     if s.tls_require_client_cert and s.tls_client_ca is None:
         return "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)"
+    if s.tls_client_ca is not None and not s.tls_require_client_cert:
+        # gRPC's only other mode asks for a client certificate and verifies nothing: the CA
+        # would guard the HTTP port and not the gRPC one.
+        return ("--tls-client-ca needs --tls-require-client-cert (without it gRPC would not "
+                "verify client certificates)")
     return None
 
 
@@ -127,6 +132,9 @@ class TokenSet:
 def load_tokens(s: ServerSettings) -> TokenSet | None:
     """Tokens from --auth-tokens-file and NEXTCHAR_AUTH_TOKENS; None when auth is off."""
     tokens = [t.strip() for t in s.auth_tokens.split(",") if t.strip()]
+    if s.auth_tokens and not tokens:  # set, to blanks or commas: a mistake, never "auth off"
+        raise SecurityConfigError("NEXTCHAR_AUTH_TOKENS is set but holds no tokens (comma-"
+                                  "separated; unset it, or set it empty, to turn auth off)")
     if s.auth_tokens_file is not None:
         try:
             lines = s.auth_tokens_file.read_text(encoding="utf-8").splitlines()

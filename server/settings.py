@@ -219,7 +219,8 @@ class ServerSettings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM server certificate (chain); enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
     tls_client_ca: Path | None = Field(
-        None, description="PEM CA bundle that verifies client certificates (mTLS)."
+        None, description="PEM CA bundle that verifies client certificates (mTLS; with "
+        "--tls-require-client-cert)."
     )
     tls_require_client_cert: bool = Field(
         False, description="Refuse TLS clients without a certificate from --tls-client-ca."

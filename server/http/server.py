@@ -74,14 +74,16 @@ class HttpServer:
         tls: dict[str, Any] = {}
         if s.tls_cert is not None:
             tls = {"ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key)}
-            if s.tls_client_ca is not None:
+            if s.tls_client_ca is not None:  # with --tls-require-client-cert (security.py)
                 tls["ssl_ca_certs"] = str(s.tls_client_ca)
-                tls["ssl_cert_reqs"] = (ssl.CERT_REQUIRED if s.tls_require_client_cert
-                                        else ssl.CERT_OPTIONAL)
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         self.tls = bool(tls)
         self.config = uvicorn.Config(
             app, host=s.host, port=s.http_port, lifespan="off", log_config=None,
             access_log=False,  # the call layer writes nextchar's own access log
+            # The socket's peer, never X-Forwarded-For: the loopback-only model control
+            # (v2.py) must not be opened by a header (uvicorn trusts it from FORWARDED_ALLOW_IPS).
+            proxy_headers=False,
             server_header=False, timeout_graceful_shutdown=FLUSH_S, **tls)
         self._server = uvicorn.Server(self.config)
         _quiet_cancellations()

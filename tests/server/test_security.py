@@ -300,6 +300,11 @@ def test_bad_security_settings_fail_with_one_line(tmp_path: Path, pki: Pki) -> N
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
     assert "no tokens in it" in tokens(auth_tokens_file=empty)
+    for blank in (" ", ",", " , ,", "\n"):  # set to nothing usable: refused, not auth off
+        assert tokens(auth_tokens=blank) == (
+            "NEXTCHAR_AUTH_TOKENS is set but holds no tokens (comma-separated; unset it, or "
+            "set it empty, to turn auth off)")
+    assert load_tokens(ServerSettings(auth_tokens="")) is None
     assert "at least 16 characters" in tokens(auth_tokens="short")
     assert load_tokens(ServerSettings()) is None
 
@@ -339,6 +344,9 @@ def test_serve_cli_reports_a_bad_tls_setting_in_one_line(tiny_artifact, tmp_path
      "--tls-key/--tls-client-ca/--tls-require-client-cert need --tls-cert as well"),
     (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-require-client-cert"],
      "--tls-require-client-cert needs --tls-client-ca (the CA that signs client certificates)"),
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"],
+     "--tls-client-ca needs --tls-require-client-cert (without it gRPC would not verify client "
+     "certificates)"),
 ])
 def test_serve_cli_tls_flags_missing_their_partner_are_usage_errors(
         tiny_artifact, capsys, flags: list[str], message: str) -> None:
@@ -379,3 +387,19 @@ def test_refused_big_requests_are_neither_decoded_before_auth_nor_kept(server_pr
         with pytest.raises(grpc.RpcError) as e:
             call(b"\x0a\x02\xff\xfe", timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
+def test_http_model_control_trusts_the_socket_peer_not_forwarded_headers(start_server,
+                                                                         tiny_artifact) -> None:
+    """uvicorn rewrites the client address from X-Forwarded-For when the peer is trusted
+    (127.0.0.1 by default, any with FORWARDED_ALLOW_IPS='*'), which would let a header decide
+    the loopback-only control: here a loopback caller claiming 10.1.2.3 was refused, and a
+    remote one claiming 127.0.0.1 behind FORWARDED_ALLOW_IPS='*' let through."""
+    from http_util import call
+
+    st = start_server(model=tiny_artifact)
+    with NextCharClient(st.address) as c:
+        name = c.model_info().name
+    r = call(st.http_url, "POST", f"/v2/repository/models/{name}/load", {},
+             headers={"x-forwarded-for": "10.1.2.3", "forwarded": "for=10.1.2.3"})
+    assert (r.status, r.json()) == (200, {})
