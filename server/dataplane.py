@@ -114,9 +114,11 @@ class GenerateSession:
         self.runtime = rt
         self.model, self.version = rt.name, rt.version
         self._released = False
+        self._started = time.perf_counter_ns()
         try:
             self._stream = rt.generator.open(call.params, call.deadline)
         except BaseException:
+            self._count(False, 0)
             self._release()
             raise
 
@@ -128,8 +130,19 @@ class GenerateSession:
 
     def close(self) -> None:
         """Idempotent: frees the stream's slot and the version's lease at once."""
+        if not self._released:
+            # A request of the model in its statistics: success if it ran to its end (its
+            # characters are its inferences: one model row each), failure if it failed, was
+            # cancelled or expired; its steps count as executions (Triton's decoupled models).
+            s = self._stream
+            ok = s.stop_reason is not None and s.error is None
+            self._count(ok, len(s.generated) if ok else 0)
         self._stream.close()
         self._release()
+
+    def _count(self, ok: bool, chars: int) -> None:
+        rt = self.runtime
+        count_request(self._registry, rt.stats, rt.name, rt.version, ok, chars, self._started)
 
     def _release(self) -> None:
         if not self._released:
@@ -154,7 +167,18 @@ class _Decoding:
         if kind is not None and issubclass(kind, InvalidInput):
             slot = self.registry.slots.get(self.name or self.registry.default_name)
             if slot is not None:
-                slot.stats.request_done(False, 0, self.started)
+                version = slot.current.version if slot.current is not None else ""
+                count_request(self.registry, slot.stats, slot.name, version, False, 0,
+                              self.started)
+
+
+def count_request(registry: ModelRegistry, stats: ModelStats, model: str, version: str,
+                  ok: bool, texts: int, started_ns: int) -> None:
+    """One inference request of a model done: its ModelStatistics and its Prometheus counter,
+    so both count the same requests."""
+    stats.request_done(ok, texts, started_ns)
+    if registry.metrics is not None:
+        registry.metrics.inference_done(model, version, ok)
 
 
 class DataPlane:
@@ -214,7 +238,7 @@ class DataPlane:
                 n = (len(call.texts) if call.texts is not None else
                      len(call.ids) if call.ids is not None and np.ndim(call.ids) else
                      int(np.size(call.lengths)) if call.lengths is not None else 0)
-                rt.stats.request_done(ok, n, started)
+                count_request(self.registry, rt.stats, rt.name, rt.version, ok, n, started)
             finally:
                 self.registry.release(rt)
 

@@ -6,6 +6,7 @@
 | metric | type | labels | meaning |
 |---|---|---|---|
 | nextchar_requests_total | counter | method, code, protocol | finished calls by status code |
+| nextchar_inference_requests_total | counter | model, version, result | inference requests of a model (Predict, V2 infer, each request of a ModelStreamInfer, Generate, completions): success / failure, as ModelStatistics counts them |
 | nextchar_request_duration_seconds | histogram | method, protocol | whole call, as the server saw it |
 | nextchar_queue_wait_seconds | histogram | model | per text: batcher queue -> start of its model call |
 | nextchar_compute_seconds | histogram | model | per model call (one padded batch) |
@@ -17,7 +18,9 @@
 | nextchar_model_info | info | model, name, version, artifact_version, sha256, backend, device | what is served now, per model |
 | nextchar_model_reloads_total | counter | model, result | loads and hot reloads: success / failure |
 
-`protocol` is grpc (nextchar.v1, KServe V2, Admin) or http; `lane` is high or low.
+`protocol` is grpc (nextchar.v1, KServe V2, Admin) or http; `lane` is high or low. A model's
+series go when it is unloaded (as Triton's do). The registry also exports prometheus-client's
+process_* (CPU seconds, resident memory, open fds), python_info and python_gc_* collectors.
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,8 +60,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # stateless readers of the process: shared by registries
         self.requests = Counter("nextchar_requests", "Finished calls by method and status code.",
                                 ["method", "code", "protocol"], registry=r)
+        self.inferences = Counter(
+            "nextchar_inference_requests", "Inference requests of a model by result.",
+            ["model", "version", "result"], registry=r)
         self.request_seconds = Histogram(
             "nextchar_request_duration_seconds", "Call duration on the server, seconds.",
             ["method", "protocol"], buckets=LATENCY_BUCKETS_S, registry=r)
@@ -72,6 +90,7 @@ class Metrics:
         self._runtimes: Callable[[], list[ModelRuntime]] = list
         r.register(_RuntimeGauges(lambda: self._runtimes()))
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._inference_children: dict[tuple[str, str, bool], Counter] = {}
         self._http: WSGIServer | None = None
 
     # -- hooks the server wires in -----------------------------------------------------------
@@ -109,6 +128,15 @@ class Metrics:
         children[0].inc()
         children[1].observe(duration_s)
 
+    def inference_done(self, model: str, version: str, ok: bool) -> None:
+        """One inference request of `model` answered (ok) or refused/failed; on the loop."""
+        key = (model, version, ok)
+        child = self._inference_children.get(key)
+        if child is None:
+            child = self._inference_children[key] = self.inferences.labels(
+                model, version, "success" if ok else "failure")
+        child.inc()
+
     def set_model(self, rt: ModelRuntime) -> None:
         a, b = rt.artifact, rt.backend
         self.model.labels(rt.name).info({
@@ -116,10 +144,15 @@ class Metrics:
             "sha256": a.sha256, "backend": b.name, "device": b.device})
 
     def clear_model(self, model: str) -> None:
-        try:
-            self.model.remove(model)
-        except KeyError:
-            pass
+        """Drops every series of an unloaded model, so dashboards stop showing it (a later load
+        starts them again at 0)."""
+        for metric in (self.model, self.queue_seconds, self.compute_seconds, self.batch_texts):
+            _remove(metric, model)
+        for result in ("success", "failure"):
+            _remove(self.reloads, model, result)
+        for key in [k for k in self._inference_children if k[0] == model]:
+            del self._inference_children[key]
+            _remove(self.inferences, model, key[1], "success" if key[2] else "failure")
 
     def track_runtimes(self, read: Callable[[], list[ModelRuntime]]) -> None:
         """Queue depth and active streams are read from the runtimes at scrape time."""
@@ -138,6 +171,13 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _remove(metric: Counter | Histogram | Info, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never observed
+        pass
 
 
 class _RuntimeGauges(Collector):

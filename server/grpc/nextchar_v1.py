@@ -39,10 +39,12 @@ class NextCharServicer(pb_grpc.NextCharServicer):
         self.plane = plane
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        with self.plane.decoding(request.model):  # a refused priority counts as a failure too
+            lane = lane_of(request.priority)
         answer = await self.plane.predict(PredictCall(
             texts=list(request.texts), top_k=request.top_k, per_position=request.per_position,
             states=list(request.states), return_state=request.return_state,
-            model=request.model, lane=lane_of(request.priority), deadline=deadline_of(context)))
+            model=request.model, lane=lane, deadline=deadline_of(context)))
         vocab = answer.vocab
         return pb.PredictResponse(predictions=[prediction_to_pb(r, vocab) for r in answer.results],
                                   model_version=answer.version, model_name=answer.model,

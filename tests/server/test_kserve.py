@@ -27,6 +27,7 @@ from nextchar.kserve import grpc_predict_v2_pb2 as pb
 from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from nextchar.server.errors import InvalidInput
 from nextchar.server.v2_tensors import unpack_bytes
+from nextchar.v1 import nextchar_pb2 as v1pb
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["hello world", "To be, or not to b", "Q"]
@@ -659,7 +660,14 @@ def test_every_refused_infer_counts_as_a_failure_in_the_statistics(start_server,
                      {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                                   "data": ["a~"]}]}):
             assert call(st.http_url, "POST", f"/v2/models/{name}/infer", body).status == 400
+        # nextchar.v1's Predict too: its model checks, and its priority enum.
+        v1 = ch.unary_unary("/nextchar.v1.NextChar/Predict",
+                            request_serializer=lambda m: m.SerializeToString(),
+                            response_deserializer=lambda b: b)
+        for request in (v1pb.PredictRequest(texts=["a~"]), v1pb.PredictRequest(texts=["hi"],
+                                                                                 priority=9)):
+            assert _code(v1, request)[0] == grpc.StatusCode.INVALID_ARGUMENT
         stub.ModelInfer(pb.ModelInferRequest(model_name=name, inputs=[_text_input(["hi"])]))
         (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name)).model_stats
-    assert (s.inference_stats.fail.count, s.inference_stats.success.count) == (7, 1)
+    assert (s.inference_stats.fail.count, s.inference_stats.success.count) == (9, 1)
     assert s.inference_count == 1

@@ -183,3 +183,52 @@ def test_without_metrics_port_nothing_is_counted_and_calls_still_work(
             stub.Predict(pb.PredictRequest(texts=["h\u00e9"]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert st.server.runtime().stats.inference_count == 1  # KServe statistics still count
+
+
+def test_per_model_inference_counts_agree_with_model_statistics(start_server,
+                                                                tiny_artifact: Path) -> None:
+    """Every kind of inference request of a model, counted per model and version in both
+    nextchar_inference_requests_total and KServe's ModelStatistics; its series go with an
+    unload. Requests inside one ModelStreamInfer count one by one (the RPC counts once)."""
+    from nextchar.kserve import grpc_predict_v2_pb2 as kpb
+    from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+    st = start_server(model=tiny_artifact, metrics_port=0)
+    rt = st.server.runtime()
+    name, version = rt.name, rt.version
+
+    def infer(text: str) -> kpb.ModelInferRequest:
+        req = kpb.ModelInferRequest(model_name=name)
+        req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            text.encode())
+        return req
+
+    with grpc.insecure_channel(st.address) as ch:
+        v1, kserve = pb_grpc.NextCharStub(ch), kpb_grpc.GRPCInferenceServiceStub(ch)
+        v1.Predict(pb.PredictRequest(texts=["hello", "wor"]))  # success 1 (2 texts)
+        with pytest.raises(grpc.RpcError):
+            v1.Predict(pb.PredictRequest(texts=["h~"]))  # failure 1
+        chunks = list(v1.Generate(pb.GenerateRequest(prompt="he", max_chars=7, seed=1)))
+        assert "".join(c.text for c in chunks) and chunks[-1].stop_reason  # success 2 (7 chars)
+        with pytest.raises(grpc.RpcError):
+            list(v1.Generate(pb.GenerateRequest(prompt="he", max_chars=7, temperature=-1)))
+        answers = list(kserve.ModelStreamInfer(iter([infer("abc"), infer("a~"), infer("ab")])))
+        assert [bool(a.error_message) for a in answers] == [False, True, False]
+        kserve.ModelInfer(infer("abc"))  # success 5
+        (s,) = kserve.ModelStatistics(kpb.ModelStatisticsRequest(name=name)).model_stats
+    assert (s.inference_stats.success.count, s.inference_stats.fail.count) == (5, 3)
+    assert s.inference_count == 2 + 7 + 1 + 1 + 1  # texts, and a stream's characters
+    assert s.inference_count >= s.execution_count  # Triton's: inferences per execution >= 1
+    m = scrape(st.server.metrics_port)
+    assert value(m, "nextchar_inference_requests_total", model=name, version=version,
+                 result="success") == 5
+    assert value(m, "nextchar_inference_requests_total", model=name, version=version,
+                 result="failure") == 3
+    assert value(m, "process_cpu_seconds_total") > 0
+    assert value(m, "process_resident_memory_bytes") > 0
+    st.call(st.server.plane.unload_model(name))
+    deadline = time.monotonic() + 30  # the queue and stream gauges last while it closes
+    while left := sorted({n for (n, labels) in scrape(st.server.metrics_port)
+                          if dict(labels).get("model") == name}):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.05)
