@@ -130,8 +130,8 @@ class Telemetry:
         """None while draining (the front end refuses the call with DRAINING_MESSAGE); else
         tracks the call and returns its sequence number. With tracing on, the call's SERVER
         span starts here (child of `traceparent`, the caller's W3C trace context)."""
-        if self.gate.closed:
-            self._finish(method, "UNAVAILABLE", 0.0, protocol)
+        if self.gate.closed:  # counted in the protocol's own codes, as every other answer
+            self._finish(method, "503" if protocol == "http" else "UNAVAILABLE", 0.0, protocol)
             return None
         if self.metrics is not None:
             self.metrics.in_flight.inc()

@@ -117,11 +117,14 @@ class CallLayer:
             headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1") or None)
         id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
         status = [0]
+        ended = [False]  # the response's last body message went out
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended[0] = True
             await send(message)
 
         health = path.startswith(HEALTH_PREFIX)
@@ -145,7 +148,10 @@ class CallLayer:
                             status, headers.get(TIMEOUT_HEADER))
         finally:
             if seq is not None:
-                telemetry.exit(seq, method, str(status[0] or 499), started, "http")
+                # 499 (nginx's "client closed request") also for a response the client left
+                # before its end (an SSE stream): its 200 went out, its answer did not.
+                code = str(status[0]) if status[0] and ended[0] else "499"
+                telemetry.exit(seq, method, code, started, "http")
 
     def _refusal(self, headers: dict[bytes, bytes], path: str) -> tuple[int, str] | None:
         if self.tokens is not None:

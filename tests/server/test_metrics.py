@@ -232,3 +232,45 @@ def test_per_model_inference_counts_agree_with_model_statistics(start_server,
                           if dict(labels).get("model") == name}):
         assert time.monotonic() < deadline, left
         time.sleep(0.05)
+
+
+def test_a_call_refused_while_draining_is_counted_in_its_protocols_code() -> None:
+    """HTTP answers it 503: counted "503" like every HTTP answer, gRPC's as UNAVAILABLE."""
+    from prometheus_client import generate_latest
+
+    from nextchar.server.metrics import Metrics
+    from nextchar.server.telemetry import CallTracker, DrainGate, Telemetry
+
+    metrics, gate = Metrics(), DrainGate()
+    gate.closed = True
+    telemetry = Telemetry(CallTracker(), gate, metrics)
+    assert telemetry.enter("POST /nextchar/v1/predict", "http") is None
+    assert telemetry.enter("/nextchar.v1.NextChar/Predict", "grpc") is None
+    counted = {line for line in generate_latest(metrics.registry).decode().splitlines()
+               if line.startswith("nextchar_requests_total")}
+    assert counted == {
+        'nextchar_requests_total{code="503",method="POST /nextchar/v1/predict",protocol="http"} 1.0',
+        'nextchar_requests_total{code="UNAVAILABLE",method="nextchar.v1.NextChar/Predict",'
+        'protocol="grpc"} 1.0'}
+
+
+def test_an_sse_stream_the_client_leaves_is_counted_499(start_server, tiny_artifact: Path) -> None:
+    """Its 200 went out with the first event, its answer did not: counted as the client's
+    close (499, as a non-streaming call the client leaves), not as a success."""
+    import socket
+
+    st = start_server(model=tiny_artifact, metrics_port=0, max_chars_per_text=1_000_000)
+    host, port = st.http_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": st.server.runtime().name, "prompt": "he", "stream": True,
+                       "max_tokens": 1_000_000, "seed": 1}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                  b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 30
+    while (left := value(scrape(st.server.metrics_port), "nextchar_requests_total",
+                         method="POST /v1/completions", code="499")) != 1:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.05)
+    m = scrape(st.server.metrics_port)
+    assert value(m, "nextchar_requests_total", method="POST /v1/completions", code="200") == 0
