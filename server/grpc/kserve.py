@@ -25,8 +25,8 @@ from nextchar.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from ..dataplane import DataPlane, PredictCall
 from ..errors import InvalidInput, NotFound, ServingError
 from ..registry import ModelState
-from ..stats import Duration
 from ..v2_config import model_config
+from ..v2_stats import model_statistics
 from ..v2_tensors import deadline_with_timeout, metadata_tensors
 from .kserve_codec import (
     decode_inputs,
@@ -52,10 +52,6 @@ def _named(name: str) -> str:
     if not name:
         raise InvalidInput("model name is required (ListModels or RepositoryIndex lists them)")
     return name
-
-
-def _duration(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -173,18 +169,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        out = pb.ModelStatisticsResponse()
-        for name, version, st in self.plane.statistics(request.name, request.version):
-            out.model_stats.add(
-                name=name, version=version, last_inference=st.last_inference_ms,
-                inference_count=st.inference_count, execution_count=st.execution_count,
-                inference_stats=pb.InferStatistics(
-                    success=_duration(st.success), fail=_duration(st.fail),
-                    queue=_duration(st.queue), compute_infer=_duration(st.compute_infer)),
-                batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-                             for size, d in sorted(st.batches.items())],
-            )
-        return out
+        doc = model_statistics(self.plane, request.name, request.version)
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext

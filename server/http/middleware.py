@@ -49,8 +49,9 @@ BAD_TOKEN = "bearer token not accepted"
 _ROUTES = [(re.compile(p), t) for p, t in (
     (r"/v2", "/v2"),
     (r"/v2/health/(live|ready)", r"/v2/health/\1"),
+    (r"/v2/models/stats", "/v2/models/stats"),
     (r"/v2/models/[^/]+(/versions/[^/]+)?", "/v2/models/{name}"),
-    (r"/v2/models/[^/]+(/versions/[^/]+)?/(ready|infer|config)", r"/v2/models/{name}/\2"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?/(ready|infer|config|stats)", r"/v2/models/{name}/\2"),
     (r"/v2/repository/index", "/v2/repository/index"),
     (r"/v2/repository/models/[^/]+/(load|unload)", r"/v2/repository/models/{name}/\1"),
     (r"/v1/models", "/v1/models"),

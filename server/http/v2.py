@@ -33,6 +33,7 @@ from ..registry import ModelState
 from ..security import CONTROL_LOOPBACK_ONLY, is_loopback
 from ..telemetry import DrainGate
 from ..v2_config import model_config
+from ..v2_stats import model_statistics
 from ..v2_tensors import deadline_with_timeout, metadata_tensors, output_tensors
 from .errors import INTERNAL, body_error, error_body, error_headers
 from .json_body import json_router
@@ -139,7 +140,7 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
     @r.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
         return _json({"name": SERVER_NAME, "version": __version__,
-                      "extensions": ["model_repository", "model_configuration",
+                      "extensions": ["model_repository", "model_configuration", "statistics",
                                      "binary_tensor_data", "schedule_policy"]})
 
     @r.get("/v2/health/live", summary="Liveness: 200 whenever the process answers")
@@ -168,6 +169,20 @@ def router(plane: DataPlane, gate: DrainGate, control_loopback_only: bool = Fals
             return Response(body, media_type=JSON)
         return Response(body, media_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(header_length)})
+
+    # Before /v2/models/{name}: "stats" is the statistics of every model, as in Triton.
+    @r.get("/v2/models/stats", summary="Every model's statistics (Triton extension)")
+    async def all_statistics() -> Response:
+        return _json(model_statistics(plane))
+
+    @r.get("/v2/models/{name}/stats", summary="A model's statistics (Triton extension)")
+    async def statistics(name: str) -> Response:
+        return _json(model_statistics(plane, name))
+
+    @r.get("/v2/models/{name}/versions/{version}/stats",
+           summary="A model's statistics, naming its version (Triton extension)")
+    async def version_statistics(name: str, version: str) -> Response:
+        return _json(model_statistics(plane, name, version))
 
     @r.get("/v2/models/{name}", summary="Model metadata")
     async def metadata_latest(name: str) -> Response:

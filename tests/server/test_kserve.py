@@ -671,3 +671,36 @@ def test_every_refused_infer_counts_as_a_failure_in_the_statistics(start_server,
         (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name)).model_stats
     assert (s.inference_stats.fail.count, s.inference_stats.success.count) == (9, 1)
     assert s.inference_count == 1
+
+
+def test_statistics_over_rest_are_the_grpc_ones(start_server, tiny_artifact) -> None:
+    """Triton's statistics extension over HTTP (GET /v2/models[/{name}[/versions/{v}]]/stats,
+    what tritonclient.http's get_inference_statistics reads): the gRPC document in Triton's
+    JSON, numbers as numbers."""
+    from google.protobuf import json_format
+    from http_util import call
+
+    st = start_server(model=tiny_artifact)
+    name, version = st.server.runtime().name, st.server.runtime().version
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        stub.ModelInfer(pb.ModelInferRequest(model_name=name, inputs=[_text_input(["hi", "a"])]))
+        assert _code(stub.ModelInfer, pb.ModelInferRequest(model_name=name, inputs=[
+            _text_input(["a~"])]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        grpc_doc = json_format.MessageToDict(
+            stub.ModelStatistics(pb.ModelStatisticsRequest(name=name)),
+            preserving_proto_field_name=True)
+    for path in ("/v2/models/stats", f"/v2/models/{name}/stats",
+                 f"/v2/models/{name}/versions/{version}/stats"):
+        r = call(st.http_url, "GET", path)
+        assert r.status == 200, r.body
+        doc = r.json()
+        (s,) = doc["model_stats"]
+        assert (s["name"], s["version"], s["inference_count"]) == (name, version, 2)
+        assert s["inference_stats"]["success"]["count"] == 1
+        assert s["inference_stats"]["fail"]["count"] == 1
+        assert json_format.ParseDict(doc, pb.ModelStatisticsResponse()) == json_format.ParseDict(
+            grpc_doc, pb.ModelStatisticsResponse())
+    r = call(st.http_url, "GET", f"/v2/models/{name}/versions/nope/stats")
+    assert (r.status, r.json()) == (404, {"error": f"model '{name}' has no version 'nope' loaded"})
+    assert "statistics" in call(st.http_url, "GET", "/v2").json()["extensions"]
