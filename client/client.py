@@ -83,8 +83,8 @@ class NextCharError(Exception):
 
 
 def _request_id(e: grpc.RpcError) -> str | None:
-    """The server sends x-request-id in its initial metadata, or with the status when it fails
-    a call before answering it."""
+    """The server sends x-request-id with the status (trailing metadata) of every call, and in
+    the initial metadata of a stream too (a stream cancelled mid-way gets no trailers)."""
     for name in ("trailing_metadata", "initial_metadata"):
         get = getattr(e, name, None)
         try:

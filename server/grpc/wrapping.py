@@ -32,7 +32,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..errors import ServingError
-from ..logging_setup import REQUEST_ID_HEADER
+from ..logging_setup import REQUEST_ID_HEADER, request_id_var
 from ..security import CONTROL_LOOPBACK_ONLY, bearer_token, is_loopback
 from ..telemetry import DRAINING_MESSAGE, Telemetry
 
@@ -252,6 +252,9 @@ class CallWrapper:
             seq = _enter(telemetry, context, method) if tracked else None
             if tracked and seq is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            if tracked:
+                # A stream's id also goes first: a client that cancels it gets no trailers.
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id_var.get() or ""),))
             started = time.perf_counter()
             code = "OK"
             try:

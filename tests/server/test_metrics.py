@@ -120,6 +120,12 @@ def test_request_id_is_echoed_on_success_and_error(tiny_server) -> None:
         _, call = stub.Predict.with_call(pb.PredictRequest(texts=["abc"]),
                                          metadata=[("x-request-id", "has space")])
         assert dict(call.trailing_metadata())["x-request-id"] not in ("has space", generated)
+        # A stream names it first too: one cancelled mid-way gets no trailers.
+        stream = stub.Generate(pb.GenerateRequest(prompt="ab", max_chars=4096, seed=1),
+                               metadata=[("x-request-id", "gen-3")])
+        assert dict(stream.initial_metadata())["x-request-id"] == "gen-3"
+        next(stream)
+        stream.cancel()
 
 
 def test_access_log_is_json_with_the_request_id(tiny_server) -> None:
