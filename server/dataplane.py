@@ -166,9 +166,9 @@ class _Decoding:
                  tb: object) -> None:  # None: the error goes on to the front end's mapping
         if kind is not None and issubclass(kind, InvalidInput):
             slot = self.registry.slots.get(self.name or self.registry.default_name)
-            if slot is not None:
-                version = slot.current.version if slot.current is not None else ""
-                count_request(self.registry, slot.stats, slot.name, version, False, 0,
+            rt = slot.current if slot is not None else None
+            if rt is not None:
+                count_request(self.registry, rt.stats, rt.name, rt.version, False, 0,
                               self.started)
 
 
@@ -299,21 +299,23 @@ class DataPlane:
                            rt.artifact.version, rt.backend.name, rt.backend.device)
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
-        """(model, version, stats) for one model, or every known model when name is empty (a
-        version then means nothing: Triton ignores it without a name, and so do we)."""
+        """(model, version, stats) of the served version of one model, or of every served model
+        when name is empty (a version then means nothing: Triton ignores it without a name, and
+        so do we). Each version counts since its load."""
         if name:
             slot = self.registry.slot(name)
-            slots = [slot]
+            if slot.current is None:
+                raise NotFound(f"model '{slot.name}' is not loaded ({slot.state.value}): it has "
+                               f"no statistics")
+            runtimes = [slot.current]
         else:
-            slots = [s for _, s in sorted(self.registry.slots.items())]
+            runtimes = [s.current for _, s in sorted(self.registry.slots.items())
+                        if s.current is not None]
             version = ""
-        out = []
-        for slot in slots:
-            served = slot.current.version if slot.current is not None else ""
-            if version and version != served:
-                raise NotFound(f"model '{slot.name}' has no version '{version}' loaded")
-            out.append((slot.name, served, slot.stats))
-        return out
+        for rt in runtimes:
+            if version and version != rt.version:
+                raise NotFound(f"model '{rt.name}' has no version '{version}' loaded")
+        return [(rt.name, rt.version, rt.stats) for rt in runtimes]
 
     # -- control -----------------------------------------------------------------------------
     async def load_model(self, name: str) -> LoadOutcome:

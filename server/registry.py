@@ -117,7 +117,6 @@ class ModelSlot:
         self.base_settings = settings
         self.settings = settings
         self.has_config = has_config  # a repository model: its config.json applies
-        self.stats = ModelStats()  # across versions, since the first load
         self.current: ModelRuntime | None = None
         self.state = ModelState.UNAVAILABLE
         self.reason = ""
@@ -305,8 +304,10 @@ class ModelSlot:
     async def _start(self, path: Path, artifact: Artifact, backend: Backend,
                      served: ModelRuntime | None) -> ModelRuntime:
         version = self.source.version_of(path, artifact.version)
+        # Statistics per version since its load, as Triton keeps them: a new version starts
+        # at 0, while the old one finishes its calls into its own.
         rt = ModelRuntime.assemble(self.name, version, artifact, backend, self.settings,
-                                   self.registry.metrics, self.stats, self.registry.tracing)
+                                   self.registry.metrics, ModelStats(), self.registry.tracing)
         try:
             await rt.start(warmup=True if served is not None else None)
             if served is not None and served.probe_logits is not None \

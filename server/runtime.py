@@ -116,8 +116,8 @@ class ModelRuntime:
                  settings: ServerSettings, metrics: Metrics | None = None,
                  stats: ModelStats | None = None,
                  tracing: Tracing | None = None) -> ModelRuntime:
-        """One version's batcher, predictor and generator (not started). `stats`: the model's
-        statistics, kept across its versions (a new one when omitted)."""
+        """One version's batcher, predictor and generator (not started). `stats`: this version's
+        statistics (a new one when omitted)."""
         stats = stats if stats is not None else ModelStats()
         batcher = build_batcher(backend, settings, metrics, name, stats, tracing)
         predictor = Predictor(artifact, backend, batcher, Limits.from_settings(settings), name,

@@ -1,4 +1,4 @@
-"""Per-model inference statistics, cumulative since the model was first loaded: what KServe's
+"""Per-version inference statistics, cumulative since the version was loaded: what KServe's
 and Triton's ModelStatistics report (counts and nanoseconds, as Triton counts them).
 
 Request outcomes are recorded on the event loop; batch figures on the worker threads, under a

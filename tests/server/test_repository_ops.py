@@ -297,3 +297,39 @@ def test_reload_does_not_undo_an_unload(start_server, repo: Path) -> None:
         assert {m.name: m.state for m in c.list_models().models}["alpha"] != pb.MODEL_STATE_READY
         assert c.load_model("alpha").version == "1"
         assert c.reload_model("alpha").reloaded is False  # loaded again: reload answers
+
+
+def test_statistics_are_per_version_and_go_with_an_unload(start_server, repo: Path,
+                                                         sources: dict[str, Path]) -> None:
+    """As Triton keeps them: a new version starts at 0 (its predecessor's calls are not its),
+    the old version is no longer asked for, and an unloaded model has none."""
+    from nextchar.kserve import grpc_predict_v2_pb2 as kpb
+    from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+
+    st = start_server(model_repository=repo)
+    with NextCharClient(st.address) as c, grpc.insecure_channel(st.address) as ch:
+        stub = kpb_grpc.GRPCInferenceServiceStub(ch)
+
+        def stats(version: str = "") -> Any:
+            (s,) = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="alpha",
+                                                                   version=version)).model_stats
+            return s.version, s.inference_stats.success.count, s.inference_count
+
+        c.predict(["abc", "ab"], model="alpha")
+        assert stats() == ("1", 1, 2)
+        shutil.copytree(sources["alpha"], repo / "alpha" / "2")
+        c.load_model("alpha")
+        assert stats() == stats("2") == ("2", 0, 0)
+        c.predict(["abc"], model="alpha")
+        assert stats() == ("2", 1, 1)
+        with pytest.raises(grpc.RpcError) as e:
+            stats("1")
+        assert (e.value.code(), e.value.details()) == (
+            grpc.StatusCode.NOT_FOUND, "model 'alpha' has no version '1' loaded")
+        c.unload_model("alpha")
+        with pytest.raises(grpc.RpcError) as e:
+            stats()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "model 'alpha' is not loaded" in e.value.details()
+        every = stub.ModelStatistics(kpb.ModelStatisticsRequest()).model_stats
+        assert [(s.name, s.version) for s in every] == [("beta", "1")]
