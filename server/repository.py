@@ -107,7 +107,9 @@ def scan_repository(root: Path) -> dict[str, Path]:
 def model_folder(root: Path, name: str) -> Path | None:
     """The repository folder a load call names, or None when `name` is not one: a model name is
     a folder name directly under the repository (as in Triton), never a path, so a caller cannot
-    make the server load a directory from elsewhere on its filesystem."""
+    make the server load a directory from elsewhere on its filesystem. A folder of the
+    repository that is a symlink is followed, as Triton does: where it points is the choice of
+    whoever may write the repository, not of the caller."""
     if name in ("", ".", "..") or name.startswith(".") or "/" in name or "\\" in name \
             or "\0" in name or Path(name).is_absolute():
         return None

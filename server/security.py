@@ -141,6 +141,12 @@ def load_tokens(s: ServerSettings) -> TokenSet | None:
         except (OSError, UnicodeDecodeError) as e:
             raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: cannot read "
                                       f"({e})") from e
+        mode = s.auth_tokens_file.stat().st_mode & 0o777
+        if mode & 0o007:
+            # Not refused (a mounted secret's mode is the orchestrator's; the group is how
+            # Kubernetes' fsGroup lets the server read it), but said: every local user could.
+            log.warning("--auth-tokens-file %s is readable by every user (mode %o): chmod o-rwx "
+                        "it", s.auth_tokens_file, mode)
         from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not from_file:
             raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: no tokens in it "

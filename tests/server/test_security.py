@@ -309,6 +309,19 @@ def test_bad_security_settings_fail_with_one_line(tmp_path: Path, pki: Pki) -> N
     assert load_tokens(ServerSettings()) is None
 
 
+def test_a_token_file_every_user_can_read_is_named_at_start(tmp_path: Path, caplog) -> None:
+    f = tmp_path / "tokens.txt"
+    f.write_text(f"{TOKEN}\n")
+    for mode, warned in ((0o600, False), (0o640, False), (0o644, True)):
+        f.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nextchar.server.security"):
+            assert load_tokens(ServerSettings(auth_tokens_file=f)) is not None
+        assert [r.getMessage() for r in caplog.records] == (
+            [f"--auth-tokens-file {f} is readable by every user (mode 644): chmod o-rwx it"]
+            if warned else []), mode
+
+
 def test_tokens_from_env_and_file_are_merged(tmp_path: Path, monkeypatch) -> None:
     f = tmp_path / "tokens.txt"
     f.write_text(f"{OTHER_TOKEN}\n")
