@@ -116,7 +116,8 @@ class NextCharServer:
         server = grpc.aio.server(options=options)
         # Every handler registered through `wrapped` gets telemetry, auth and error mapping,
         # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).
-        auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s))
+        auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s),
+                                                tokens.may_control)
         telemetry = Telemetry(self.tracker, self.gate, self.metrics, self.tracing)  # + HTTP
         wrapper = CallWrapper(telemetry, auth, admin_loopback_only=tokens is None)
         wrapped: Any = WrappingServer(server, wrapper)

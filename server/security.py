@@ -113,51 +113,72 @@ def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
 
 
 class TokenSet:
-    """Accepted bearer tokens, kept as sha256 digests and compared in constant time."""
+    """Accepted bearer tokens, kept as sha256 digests and compared in constant time. With admin
+    tokens (--admin-tokens-file), only those may call model control; they are accepted for
+    every other call too."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    def __init__(self, tokens: Sequence[str], admin: Sequence[str] = ()) -> None:
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in [*tokens, *admin]]
+        self._admin = [hashlib.sha256(t.encode()).digest() for t in admin]
 
     def __len__(self) -> int:
         return len(self._digests)
 
+    @property
+    def restricts_control(self) -> bool:
+        return bool(self._admin)
+
     def accepts(self, token: str) -> bool:
-        digest = hashlib.sha256(token.encode()).digest()
-        found = False
-        for d in self._digests:  # no early exit: time does not depend on which token matched
-            found |= hmac.compare_digest(d, digest)
-        return found
+        return _any_equal(self._digests, token)
+
+    def may_control(self, token: str) -> bool:
+        """Whether an accepted token may load, unload or reload models."""
+        return not self._admin or _any_equal(self._admin, token)
+
+
+def _any_equal(digests: Sequence[bytes], token: str) -> bool:
+    digest = hashlib.sha256(token.encode()).digest()
+    found = False
+    for d in digests:  # no early exit: time does not depend on which token matched
+        found |= hmac.compare_digest(d, digest)
+    return found
+
+
+def _tokens_from_file(path: Path, flag: str) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecurityConfigError(f"{flag} {path}: cannot read ({e})") from e
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o007:
+        # Not refused (a mounted secret's mode is the orchestrator's; the group is how
+        # Kubernetes' fsGroup lets the server read it), but said: every local user could.
+        log.warning("%s %s is readable by every user (mode %o): chmod o-rwx it", flag, path, mode)
+    tokens = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not tokens:
+        raise SecurityConfigError(f"{flag} {path}: no tokens in it (one per line; '#' starts a "
+                                  f"comment)")
+    return tokens
 
 
 def load_tokens(s: ServerSettings) -> TokenSet | None:
-    """Tokens from --auth-tokens-file and NEXTCHAR_AUTH_TOKENS; None when auth is off."""
+    """Tokens from --auth-tokens-file, NEXTCHAR_AUTH_TOKENS and --admin-tokens-file; None when
+    auth is off."""
     tokens = [t.strip() for t in s.auth_tokens.split(",") if t.strip()]
     if s.auth_tokens and not tokens:  # set, to blanks or commas: a mistake, never "auth off"
         raise SecurityConfigError("NEXTCHAR_AUTH_TOKENS is set but holds no tokens (comma-"
                                   "separated; unset it, or set it empty, to turn auth off)")
     if s.auth_tokens_file is not None:
-        try:
-            lines = s.auth_tokens_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: cannot read "
-                                      f"({e})") from e
-        mode = s.auth_tokens_file.stat().st_mode & 0o777
-        if mode & 0o007:
-            # Not refused (a mounted secret's mode is the orchestrator's; the group is how
-            # Kubernetes' fsGroup lets the server read it), but said: every local user could.
-            log.warning("--auth-tokens-file %s is readable by every user (mode %o): chmod o-rwx "
-                        "it", s.auth_tokens_file, mode)
-        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        if not from_file:
-            raise SecurityConfigError(f"--auth-tokens-file {s.auth_tokens_file}: no tokens in it "
-                                      f"(one per line; '#' starts a comment)")
-        tokens += from_file
-    if not tokens:
+        tokens += _tokens_from_file(s.auth_tokens_file, "--auth-tokens-file")
+    admin = ([] if s.admin_tokens_file is None else
+             _tokens_from_file(s.admin_tokens_file, "--admin-tokens-file"))
+    if not tokens and not admin:
         return None
-    if any(len(t) < 16 or not t.isascii() or not t.isprintable() or " " in t for t in tokens):
+    if any(len(t) < 16 or not t.isascii() or not t.isprintable() or " " in t
+           for t in [*tokens, *admin]):
         raise SecurityConfigError("auth tokens must be printable ASCII without spaces, at least "
                                   "16 characters (e.g. `openssl rand -hex 32`)")
-    return TokenSet(tokens)
+    return TokenSet(tokens, admin)
 
 
 def open_method(method: str, s: ServerSettings) -> bool:
@@ -183,6 +204,11 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
 CONTROL_LOOPBACK_ONLY = (
     "model control (Admin, repository load/unload) is open to loopback callers only while auth "
     "is off: call from this host, or start the server with --auth-tokens-file and send a token")
+
+
+# With --admin-tokens-file, a token from the other sources calling model control.
+CONTROL_ADMIN_ONLY = ("this token may not change what is served (Admin, repository load/"
+                      "unload): those calls need a token of --admin-tokens-file")
 
 
 def is_loopback(host: str) -> bool:

@@ -231,6 +231,10 @@ class ServerSettings(BaseSettings):
     auth_tokens: str = Field(
         "", description="Comma-separated bearer tokens (env NEXTCHAR_AUTH_TOKENS only, no flag)."
     )
+    admin_tokens_file: Path | None = Field(
+        None, description="File of bearer tokens that alone may change what is served (Admin, "
+        "repository load/unload); accepted for every other call too. Turns auth on."
+    )
     auth_open_health: bool = Field(True, description="With auth on, health checks need no token.")
     auth_open_reflection: bool = Field(
         False, description="With auth on, server reflection needs no token."

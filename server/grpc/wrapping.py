@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import ServingError
 from ..logging_setup import REQUEST_ID_HEADER, request_id_var
-from ..security import CONTROL_LOOPBACK_ONLY, bearer_token, is_loopback
+from ..security import CONTROL_ADMIN_ONLY, CONTROL_LOOPBACK_ONLY, bearer_token, is_loopback
 from ..telemetry import DRAINING_MESSAGE, Telemetry
 
 log = logging.getLogger(__name__)
@@ -46,20 +46,26 @@ STREAM_ENDED = ("server is shutting down: stream ended early; continue on anothe
 
 class Auth:
     """Bearer tokens: `accepts(token)` decides; `is_open(method)` names the methods answered
-    without one."""
+    without one; `may_control(token)`, whether an accepted token may call CONTROL_METHODS."""
 
-    def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool]) -> None:
+    def __init__(self, accepts: Callable[[str], bool], is_open: Callable[[str], bool],
+                 may_control: Callable[[str], bool] = lambda _: True) -> None:
         self.accepts = accepts
         self.is_open = is_open
+        self.may_control = may_control
 
     async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """Aborts the call with UNAUTHENTICATED unless it carries an accepted token."""
+        """Aborts the call with UNAUTHENTICATED unless it carries an accepted token, and a
+        control call with PERMISSION_DENIED unless that token may control."""
         token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN)
         elif not self.accepts(token):
             log.info("rejected a call to %s: token not accepted", method)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token not accepted")
+        elif method.startswith(CONTROL_METHODS) and not self.may_control(token):
+            log.info("refused %s: the token is not an admin token", method)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, CONTROL_ADMIN_ONLY)
 
 
 def code_of(context: grpc.aio.ServicerContext) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..logging_setup import REQUEST_ID_HEADER
-from ..security import TokenSet
+from ..security import CONTROL_ADMIN_ONLY, TokenSet
 from ..telemetry import DRAINING_MESSAGE, Telemetry
 from .errors import INTERNAL, BodyRefused, BodyTimeout, BodyTooLarge, error_body, error_headers
 
@@ -62,6 +62,9 @@ _ROUTES = [(re.compile(p), t) for p, t in (
     (r"/openapi.json", "/openapi.json"),
 )]
 
+
+# Model control over HTTP (Triton's repository extension); gRPC's: wrapping.CONTROL_METHODS.
+_CONTROL_PATH = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
 
 _LABELS: dict[tuple[str, str], str] = {}
 _MAX_LABELS = 4096
@@ -162,6 +165,10 @@ class CallLayer:
             if not self.tokens.accepts(token):
                 log.info("rejected an HTTP call to %s: token not accepted", path)
                 return 401, BAD_TOKEN
+            if self.tokens.restricts_control and _CONTROL_PATH.fullmatch(path) \
+                    and not self.tokens.may_control(token):
+                log.info("refused %s: the token is not an admin token", path)
+                return 403, CONTROL_ADMIN_ONLY
         length = headers.get(b"content-length")
         if length is not None:
             try:

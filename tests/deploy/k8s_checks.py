@@ -325,7 +325,7 @@ def check_server(docs: list[dict[str, Any]]) -> list[str]:
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
     for name in ("model", "model_repository", "tls_cert", "tls_key", "tls_client_ca",
-                 "auth_tokens_file"):
+                 "auth_tokens_file", "admin_tokens_file"):
         value = setting(name) if name in PENDING_SETTINGS else getattr(s, name)
         if value is None:
             continue

@@ -206,6 +206,50 @@ def test_tokens_wrong_missing_and_right(start_server, tiny_artifact) -> None:
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_admin_tokens_alone_may_change_what_is_served(start_server, tiny_artifact,
+                                                      tmp_path: Path) -> None:
+    """With --admin-tokens-file, the other tokens infer but may not reload, load or unload
+    (PERMISSION_DENIED / 403, Triton's restricted repository API); admin tokens do both."""
+    from http_util import call
+
+    from nextchar.kserve import grpc_predict_v2_pb2 as kpb
+    from nextchar.kserve import grpc_predict_v2_pb2_grpc as kpb_grpc
+    from nextchar.server.security import CONTROL_ADMIN_ONLY
+
+    admin_file = tmp_path / "admin.txt"
+    admin_file.write_text(f"# operators\n{OTHER_TOKEN}\n")
+    admin_file.chmod(0o600)
+    st = start_server(model=tiny_artifact, auth_tokens=TOKEN, admin_tokens_file=admin_file)
+    name = st.server.runtime().name
+    with NextCharClient(st.address, token=TOKEN) as user:
+        assert len(user.predict(["abc"], top_k=2)[0].top) == 2
+        with pytest.raises(NextCharError) as e:
+            user.reload_model()
+        assert (e.value.code, e.value.details) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                   CONTROL_ADMIN_ONLY)
+    with grpc.insecure_channel(st.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            kpb_grpc.GRPCInferenceServiceStub(ch).RepositoryModelUnload(
+                kpb.RepositoryModelUnloadRequest(model_name=name),
+                metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for path in (f"/v2/repository/models/{name}/unload", f"/v2/repository/models/{name}/load"):
+        r = call(st.http_url, "POST", path, {}, headers={"authorization": f"Bearer {TOKEN}"})
+        assert (r.status, r.json()) == (403, {"error": CONTROL_ADMIN_ONLY})
+    assert call(st.http_url, "GET", f"/v2/models/{name}",
+                headers={"authorization": f"Bearer {TOKEN}"}).status == 200
+    with NextCharClient(st.address, token=OTHER_TOKEN) as admin:
+        assert len(admin.predict(["abc"], top_k=2)[0].top) == 2  # an admin token infers too
+        assert admin.reload_model().reloaded is False
+    r = call(st.http_url, "POST", f"/v2/repository/models/{name}/load", {},
+             headers={"authorization": f"Bearer {OTHER_TOKEN}"})
+    assert (r.status, r.json()) == (200, {})
+    with NextCharClient(st.address) as none:  # no token: UNAUTHENTICATED as before
+        with pytest.raises(NextCharError) as e:
+            none.reload_model()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_health_and_reflection_openness_is_configurable(start_server, tiny_artifact) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -329,6 +373,17 @@ def test_tokens_from_env_and_file_are_merged(tmp_path: Path, monkeypatch) -> Non
     ts = load_tokens(ServerSettings(auth_tokens_file=f))
     assert isinstance(ts, TokenSet) and len(ts) == 2
     assert ts.accepts(TOKEN) and ts.accepts(OTHER_TOKEN)
+    assert not ts.restricts_control and ts.may_control(TOKEN)
+    # Admin tokens alone turn auth on; they are accepted, and only they may control.
+    monkeypatch.delenv("NEXTCHAR_AUTH_TOKENS")
+    ts = load_tokens(ServerSettings(admin_tokens_file=f))
+    assert ts is not None and ts.restricts_control
+    assert ts.accepts(OTHER_TOKEN) and ts.may_control(OTHER_TOKEN)
+    assert not ts.accepts(TOKEN) and not ts.may_control(TOKEN)
+    f.write_text("short\n")
+    with pytest.raises(SecurityConfigError) as e:
+        load_tokens(ServerSettings(admin_tokens_file=f))
+    assert "at least 16 characters" in str(e.value)
     assert not ts.accepts(TOKEN[:-1]) and not ts.accepts("")
 
 
