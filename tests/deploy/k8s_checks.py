@@ -304,6 +304,15 @@ def check_server(docs: list[dict[str, Any]]) -> list[str]:
         problems.append("rolling update must keep maxUnavailable 0")
     if "replicas" in dep["spec"]:
         problems.append("Deployment sets replicas: the HPA owns the count")
+    # Spread over nodes and zones, softly (a one-zone cluster must still schedule), selecting
+    # the server's own pods.
+    own = dep["spec"]["selector"]["matchLabels"]
+    spread = {c["topologyKey"]: c for c in dep["spec"]["template"]["spec"].get(
+        "topologySpreadConstraints", []) if c.get("labelSelector", {}).get("matchLabels") == own}
+    for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone"):
+        if spread.get(key, {}).get("whenUnsatisfiable") != "ScheduleAnyway":
+            problems.append(f"server pods must spread over {key} (ScheduleAnyway, selecting "
+                            f"the Deployment's pods)")
 
     # Threads: model calls x threads per call fit the CPU request.
     req = server.get("resources", {}).get("requests", {})

@@ -176,6 +176,8 @@ def test_broken_copy_fails_validation(tree: Path, tmp_path: Path, path: str, old
     ("base/deployment.yaml", "enableServiceLinks: false", "enableServiceLinks: true",
      "enableServiceLinks"),
     ("base/service-headless.yaml", "clusterIP: None", "clusterIP: ''", "headless"),
+    ("base/deployment.yaml", "topologyKey: topology.kubernetes.io/zone",
+     "topologyKey: example.com/rack", "spread over topology.kubernetes.io/zone"),
 ])
 def test_broken_copy_fails_consistency(tree: Path, tmp_path: Path, path: str, old: str, new: str,
                                        expect: str) -> None:
