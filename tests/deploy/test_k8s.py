@@ -68,7 +68,8 @@ def rendered(tree: Path) -> dict[str, list[dict[str, Any]]]:
 
 def test_every_overlay_and_component_is_tested() -> None:
     assert {"base", "batch", "overlays/cpu", "overlays/gpu", "overlays/tls-auth",
-            "overlays/multi-model", "overlays/queue-depth-hpa"} <= set(TARGETS)
+            "overlays/multi-model", "overlays/queue-depth-hpa",
+            "overlays/network-policy"} <= set(TARGETS)
     used = set()
     for t in TARGETS:
         used |= {Path(c).name for c in yaml.safe_load(
@@ -123,6 +124,13 @@ def test_overlays_do_what_they_say(rendered: dict[str, list[dict[str, Any]]]) ->
     assert secrets["nextchar-tls"]["type"] == "kubernetes.io/tls"
     env = {e["name"]: e["value"] for e in server("overlays/multi-model")["env"] if "value" in e}
     assert env["NEXTCHAR_MODEL_REPOSITORY"] == "/model-repository"
+    # The policy selects the server's pods and opens exactly their named ports.
+    policy = one(rendered["overlays/network-policy"], "NetworkPolicy")
+    dep = one(rendered["overlays/network-policy"], "Deployment", "nextchar")
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert opened == {p["name"] for p in server("overlays/network-policy")["ports"]}
+    assert [r.get("from") for r in policy["spec"]["ingress"]][0] is None  # clients: any
     hpa = one(rendered["overlays/queue-depth-hpa"], "HorizontalPodAutoscaler")
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
     assert hpa["spec"]["metrics"][1]["pods"]["metric"]["name"] == "nextchar_queue_depth_texts"
