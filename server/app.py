@@ -118,7 +118,8 @@ class NextCharServer:
         # wrapped once here rather than by interceptors on every call (grpc/wrapping.py).
         auth = None if tokens is None else Auth(tokens.accepts, lambda m: open_method(m, s),
                                                 tokens.may_control)
-        telemetry = Telemetry(self.tracker, self.gate, self.metrics, self.tracing)  # + HTTP
+        telemetry = Telemetry(self.tracker, self.gate, self.metrics, self.tracing,  # + HTTP
+                              access_log=s.access_log)
         wrapper = CallWrapper(telemetry, auth, admin_loopback_only=tokens is None)
         wrapped: Any = WrappingServer(server, wrapper)
         nextchar_pb2_grpc.add_NextCharServicer_to_server(NextCharServicer(self.plane), wrapped)

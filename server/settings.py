@@ -196,6 +196,10 @@ class ServerSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or one JSON object per line (with request_id)."
     )
+    access_log: bool = Field(
+        False, description="Log every call at INFO (nextchar.server.access: method, code, "
+        "duration, request id, a refused call's message); off: at DEBUG only."
+    )
     prestop_s: float = Field(
         0.0, ge=0, le=86_400, description="On SIGTERM: keep serving this long after health turns NOT_SERVING."
     )

@@ -16,6 +16,7 @@ For every call except health and reflection:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("nextchar.server.access")
+# An HTTP error answer's message, for the access log line of its call (set where the body is
+# made, http/errors.py; each request runs in its own task, so in its own context).
+http_error_detail: contextvars.ContextVar[str] = contextvars.ContextVar("nextchar_http_error",
+                                                                        default="")
 
 # Always answered, never counted or refused: probes must see NOT_SERVING while draining.
 UNTRACKED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -107,11 +112,14 @@ class Telemetry:
     """What the call wrapper (interceptors.py) does first and last on every tracked call."""
 
     def __init__(self, tracker: CallTracker, gate: DrainGate, metrics: Metrics | None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, access_log: bool = False) -> None:
         self.tracker = tracker
         self.gate = gate
         self.metrics = metrics
         self.tracing = tracing
+        # --access-log: every call at INFO; else at DEBUG, so that at the default level a
+        # flood of refused calls cannot flood the log.
+        self.access_level = logging.INFO if access_log else logging.DEBUG
         self._traces: dict[int, CallTrace] = {}  # by call sequence number, with tracing on
 
     @staticmethod
@@ -141,19 +149,23 @@ class Telemetry:
         return seq
 
     def exit(self, seq: int, method: str, code: str, started: float,
-             protocol: str = "grpc") -> None:
+             protocol: str = "grpc", detail: str = "") -> None:
+        """`detail`: a refused or failed call's message, for the access log."""
         # Counted before the in-flight gauge drops: a scrape seeing 0 in flight sees every count.
-        self._finish(method, code, time.perf_counter() - started, protocol)
+        self._finish(method, code, time.perf_counter() - started, protocol, detail)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
         if self.tracing is not None:
             self.tracing.end_call(self._traces.pop(seq, None), code)
         self.tracker.end(seq)
 
-    def _finish(self, method: str, code: str, duration_s: float, protocol: str) -> None:
+    def _finish(self, method: str, code: str, duration_s: float, protocol: str,
+                detail: str = "") -> None:
         if self.metrics is not None:
             self.metrics.observe_request(method.lstrip("/"), code, duration_s, protocol)
-        if access_log.isEnabledFor(logging.DEBUG):
-            access_log.debug("%s %s %.1f ms", method.rsplit("/", 1)[-1], code, duration_s * 1e3,
-                             extra={"method": method, "code": code,
-                                    "duration_ms": round(duration_s * 1e3, 3)})
+        if access_log.isEnabledFor(self.access_level):
+            access_log.log(self.access_level, "%s %s %.1f ms%s", method.rsplit("/", 1)[-1],
+                           code, duration_s * 1e3, f": {detail}" if detail else "",
+                           extra={"method": method, "code": code, "protocol": protocol,
+                                  "duration_ms": round(duration_s * 1e3, 3),
+                                  **({"detail": detail} if detail else {})})

@@ -216,7 +216,7 @@ class CallWrapper:
             if tracked and seq is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             started = time.perf_counter()
-            code = "OK"
+            code, detail = "OK", ""
             try:
                 if auth is not None:
                     await auth.check(context, method)
@@ -233,7 +233,7 @@ class CallWrapper:
                 except Exception as e:
                     await _abort_for(context, e, method)
             except grpc.aio.AbortError:
-                code = code_of(context)
+                code, detail = code_of(context), context.details() or ""
                 request = None  # see _abort_for
                 raise
             except asyncio.CancelledError:
@@ -244,7 +244,7 @@ class CallWrapper:
                 raise
             finally:
                 if seq is not None:
-                    telemetry.exit(seq, method, code, started)
+                    telemetry.exit(seq, method, code, started, detail=detail)
 
         return behavior
 
@@ -262,7 +262,7 @@ class CallWrapper:
                 # A stream's id also goes first: a client that cancels it gets no trailers.
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id_var.get() or ""),))
             started = time.perf_counter()
-            code = "OK"
+            code, detail = "OK", ""
             try:
                 if auth is not None:
                     await auth.check(context, method)
@@ -286,7 +286,7 @@ class CallWrapper:
                 except Exception as e:
                     await _abort_for(context, e, method)
             except grpc.aio.AbortError:
-                code = code_of(context)
+                code, detail = code_of(context), context.details() or ""
                 request = None  # see _abort_for
                 raise
             except (asyncio.CancelledError, GeneratorExit):
@@ -297,7 +297,7 @@ class CallWrapper:
                 raise
             finally:
                 if seq is not None:
-                    telemetry.exit(seq, method, code, started)
+                    telemetry.exit(seq, method, code, started, detail=detail)
 
         return behavior
 

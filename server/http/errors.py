@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import NotFound, ServingError
+from ..telemetry import http_error_detail
 from .json_body import LoneSurrogate
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def is_openai(path: str) -> bool:
 
 def error_body(path: str, status: int, message: str, param: str | None = None,
                code: str | None = None) -> bytes:
+    http_error_detail.set(message)
     body: dict[str, Any]
     if is_openai(path):
         body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),

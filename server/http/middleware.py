@@ -29,7 +29,7 @@ from typing import Any
 
 from ..logging_setup import REQUEST_ID_HEADER
 from ..security import CONTROL_ADMIN_ONLY, TokenSet
-from ..telemetry import DRAINING_MESSAGE, Telemetry
+from ..telemetry import DRAINING_MESSAGE, Telemetry, http_error_detail
 from .errors import INTERNAL, BodyRefused, BodyTimeout, BodyTooLarge, error_body, error_headers
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class CallLayer:
                 # 499 (nginx's "client closed request") also for a response the client left
                 # before its end (an SSE stream): its 200 went out, its answer did not.
                 code = str(status[0]) if status[0] and ended[0] else "499"
-                telemetry.exit(seq, method, code, started, "http")
+                telemetry.exit(seq, method, code, started, "http", http_error_detail.get())
 
     def _refusal(self, headers: dict[bytes, bytes], path: str) -> tuple[int, str] | None:
         if self.tokens is not None:

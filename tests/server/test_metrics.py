@@ -143,17 +143,56 @@ def test_access_log_is_json_with_the_request_id(tiny_server) -> None:
                 pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["\u00e9"]),
                                                  metadata=[("x-request-id", "req-42")])
         deadline = time.monotonic() + 30
-        while not out.getvalue() and time.monotonic() < deadline:
+        while "req-42" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.02)  # the line is written just after the status went out
     finally:
         access.removeHandler(handler)
         access.setLevel(old_level)
-    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
-    assert line["request_id"] == "req-42"
+    # This call's line (a stream an earlier test cancelled may end while this one runs).
+    (line,) = [x for x in map(json.loads, out.getvalue().splitlines())
+               if x["request_id"] == "req-42"]
     assert line["code"] == "INVALID_ARGUMENT"
     assert line["method"] == "/" + PREDICT
     assert line["level"] == "DEBUG" and line["logger"] == "nextchar.server.access"
     assert isinstance(line["duration_ms"], float)
+    assert line["protocol"] == "grpc"
+    assert line["detail"].startswith("texts[0]: ") and "not in the model's vocabulary" in line[
+        "detail"]  # why it was refused, beside the id the caller holds
+
+
+def test_access_log_flag_logs_every_call_at_info_with_a_refusals_message(
+        start_server, tiny_artifact: Path) -> None:
+    """--access-log: gRPC and HTTP calls at INFO; a refused call's line says why."""
+    from http_util import call
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("nextchar.server.access")
+    access.addHandler(handler)
+    root, old_level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.INFO)  # nextchar serve's default level
+    try:
+        st = start_server(model=tiny_artifact, access_log=True)
+        with grpc.insecure_channel(st.address) as ch:
+            pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["ab"]),
+                                             metadata=[("x-request-id", "ok-1")])
+        r = call(st.http_url, "POST", "/nextchar/v1/predict", {"texts": ["a~"]},
+                 headers={"x-request-id": "bad-2"})
+        assert r.status == 400
+        deadline = time.monotonic() + 30
+        while "bad-2" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        access.removeHandler(handler)
+        root.setLevel(old_level)
+    lines = {x["request_id"]: x for x in map(json.loads, out.getvalue().splitlines())
+             if x["request_id"] in ("ok-1", "bad-2")}  # other tests' servers log here too
+    assert {k: (v["level"], v["protocol"], v["code"]) for k, v in lines.items()} == {
+        "ok-1": ("INFO", "grpc", "OK"), "bad-2": ("INFO", "http", "400")}
+    assert "detail" not in lines["ok-1"]
+    assert lines["bad-2"]["detail"] == r.json()["error"]
 
 
 def test_json_formatter_keeps_extras_and_tracebacks() -> None:
