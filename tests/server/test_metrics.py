@@ -7,6 +7,8 @@ import json
 import logging
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -128,29 +130,41 @@ def test_request_id_is_echoed_on_success_and_error(tiny_server) -> None:
         stream.cancel()
 
 
-def test_access_log_is_json_with_the_request_id(tiny_server) -> None:
+@contextmanager
+def access_lines(level: int, until: str) -> Iterator[list[dict]]:
+    """The access log's JSON lines written in the block, at `level` on the logger at whose
+    level it is checked (DEBUG: the access logger; INFO: the root, `nextchar serve`'s default),
+    once a line with request id `until` came (it is written just after the status went out).
+    Every in-process server of the run logs here: callers pick their own ids."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter())
     access = logging.getLogger("nextchar.server.access")
+    target = access if level == logging.DEBUG else logging.getLogger()
     access.addHandler(handler)
-    old_level = access.level
-    access.setLevel(logging.DEBUG)
+    old_level = target.level
+    target.setLevel(level)
+    lines: list[dict] = []
     try:
+        yield lines
+        deadline = time.monotonic() + 30
+        while until not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        access.removeHandler(handler)
+        target.setLevel(old_level)
+    lines += map(json.loads, out.getvalue().splitlines())
+
+
+def test_access_log_is_json_with_the_request_id(tiny_server) -> None:
+    with access_lines(logging.DEBUG, until="req-42") as lines:
         with grpc.insecure_channel(tiny_server.address) as ch:
             with pytest.raises(grpc.RpcError):
                 pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["\u00e9"]),
                                                  metadata=[("x-request-id", "req-42")])
-        deadline = time.monotonic() + 30
-        while "req-42" not in out.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.02)  # the line is written just after the status went out
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(old_level)
     # This call's line (a stream an earlier test cancelled may end while this one runs).
-    (line,) = [x for x in map(json.loads, out.getvalue().splitlines())
-               if x["request_id"] == "req-42"]
+    (line,) = [x for x in lines if x["request_id"] == "req-42"]
     assert line["code"] == "INVALID_ARGUMENT"
     assert line["method"] == "/" + PREDICT
     assert line["level"] == "DEBUG" and line["logger"] == "nextchar.server.access"
@@ -165,34 +179,19 @@ def test_access_log_flag_logs_every_call_at_info_with_a_refusals_message(
     """--access-log: gRPC and HTTP calls at INFO; a refused call's line says why."""
     from http_util import call
 
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter())
-    access = logging.getLogger("nextchar.server.access")
-    access.addHandler(handler)
-    root, old_level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.INFO)  # nextchar serve's default level
-    try:
-        st = start_server(model=tiny_artifact, access_log=True)
+    st = start_server(model=tiny_artifact, access_log=True)
+    with access_lines(logging.INFO, until="bad-2") as lines:
         with grpc.insecure_channel(st.address) as ch:
             pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["ab"]),
                                              metadata=[("x-request-id", "ok-1")])
         r = call(st.http_url, "POST", "/nextchar/v1/predict", {"texts": ["a~"]},
                  headers={"x-request-id": "bad-2"})
         assert r.status == 400
-        deadline = time.monotonic() + 30
-        while "bad-2" not in out.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        access.removeHandler(handler)
-        root.setLevel(old_level)
-    lines = {x["request_id"]: x for x in map(json.loads, out.getvalue().splitlines())
-             if x["request_id"] in ("ok-1", "bad-2")}  # other tests' servers log here too
-    assert {k: (v["level"], v["protocol"], v["code"]) for k, v in lines.items()} == {
+    mine = {x["request_id"]: x for x in lines if x["request_id"] in ("ok-1", "bad-2")}
+    assert {k: (v["level"], v["protocol"], v["code"]) for k, v in mine.items()} == {
         "ok-1": ("INFO", "grpc", "OK"), "bad-2": ("INFO", "http", "400")}
-    assert "detail" not in lines["ok-1"]
-    assert lines["bad-2"]["detail"] == r.json()["error"]
+    assert "detail" not in mine["ok-1"]
+    assert mine["bad-2"]["detail"] == r.json()["error"]
 
 
 def test_json_formatter_keeps_extras_and_tracebacks() -> None:
