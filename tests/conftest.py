@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,11 @@ def hello_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ServerThread:
-    """A real NextCharServer on its own event loop thread; `address` is 127.0.0.1:<port>."""
+    """A real NextCharServer on its own event loop thread; `address` is 127.0.0.1:<port>.
+
+    Exiting (or a start that fails) stops the server, then shuts down the loop's default
+    executor (asyncio.to_thread's threads), stops the thread and closes the loop (its selector
+    and self-pipe): no thread or file descriptor outlives it. Exiting twice is a no-op."""
 
     def __init__(self, **settings: Any) -> None:
         from nextchar.server.settings import ServerSettings
@@ -123,15 +127,21 @@ class ServerThread:
         self.settings = ServerSettings(**settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._exited = False
         self.server: Any = None
         self.port = 0
 
     def __enter__(self) -> ServerThread:
         from nextchar.server.app import NextCharServer
 
-        self._thread.start()
-        self.server = NextCharServer(self.settings)
-        self.port = self.call(self.server.start())
+        try:
+            self._thread.start()
+            self.server = NextCharServer(self.settings)
+            self.port = self.call(self.server.start())
+        except BaseException:
+            with suppress(Exception):  # the start's own error is the one to see
+                self.__exit__(None, None, None)
+            raise
         http_port = self.server.http_port
         self.http_url = None if http_port is None else f"http://127.0.0.1:{http_port}"
         return self
@@ -144,26 +154,36 @@ class ServerThread:
         return f"127.0.0.1:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        running = self._thread.is_alive()
         try:
-            self.call(self.server.stop(grace_s=1.0))
+            if running and self.server is not None:
+                self.call(self.server.stop(grace_s=1.0))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+            try:
+                if running:
+                    self.call(self.loop.shutdown_default_executor(), timeout_s=30)
+            finally:
+                if running:
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+                    self._thread.join(10)
+                if not self._thread.is_alive():
+                    self.loop.close()
 
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerThread]]:
-    """start_server(model=path, backend='onnx', ...) -> a started ServerThread, stopped after."""
-    started: list[ServerThread] = []
+    """start_server(model=path, backend='onnx', ...) -> a started ServerThread, stopped after
+    (each one, even when another's stop fails; one whose start failed cleaned up itself)."""
+    with ExitStack() as stack:
+        def start(**settings: Any) -> ServerThread:
+            st = ServerThread(**settings)
+            stack.push(st.__exit__)  # before the start: nothing it made outlives the test
+            return st.__enter__()
 
-    def start(**settings: Any) -> ServerThread:
-        st = ServerThread(**settings).__enter__()
-        started.append(st)
-        return st
-
-    yield start
-    for st in reversed(started):
-        st.__exit__(None, None, None)
+        yield start
 
 
 @pytest.fixture(scope="module")
@@ -206,20 +226,23 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("nextchar serving on "):
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line.startswith("nextchar serving on "):
+                raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
+            self.address = line.rsplit(" ", 1)[1].strip()
+            self.metrics_url: str | None = None
+            if any(a.startswith("--metrics-port") for a in args):
+                self.metrics_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+            # "nextchar http on http://HOST:PORT" follows, unless HTTP is off.
+            self.http_url: str | None = None
+            if "--no-http" not in args and (env or {}).get("NEXTCHAR_HTTP", "1").lower() not in (
+                    "0", "false"):
+                self.http_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        except BaseException:  # a start that fails leaves no process, pipe or open log behind
             self.close()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
-        self.address = line.rsplit(" ", 1)[1].strip()
-        self.metrics_url: str | None = None
-        if any(a.startswith("--metrics-port") for a in args):
-            self.metrics_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
-        # "nextchar http on http://HOST:PORT" follows, unless HTTP is off.
-        self.http_url: str | None = None
-        if "--no-http" not in args and (env or {}).get("NEXTCHAR_HTTP", "1").lower() not in (
-                "0", "false"):
-            self.http_url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+            raise
 
     def log(self) -> str:
         self._log.flush()
@@ -233,22 +256,27 @@ class ServerProcess:
         raise RuntimeError("no VmRSS")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+        """Kills the server if it still runs; closes its stdout pipe and the log. Idempotent."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._log.close()
 
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """server_process(args, env=None) -> a started ServerProcess, killed after the test if alive."""
-    started: list[ServerProcess] = []
+    count = 0
+    with ExitStack() as stack:  # every one closed, even when another's close fails
+        def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+            nonlocal count
+            count += 1  # a start that fails closes itself (ServerProcess.__init__)
+            sp = ServerProcess(args, tmp_path / f"server-{count - 1}.log", env)
+            stack.callback(sp.close)
+            return sp
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-        sp = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env)
-        started.append(sp)
-        return sp
-
-    yield start
-    for sp in started:
-        sp.close()
+        yield start

@@ -10,13 +10,16 @@ subcommand is covered without a new test. For every option that takes a value, e
 
 is given on top of a working command line (a live server for the client commands; an artifact
 or corpus that does not exist for serve/train, so a value that is accepted stops there instead
-of serving or training). Every outcome must be one of:
+of serving or training: that error, BASE_ERROR, means "accepted"). Every outcome must be one of:
 
-- exit 0 with no traceback (the value was valid), or
-- a non-zero exit with exactly one line on stderr, `nextchar COMMAND: ...`, after argparse's
-  usage lines when it is a usage error; no traceback, no gRPC core log line.
+- exit 0 with no traceback, or the base command's own error (the value was accepted), or
+- a refusal: a non-zero exit with exactly one line on stderr, `nextchar COMMAND: ...`, after
+  argparse's usage lines when it is a usage error, that names the flag (or the value it
+  refuses); no traceback, no gRPC core log line.
 
-A negative number for a numeric option must be refused. Separately: an unknown flag names its
+A negative number for a numeric option must be refused. A large number train accepted before
+it read the (missing) corpus is given again with a real tiny corpus, where the checks that need
+the text run. Separately: an unknown flag names its
 subcommand, every client command against a port nothing listens on, `nextchar serve` on a taken
 port, and commands whose stdout is a closed pipe (`| head`) exit quietly.
 """
@@ -58,11 +61,33 @@ BASE: dict[str, list[str]] = {
     "batch": ["{input}", "-o", "{output}", "--no-progress", "--max-retries", "0",
               "--timeout-s", "5"],
     # The model does not exist: an accepted value ends there, one line, instead of serving.
-    "serve": ["--model", "{tmp}/no-such-artifact", "--port", "0", "--http-port", "0"],
+    # Real (free) gRPC and metrics ports, so --host and --metrics-host are checked before it
+    # (port 0 skips that bind check).
+    "serve": ["--model", "{tmp}/no-such-artifact", "--port", "{port}", "--http-port", "0",
+              "--metrics-port", "{metrics_port}"],
     # No such corpus: an accepted value ends there instead of training.
     "train": ["--corpus", "{tmp}/no-such-corpus", "--out", "{tmp}/run", "--max-steps", "1"],
     "export": ["{tmp}/no-such-run", "-o", "{tmp}/artifact"],
 }
+# Each base command's own failure, {tmp} filled in: a swept value that ends here was accepted
+# (a refusal must come before it, naming the flag). load/unload: the live server serves no
+# model named tiny.
+BASE_ERROR: dict[str, str] = {
+    "serve": "nextchar serve: {tmp}/no-such-artifact: no such directory",
+    "train": "nextchar train: corpus path not found: {tmp}/no-such-corpus",
+    "export": "nextchar export: no checkpoint at {tmp}/no-such-run",
+    "load": "nextchar load: NOT_FOUND: model 'tiny' is not served here",
+    "unload": "nextchar unload: NOT_FOUND: model 'tiny' is not served here",
+}
+# Refusals whose line names neither the flag nor the value (the value is empty): the exact line.
+REFUSED_IN_OTHER_WORDS: dict[tuple[str, str, str], str] = {
+    ("train", "--corpus", ""): "nextchar train: corpus path is empty",
+}
+# train with a real corpus: a tiny model, one step or a fraction of a second, whichever first.
+REAL_TRAIN = ["--corpus", "{tmp}/corpus", "--out", "{tmp}/real-run", "--max-steps", "1",
+              "--max-minutes", "0.005", "--embed-dim", "4", "--hidden-size", "8",
+              "--num-layers", "1", "--threads", "1", "--no-progress"]
+CORPUS_TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind\n" * 12
 # Subcommands that talk to a server (and so are swept against a live one).
 CLIENT_COMMANDS = ["predict", "info", "models", "health", "reload", "load", "unload", "generate",
                    "batch"]
@@ -107,11 +132,16 @@ def sweep_cases() -> Iterator[Any]:
             for value in values:
                 shown = value.replace("{tmp}/", "")
                 yield pytest.param(command, flag, value, _numeric(command, action),
+                                   tuple(action.option_strings),
                                    id=f"{command} {flag} {shown!r}")
 
 
 def _fill(args: list[str], **paths: str) -> list[str]:
-    return [a.format(**paths) for a in args]
+    with socket.socket() as a, socket.socket() as b:  # both held: two different free ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = {"port": str(a.getsockname()[1]), "metrics_port": str(b.getsockname()[1])}
+    return [arg.format(**ports, **paths) for arg in args]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -155,23 +185,61 @@ def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[
     return code, out, err
 
 
-@pytest.mark.parametrize(("command", "flag", "value", "numeric"), list(sweep_cases()))
-def test_bad_flag_value(command: str, flag: str, value: str, numeric: bool, isolated: Path,
-                        tiny_server: Any, capfd: pytest.CaptureFixture[str],
+def _argv(command: str, base: list[str], flag: str, value: str) -> list[str]:
+    return [command, *base, f"{flag}={value}" if value.startswith("-") else flag, *(
+        [] if value.startswith("-") else [value])]
+
+
+def assert_refused(command: str, code: int, err: str, names: tuple[str, ...], value: str) -> None:
+    """One clean line that names the flag (any of its spellings) or the value it refuses."""
+    assert_one_clean_line(command, code, err)
+    line = error_lines(err)[0]
+    if (command, names[-1], value) in REFUSED_IN_OTHER_WORDS:
+        assert line == REFUSED_IN_OTHER_WORDS[command, names[-1], value]
+        return
+    assert any(n in line for n in names) or (value and value in line), (
+        f"the refusal names neither {'/'.join(names)} nor {value!r}: {line}")
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "numeric", "names"), list(sweep_cases()))
+def test_bad_flag_value(command: str, flag: str, value: str, numeric: bool,
+                        names: tuple[str, ...], isolated: Path, tiny_server: Any,
+                        capfd: pytest.CaptureFixture[str],
                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "DEFAULT_SERVER", tiny_server.address)
     (isolated / "in.txt").write_text("hello\nworld\n", encoding="utf-8")
     base = _fill(BASE[command], tmp=str(isolated), input=str(isolated / "in.txt"),
                  output=str(isolated / "out.jsonl"))
     value = value.format(tmp=isolated)
-    argv = [command, *base, f"{flag}={value}" if value.startswith("-") else flag, *(
-        [] if value.startswith("-") else [value])]
-    code, _, err = run_in_process(argv, capfd)
+    code, _, err = run_in_process(_argv(command, base, flag, value), capfd)
     assert "Traceback" not in err, err
-    if code == 0:
-        assert not (numeric and value == "-1"), f"{command} {flag} -1 was accepted"
+    base_error = BASE_ERROR.get(command, "").format(tmp=isolated)
+    lines = error_lines(err)
+    accepted = code == 0 or (bool(base_error) and code != 0 and len(lines) == 1
+                             and lines[0].startswith(base_error))
+    if not accepted:
+        assert_refused(command, code, err, names, value)
         return
-    assert_one_clean_line(command, code, err)
+    if code != 0:
+        assert_one_clean_line(command, code, err)
+    assert not (numeric and value == "-1"), f"{command} {flag}=-1 was accepted: {err}"
+    if command == "train" and numeric:
+        # Accepted before the corpus was read: with a real one, the checks that need the text
+        # (its length against --batch-size and --bptt) run too.
+        monkeypatch.setenv("NEXTCHAR_CACHE_DIR", str(isolated / "cache"))
+        (isolated / "corpus").mkdir()
+        (isolated / "corpus" / "a.txt").write_text(CORPUS_TEXT, encoding="utf-8")
+        real = _fill(REAL_TRAIN, tmp=str(isolated))
+        import torch  # training sets its thread count for the whole process: put it back
+
+        threads = torch.get_num_threads()
+        try:
+            code, _, err = run_in_process(_argv(command, real, flag, value), capfd)
+        finally:
+            torch.set_num_threads(threads)
+        assert "Traceback" not in err, err
+        if code != 0:
+            assert_refused(command, code, err, names, value)
 
 
 def test_every_subcommand_has_a_base() -> None:

@@ -118,4 +118,7 @@ def test_cuda_backend_matches_cpu(start_server, hello_artifact: Path, tiny_artif
     cpu = start_server(model=tiny_artifact, backend=backend, device="cpu")
     with NextCharClient(gpu.address) as g, NextCharClient(cpu.address) as c:
         for a, b in zip(g.predict(texts, top_k=5), c.predict(texts, top_k=5), strict=True):
+            # The same characters in the same order (close probabilities alone would pass a
+            # GPU answer for another text's row or another character's index).
+            assert [x.id for x in a.top] == [x.id for x in b.top]
             assert max(abs(x.prob - y.prob) for x, y in zip(a.top, b.top, strict=True)) <= 1e-4

@@ -5,6 +5,7 @@ the run in one line with the last good checkpoint kept, and SIGINT or SIGTERM (C
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -29,11 +30,15 @@ def test_divergence_stops_in_one_line_and_keeps_good_files(tiny_corpus: Path, tm
                   "--lr", "1e6", "--grad-clip", "0", "--warmup-steps", "0") == 1
     err = capsys.readouterr().err
     assert err.startswith("nextchar train: ") and err.count("\n") == 1, err
-    assert "became nan at step " in err and "(training diverged); lower --lr or leave " \
-           "--grad-clip on" in err
-    for name in ("checkpoint.pt", "best.pt"):  # whatever was written holds finite weights
-        if (run / name).exists():
-            model_from_checkpoint(load_checkpoint(run / name), run / name)
+    # The line says which step checkpoint.pt keeps: a validated one before the nan.
+    kept = re.search(r"became nan at step (\d+) \(training diverged\); lower --lr or leave "
+                     r"--grad-clip on; (.+) keeps step (\d+)$", err.rstrip("\n"))
+    assert kept, err
+    assert kept[2] == str(run / "checkpoint.pt") and 0 < int(kept[3]) < int(kept[1]), err
+    for name in ("checkpoint.pt", "best.pt"):  # both written, both finite weights
+        model_from_checkpoint(load_checkpoint(run / name), run / name)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == int(kept[3])
+    assert 0 < load_checkpoint(run / "best.pt")["step"] <= int(kept[3])
 
 
 def _signal_at(monkeypatch: pytest.MonkeyPatch, signum: int, at_step: int) -> None:
