@@ -91,6 +91,7 @@ class Metrics:
         r.register(_RuntimeGauges(lambda: self._runtimes()))
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._inference_children: dict[tuple[str, str, bool], Counter] = {}
+        self._unloaded: set[str] = set()  # models whose series went: late calls add none back
         self._http: WSGIServer | None = None
 
     # -- hooks the server wires in -----------------------------------------------------------
@@ -133,11 +134,14 @@ class Metrics:
         key = (model, version, ok)
         child = self._inference_children.get(key)
         if child is None:
+            if model in self._unloaded:  # a call of a version retired by an unload, ending
+                return
             child = self._inference_children[key] = self.inferences.labels(
                 model, version, "success" if ok else "failure")
         child.inc()
 
     def set_model(self, rt: ModelRuntime) -> None:
+        self._unloaded.discard(rt.name)
         a, b = rt.artifact, rt.backend
         self.model.labels(rt.name).info({
             "name": rt.name, "version": rt.version, "artifact_version": a.version,
@@ -145,7 +149,8 @@ class Metrics:
 
     def clear_model(self, model: str) -> None:
         """Drops every series of an unloaded model, so dashboards stop showing it (a later load
-        starts them again at 0)."""
+        starts them again at 0). Its calls still running count in ModelStatistics only."""
+        self._unloaded.add(model)
         for metric in (self.model, self.queue_seconds, self.compute_seconds, self.batch_texts):
             _remove(metric, model)
         for result in ("success", "failure"):

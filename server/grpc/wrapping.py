@@ -148,11 +148,25 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: BaseException, meth
     locals: the request (a refused 15 MB request held ~250 MB each). So the traceback goes once
     logged, and the wrappers drop their `request` when the abort passes through them."""
     if isinstance(exc, ServingError):
-        exc.__traceback__ = None
+        _drop_tracebacks(exc)
         await context.abort(exc.code, exc.message)
     log.error("unhandled error in %s", method, exc_info=exc)
-    exc.__traceback__ = None
+    _drop_tracebacks(exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """exc's traceback and those of the errors it was raised from (`raise ... from e`, or
+    during their handling): each holds frames, and so the request they decoded."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
 
 
 async def _reject_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
@@ -258,12 +272,13 @@ class CallWrapper:
             seq = _enter(telemetry, context, method) if tracked else None
             if tracked and seq is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            if tracked:
-                # A stream's id also goes first: a client that cancels it gets no trailers.
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id_var.get() or ""),))
             started = time.perf_counter()
             code, detail = "OK", ""
             try:
+                if tracked:  # inside the try: a call cancelled during the send is still exited
+                    # A stream's id also goes first: a client that cancels it gets no trailers.
+                    await context.send_initial_metadata(
+                        ((REQUEST_ID_HEADER, request_id_var.get() or ""),))
                 if auth is not None:
                     await auth.check(context, method)
                 if late is not None:

@@ -27,6 +27,8 @@ import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from ..logging_setup import REQUEST_ID_HEADER
 from ..security import CONTROL_ADMIN_ONLY, TokenSet
 from ..telemetry import DRAINING_MESSAGE, Telemetry, http_error_detail
@@ -133,7 +135,7 @@ class CallLayer:
 
         health = path.startswith(HEALTH_PREFIX)
         if health and (self.tokens is None or self.open_health):
-            await self._run(scope, receive, send_with_id, status, None)
+            await self._run(scope, receive, send_with_id, status, [False], None)
             return
         method = route_label(scope.get("nextchar.method", scope["method"]), path)
         traceparent = headers.get(b"traceparent")
@@ -149,7 +151,7 @@ class CallLayer:
                 await _answer(send_with_id, path, *refusal)
                 return
             await self._run(scope, self._limited(receive, _encoding(headers)), send_with_id,
-                            status, headers.get(TIMEOUT_HEADER))
+                            status, ended, headers.get(TIMEOUT_HEADER))
         finally:
             if seq is not None:
                 # 499 (nginx's "client closed request") also for a response the client left
@@ -228,7 +230,7 @@ class CallLayer:
         return counted
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, status: list[int],
-                   timeout: bytes | None) -> None:
+                   ended: list[bool], timeout: bytes | None) -> None:
         state = scope.setdefault("state", {})
         state["deadline"] = (None if timeout is None else
                              asyncio.get_running_loop().time() + float(timeout) / 1e3)
@@ -239,6 +241,12 @@ class CallLayer:
             if status[0] == 0:
                 log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=e)
                 await _answer(send, scope["path"], 500, INTERNAL)
+            elif status[0] < 500 and not isinstance(e, (ClientDisconnect, OSError)):
+                # Failed after its status went out (a stream's body): a server error, not
+                # the client's close the unfinished body would otherwise be counted as.
+                log.error("unhandled error in %s %s after its response began", scope["method"],
+                          scope["path"], exc_info=e)
+                status[0], ended[0] = 500, True
 
 
 # Content-Encoding -> zlib's wbits (None: as is). 32 + 15 reads a zlib or a gzip wrapper: HTTP's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -215,6 +216,24 @@ def test_json_formatter_keeps_extras_and_tracebacks() -> None:
     assert line["ts"].endswith("Z")
 
 
+def test_text_log_lines_cannot_be_forged_by_a_callers_text() -> None:
+    """A path like /%0Afake... is quoted in messages (404s, access log details): its line
+    breaks are written escaped, so the log keeps one line per record; tracebacks stay."""
+    from nextchar.server.logging_setup import TEXT_FORMAT, TextFormatter
+
+    record = logging.LogRecord("nextchar.server.access", logging.INFO, "", 0,
+                               "no such endpoint: GET %s", ("/\nfake ERROR line\r",), None)
+    record.request_id = "r-1"
+    line = TextFormatter(TEXT_FORMAT).format(record)
+    assert line.endswith(" INFO nextchar.server.access [r-1]: no such endpoint: GET "
+                         "/\\nfake ERROR line\\r") and "\n" not in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    assert TextFormatter(TEXT_FORMAT).format(record).splitlines()[-1] == "ValueError: boom"
+
+
 def test_without_metrics_port_nothing_is_counted_and_calls_still_work(
         start_server, tiny_artifact: Path) -> None:
     """--metrics-port unset: no registry, no exporter, no per-call counting, the same answers."""
@@ -318,3 +337,98 @@ def test_an_sse_stream_the_client_leaves_is_counted_499(start_server, tiny_artif
         time.sleep(0.05)
     m = scrape(st.server.metrics_port)
     assert value(m, "nextchar_requests_total", method="POST /v1/completions", code="200") == 0
+
+
+def test_streams_cancelled_at_any_moment_leave_no_tracked_call(start_server,
+                                                               tiny_artifact: Path) -> None:
+    """Deadlines of 0.5-5 ms end Generate calls at every stage, including while the server
+    sends a stream's first metadata: each is still ended, so drains do not wait out their grace
+    on calls long gone and the in-flight gauge returns to 0 (7 of 500 stayed tracked)."""
+    st = start_server(model=tiny_artifact, metrics_port=0)
+    with grpc.insecure_channel(st.address) as ch:
+        stub = pb_grpc.NextCharStub(ch)
+        for timeout in (0.0005, 0.001, 0.002, 0.003, 0.005):
+            calls = [stub.Generate(pb.GenerateRequest(prompt="hello", max_chars=50),
+                                   timeout=timeout) for _ in range(100)]
+            for c in calls:
+                try:
+                    list(c)
+                except grpc.RpcError:
+                    pass
+    deadline = time.monotonic() + 30
+    while st.server.tracker.count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st.server.tracker.count == 0
+    assert value(scrape(st.server.metrics_port), "nextchar_in_flight_requests") == 0
+
+
+def test_a_call_ending_after_its_models_unload_adds_no_series_back(start_server,
+                                                                   tiny_artifact: Path) -> None:
+    """The unload drops the model's series at once; a call it let finish must not bring
+    nextchar_inference_requests_total back for a model no longer served."""
+    import threading
+
+    st = start_server(model=tiny_artifact, metrics_port=0, max_batch_delay_ms=1500)
+    name = st.server.runtime().name
+    answered: list[int] = []
+
+    def predict() -> None:
+        with grpc.insecure_channel(st.address) as ch:
+            reply = pb_grpc.NextCharStub(ch).Predict(pb.PredictRequest(texts=["ab"]), timeout=30)
+            answered.append(len(reply.predictions))
+
+    caller = threading.Thread(target=predict)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not st.server.runtime().batcher.lane_depth(0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the call waits in the batch delay
+    st.call(st.server.plane.unload_model(name))
+    caller.join(30)
+    assert answered == [1]  # an accepted call finishes
+    m = scrape(st.server.metrics_port)
+    assert [n for (n, labels) in m if dict(labels).get("model") == name
+            and n.startswith("nextchar_inference_requests")] == []
+
+
+def test_an_http_call_failing_after_its_response_began_counts_500(caplog) -> None:
+    """Its status went out (200), its body did not end: a server error, logged, counted 500;
+    not 499, the client's close. A client that left while the body went out stays 499."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from nextchar.server.http.middleware import CallLayer
+    from nextchar.server.metrics import Metrics
+    from nextchar.server.telemetry import CallTracker, DrainGate, Telemetry
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        if scope["path"] == "/nextchar/v1/generate":
+            raise RuntimeError("a backend failure mid-stream")
+        raise OSError("the client went away")
+
+    metrics = Metrics()
+    layer = CallLayer(app, Telemetry(CallTracker(), DrainGate(), metrics), None,
+                      open_health=True, max_body_bytes=1 << 20)
+
+    async def call(path: str) -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await layer({"type": "http", "method": "POST", "path": path, "headers": []},
+                    receive, send)
+
+    with caplog.at_level(logging.ERROR, logger="nextchar.server.http.middleware"):
+        asyncio.run(call("/nextchar/v1/generate"))
+        asyncio.run(call("/v1/completions"))
+    counted = {line for line in generate_latest(metrics.registry).decode().splitlines()
+               if line.startswith("nextchar_requests_total")}
+    assert counted == {
+        'nextchar_requests_total{code="500",method="POST /nextchar/v1/generate",protocol="http"} 1.0',
+        'nextchar_requests_total{code="499",method="POST /v1/completions",protocol="http"} 1.0'}
+    assert [r.getMessage() for r in caplog.records] == [
+        "unhandled error in POST /nextchar/v1/generate after its response began"]

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextchar.client import NextCharClient, NextCharError
 from nextchar.client.cli import main as client_main
+from nextchar.kserve import grpc_predict_v2_pb2 as kpb
 from nextchar.server.security import SecurityConfigError, TokenSet, load_tokens, server_credentials
 from nextchar.server.settings import ServerSettings
 from nextchar.v1 import nextchar_pb2 as pb
@@ -451,6 +452,23 @@ def test_refused_big_requests_are_neither_decoded_before_auth_nor_kept(server_pr
             # The first call's working set stays with the allocator; what follows must not
             # add to it (it added ~250 MB per call before).
             assert growth[-1] - growth[0] < 100 * 1024, (code, growth)
+        # A refusal raised from another error (bad UTF-8 in the last of 1,024 texts of 14 kB)
+        # let go too: that error's traceback held the decoded texts (~44 MB per call).
+        with NextCharClient(sp.address, token=TOKEN) as c:
+            name = c.model_info().name
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        texts = [b"a" * 14_000] * 1023 + [b"a" * 13_999 + b"\xff"]
+        bad = kpb.ModelInferRequest(model_name=name, inputs=[kpb.ModelInferRequest.InferInputTensor(
+            name="text", datatype="BYTES", shape=[1024],
+            contents=kpb.InferTensorContents(bytes_contents=texts))]).SerializeToString()
+        growth = []
+        for _ in range(6):
+            with pytest.raises(grpc.RpcError) as e:
+                infer(bad, timeout=60, metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            growth.append(sp.rss_kib())
+        assert growth[-1] - growth[0] < 100 * 1024, growth
         # Decoded after the check, an undecodable request is still INVALID_ARGUMENT.
         with pytest.raises(grpc.RpcError) as e:
             call(b"\x0a\x02\xff\xfe", timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
