@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 if TYPE_CHECKING:
     from .settings import ServerSettings
 
@@ -41,6 +43,23 @@ class CallTrace:
     token: Any
     last_model_end_ns: int = 0
     texts: int = field(default=0)
+    http: bool = False  # the call's protocol: its status is an HTTP status, else a gRPC name
+
+
+# OpenTelemetry's semantic conventions for RPC and HTTP server spans: what trace backends group
+# and filter by (rpc.service / rpc.method, http.route, the status as a number).
+_GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
+
+
+def _call_attributes(method: str, protocol: str) -> dict[str, str]:
+    """`method`: a gRPC path (/pkg.Service/Method) or an HTTP route label ("POST /v1/models")."""
+    if protocol == "http":
+        verb, _, route = method.partition(" ")
+        # A path no route matched has no http.route (the convention: leave it out).
+        return {"http.request.method": verb, **({} if route == "(unknown)" else
+                                               {"http.route": route})}
+    service, _, name = method.lstrip("/").rpartition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
 class Tracing:
@@ -73,8 +92,8 @@ class Tracing:
     def start_call(self, method: str, protocol: str, traceparent: str | None) -> CallTrace:
         parent = self._propagator.extract({"traceparent": traceparent}) if traceparent else None
         span = self.tracer.start_span(method.lstrip("/"), context=parent, kind=self._server_kind,
-                                      attributes={"rpc.system": protocol, "rpc.method": method})
-        call = CallTrace(span, None)
+                                      attributes=_call_attributes(method, protocol))
+        call = CallTrace(span, None, http=protocol == "http")
         ctx = self._trace.set_span_in_context(span)
         call.token = self._context.attach(ctx)
         _current.set(call)
@@ -89,9 +108,13 @@ class Tracing:
             send = self.tracer.start_span("nextchar.send", context=self._trace.set_span_in_context(
                 span), start_time=call.last_model_end_ns)
             send.end(end_time=now)
-        span.set_attribute("rpc.status_code", code)
+        if call.http:
+            span.set_attribute("http.response.status_code", int(code))
+        else:
+            number = int(code) if code.isdigit() else _GRPC_CODES.get(code, 2)  # 2: UNKNOWN
+            span.set_attribute("rpc.grpc.status_code", number)
         # gRPC: any code but OK is an error; HTTP: 5xx (OpenTelemetry's server-span rule).
-        if (int(code) >= 500) if code.isdigit() else code != "OK":
+        if (int(code) >= 500) if call.http else code not in ("OK", "0"):
             from opentelemetry.trace import Status, StatusCode
 
             span.set_status(Status(StatusCode.ERROR, code))
