@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 INTERNAL = "internal server error (logged on the server)"
 RETRY_AFTER_S = "1"
 
-# OpenAI's error `type` per status (its API answers these; the SDK maps the status to a class).
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+# OpenAI's error `type` per status (its API answers these; the SDK maps the status to a class;
+# a missing or wrong API key is its 401 "invalid_request_error", code "invalid_api_key").
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                  403: "permission_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 408: "invalid_request_error",
                  409: "invalid_request_error",

@@ -39,6 +39,10 @@ def check(result: Any, exp: dict[str, Any], how: str) -> None:
     chars = [[c.decode() if isinstance(c, bytes) else str(c) for c in row] for row in top_chars]
     assert chars == want_chars, (how, chars)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5), how
+    # Each row is its own text's distribution: its top-k entries are exactly top_probs (a sum
+    # would pass rows swapped or shuffled).
+    assert np.array_equal(np.take_along_axis(probs.astype(np.float32), top_ids.astype(np.int64),
+                                             axis=1), top_probs.astype(np.float32)), how
 
 
 def main() -> None:
@@ -63,7 +67,14 @@ def main() -> None:
         ("text", "TYPE_STRING"), ("ids", "TYPE_INT64"), ("lengths", "TYPE_INT64")], config
     assert config["output"][0]["dims"] == [len(exp["vocab"])], config
     checks += 6
+    def successes() -> tuple[int, int]:
+        (stats,) = client.get_inference_statistics(exp["model"])["model_stats"]
+        assert (stats["name"], stats["version"]) == (exp["model"], exp["version"]), stats
+        return stats["inference_stats"]["success"]["count"], stats["inference_count"]
+
+    before = successes()
     texts = np.array([t.encode() for t in exp["texts"]], dtype=np.object_)
+    answers: dict[bool, Any] = {}
     for binary in (True, False):  # the binary-tensor extension (tritonclient's default), JSON
         text = tc.InferInput("text", [len(texts)], "BYTES")
         text.set_data_from_numpy(texts, binary_data=binary)
@@ -71,7 +82,11 @@ def main() -> None:
         result = client.infer(exp["model"], [text], outputs=outputs,
                               parameters={"top_k": exp["top_k"]})
         check(result, exp, f"text binary={binary}")
+        answers[binary] = result.as_numpy("probs")
         checks += 1
+    # Raw FP32 and JSON: the same float32 values, row for row.
+    assert answers[True].dtype == np.float32 and np.array_equal(
+        answers[True], answers[False].astype(np.float32)), (answers[True], answers[False])
     text = tc.InferInput("text", [len(texts)], "BYTES")
     text.set_data_from_numpy(texts)
     for algorithm in ("gzip", "deflate"):  # Content-Encoding of the request; answers as is
@@ -90,6 +105,10 @@ def main() -> None:
     result = client.infer(exp["model"], [ids, lengths], outputs=[
         tc.InferRequestedOutput(o) for o in OUTPUTS], parameters={"top_k": exp["top_k"]})
     check(result, exp, "ids")
+    checks += 1
+    # The statistics extension: the 5 infers above, each of every text, as successes.
+    after = successes()
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 5 * len(exp["texts"])), after
     checks += 1
     # The schedule-policy timeout reaches the server (its expiry: test_http.py): 60 s bounds
     # nothing, a negative one is refused.

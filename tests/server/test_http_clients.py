@@ -127,7 +127,7 @@ def test_tritonclient_http_against_nextchar(served, tmp_path: Path) -> None:
     proc = subprocess.run([str(python), str(script), "--url", served.http_url.split("//")[1],
                            "--expect", str(expect)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "15 checks passed" in proc.stdout, proc.stdout
+    assert "16 checks passed" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), file=sys.stderr)
 
 
