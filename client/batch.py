@@ -704,7 +704,8 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     spec = fetch_spec(target, opts)
     top_k = opts.top_k or min(spec.default_top_k, spec.vocab_size)
     if not 1 <= top_k <= spec.max_top_k:
-        raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k}")
+        raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k} (0: its "
+                       f"default, {spec.default_top_k})")
     texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request)
 
     model = {"name": spec.name, "version": spec.version, "artifact_sha256": spec.artifact_sha256}

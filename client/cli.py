@@ -118,7 +118,7 @@ def _prompt(text: str) -> str:
 
 
 # argparse names a type in its message ("invalid _count value"): name them for the reader.
-_count.__name__ = "integer"
+_count.__name__ = _seed.__name__ = "integer"
 _positive_count.__name__ = "integer"
 _seconds.__name__ = "seconds"
 _temperature.__name__ = _top_p.__name__ = "number"
@@ -219,8 +219,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                      m.reason.splitlines()[0] if m.reason else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-              + ("  " + row[4] if row[4] else "").rstrip())
+        print(("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+               + ("  " + row[4] if row[4] else "")).rstrip())
     return 0
 
 

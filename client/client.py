@@ -558,6 +558,8 @@ class NextCharClient:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as e:
+            if self._closed:  # closed by another thread mid-call: gRPC says only CANCELLED
+                raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED) from e
             raise NextCharError.from_rpc_error(e) from e
 
     def predict(
@@ -599,8 +601,10 @@ class NextCharClient:
         as chunks:`, by `chunks.close()`, or when Python drops the iterator (a `for` loop over
         the call itself that ends in break or an exception). An iterator kept in a variable
         lives on after a break, and so does the server's work: close it, or use `with`.
-        For the stop reason and the final state, use `generate_responses`. Bad arguments raise
-        NextCharError(INVALID_ARGUMENT) here, before the first chunk.
+        For the stop reason and the final state, use `generate_responses`. An argument of the
+        wrong type or out of its field's range raises NextCharError(INVALID_ARGUMENT) here;
+        what the server's own rules refuse (an empty prompt, a negative temperature, top_p
+        above 1, a limit of the model) raises it at the first chunk, from the server.
         """
         request = generate_request(prompt, max_chars, temperature, top_k, top_p, seed, stop, state,
                                    model=model, priority=priority)

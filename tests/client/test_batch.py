@@ -525,7 +525,8 @@ def test_cli_bad_top_k_and_shard_are_refused(tmp_path: Path, det_server: Any,
     rc = cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--server",
                    det_server.address, "--top-k", "500"])
     assert rc == 2
-    assert capsys.readouterr().err == "nextchar batch: --top-k 500: the server allows 1..59\n"
+    assert capsys.readouterr().err == ("nextchar batch: --top-k 500: the server allows 1..59 (0: "
+                                       "its default, 5)\n")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--shard", "3/3"])
     assert exit_info.value.code == 2

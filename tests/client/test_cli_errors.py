@@ -460,6 +460,7 @@ def test_an_empty_environment_variable_counts_as_unset(tiny_server: Any) -> None
                                 "the likeliest), got 1e39"),
     (["--top-p", "1.5"], "argument --top-p: must be between 0 and 1 (0 or 1: off), got 1.5"),
     (["--top-p", "warm"], "argument --top-p: invalid number value: 'warm'"),
+    (["--seed", "abc"], "argument --seed: invalid integer value: 'abc'"),
     (["--stop", ""], "argument --stop: must have 1 to 64 characters, got 0"),
     (["--stop", "x" * 65], "argument --stop: must have 1 to 64 characters, got 65"),
     ([f"--stop={i}" for i in range(9)], "argument --stop: at most 8 stop strings, got 9"),

@@ -42,6 +42,11 @@ class EndlessGenerate(pb_grpc.NextCharServicer):
         context.set_trailing_metadata((("x-request-id", "req-7"),))
         context.abort(grpc.StatusCode.NOT_FOUND, "no model 'nope'")
 
+    def GetModelInfo(self, request, context):  # noqa: N802 (answers only once cancelled)
+        while context.is_active():
+            time.sleep(0.01)
+        return pb.GetModelInfoResponse()
+
 
 @pytest.fixture
 def endless() -> Iterator[tuple[str, EndlessGenerate]]:
@@ -133,6 +138,26 @@ def test_a_closed_client_says_so(endless, call: str) -> None:
             getattr(c, call)()
     assert (e.value.code, e.value.details) == (grpc.StatusCode.FAILED_PRECONDITION,
                                                "this NextCharClient is closed; make a new one")
+
+
+def test_a_client_closed_by_another_thread_mid_call_says_so(endless) -> None:
+    """The call in flight ends as every later one does, not with gRPC's bare CANCELLED."""
+    c = NextCharClient(endless[0], timeout_s=30)
+    errors: list[NextCharError] = []
+
+    def call() -> None:
+        try:
+            c.model_info()
+        except NextCharError as e:
+            errors.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)  # the call is in flight: the server answers only once it is cancelled
+    c.close()
+    caller.join(10)
+    assert [(e.code, e.details) for e in errors] == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "this NextCharClient is closed; make a new one")]
 
 
 def test_generate_responses_checks_its_timeout_at_the_call(endless) -> None:

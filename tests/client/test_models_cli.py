@@ -45,6 +45,7 @@ def models_table(capsys: pytest.CaptureFixture[str], address: str) -> dict[str, 
     code, out, err = run(capsys, "models", "--server", address)
     assert code == 0, err
     lines = out.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []  # no padding at line ends
     assert lines[0].split()[:4] == ["NAME", "VERSION", "STATE", "DEFAULT"]
     return {line.split()[0]: line.split()[1:] for line in lines[1:]}
 
