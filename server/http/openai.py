@@ -99,6 +99,9 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
         bad = body.unsupported()
         if bad is not None:
             raise OpenAIError(f"{bad} is not supported by a character model", bad)
+        if body.best_of is not None and body.best_of < body.n:  # OpenAI's own rule
+            raise OpenAIError(f"best_of must be greater than or equal to n, got best_of "
+                              f"{body.best_of} and n {body.n}", "best_of")
         if body.user:
             log.debug("completion for user %r", body.user[:64])
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -126,9 +129,13 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
         meta = {"id": f"cmpl-{request_id_var.get() or ''}", "object": "text_completion",
                 "created": int(time.time()), "model": model.name}
         if body.stream:
-            return StreamingResponse(_stream(plane, body, choices, meta, gate,
-                                             request.state.deadline),
-                                     media_type="text/event-stream",
+            events = _stream(plane, body, choices, meta, gate, request.state.deadline)
+            try:  # the first event before the 200: a refusal until then is an HTTP status
+                first = await anext(events)
+            except BaseException:
+                await events.aclose()
+                raise
+            return StreamingResponse(_after(first, events), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
 
         async def answer() -> list[dict[str, Any]]:
@@ -286,7 +293,10 @@ class _Scorer:
                 i = self.index.get(ch, self.unk)
                 chosen.append(_log(float(before[i]) if i is not None else 0.0))
                 ranked = np.argsort(-before, kind="stable")[: self.k].tolist()
-                tops.append({self.vocab[i]: _log(float(before[i])) for i in ranked})
+                top = {self.vocab[r]: _log(float(before[r])) for r in ranked}
+                # OpenAI always lists the chosen token too: up to logprobs + 1 entries.
+                top.setdefault(ch, chosen[-1])
+                tops.append(top)
             self.after, self.state = dists[-1], res.state
         offsets = list(range(self.offset, self.offset + len(piece)))
         self.offset += len(piece)
@@ -305,6 +315,15 @@ async def _logprobs(plane: DataPlane, body: CompletionRequest, c: _Choice,
     return {key: prompt[key] + completion[key] for key in completion}
 
 
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  # an async generator
+
+
 def _log(p: float) -> float:
     return math.log(p) if p > 0 else MIN_LOGPROB
 
@@ -316,8 +335,36 @@ def _sse(doc: Any) -> bytes:
 async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
                   meta: dict[str, Any], gate: DrainGate,
                   deadline: float | None) -> AsyncIterator[bytes]:
+    """_events, with an error after the first event sent as an `error` event (OpenAI's shape,
+    then data: [DONE]); one before it is raised, for the route to answer as an HTTP status (a
+    full queue: 429 with retry-after, which the SDK retries)."""
+    events = _events(plane, body, choices, meta, gate, deadline)
+    sent = False
+    try:
+        async for event in events:
+            sent = True
+            yield event
+    except ServingError as e:
+        if not sent:
+            raise
+        yield b"data: " + error_body("/v1/", e.http_status, e.message) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except Exception:
+        if not sent:
+            raise
+        log.exception("unhandled error in a completions stream")
+        yield b"data: " + error_body("/v1/", 500, "internal server error (logged on the "
+                                     "server)") + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        await events.aclose()  # a client gone mid-stream: the choices' streams end now
+
+
+async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
+                  meta: dict[str, Any], gate: DrainGate,
+                  deadline: float | None) -> AsyncIterator[bytes]:
     """Every choice's chunks as they come (choices interleave), then usage if asked, then
-    data: [DONE]. An error after the first byte is an `error` event (OpenAI's shape)."""
+    data: [DONE]. Errors are raised (see _stream)."""
     queue: asyncio.Queue[tuple[_Choice, GenChunk | None] | BaseException] = asyncio.Queue()
 
     async def pump(c: _Choice) -> None:
@@ -368,14 +415,6 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
                 return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**meta, "choices": [], "usage": _usage(choices, body.n)})
-        yield b"data: [DONE]\n\n"
-    except ServingError as e:
-        yield b"data: " + error_body("/v1/", e.http_status, e.message) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    except Exception:
-        log.exception("unhandled error in a completions stream")
-        yield b"data: " + error_body("/v1/", 500, "internal server error (logged on the "
-                                     "server)") + b"\n\n"
         yield b"data: [DONE]\n\n"
     finally:
         for t in tasks:

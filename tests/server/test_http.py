@@ -343,8 +343,12 @@ def test_completion_logprobs_are_the_models_distribution(tiny_server, name: str)
     for j, p in enumerate(preds, start=1):
         assert len(p.top) == size
         top = lp["top_logprobs"][j]
-        assert list(top) == [cp.char for cp in p.top[:3]]
+        # The 3 likeliest, then the chosen character if it is not among them (OpenAI's
+        # "up to logprobs + 1").
+        ranked = [cp.char for cp in p.top[:3]]
+        assert list(top) == ranked + ([text[j]] if text[j] not in ranked else [])
         assert all(abs(top[cp.char] - math.log(cp.prob)) < 1e-6 for cp in p.top[:3])
+        assert top[text[j]] == lp["token_logprobs"][j]
         # Each character's own logprob after the text before it, likeliest or not. Both sides
         # are the log of the same float32 probability (identical here; 1e-6 as for the top
         # ones above, room for a backend that rounds its last bit differently).
@@ -369,6 +373,7 @@ def test_completion_logprobs_are_the_models_distribution(tiny_server, name: str)
     ({"prompt": "ab", "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"prompt": "ab", "logprobs": 1000}, 400, "logprobs"),
     ({"prompt": "ab", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "ab", "best_of": 1, "n": 2}, 400, "best_of"),  # OpenAI: best_of >= n
     ({"prompt": "ab", "stop": ["x"] * 9}, 400, "stop"),
 ])
 def test_completion_errors_have_openais_shape(tiny_server, name: str, body, status: int,
@@ -692,3 +697,20 @@ def test_logprobs_of_a_character_outside_the_vocabulary_are_the_unknown_tokens(
     assert abs(lp["token_logprobs"][1] - math.log(prob["?"])) < 1e-6  # not -10000: unk's own
     assert abs(lp["token_logprobs"][2]
                - math.log({cp.char: cp.prob for cp in after_hq.top}["i"])) < 1e-6
+
+
+def test_a_stream_the_queue_refuses_is_a_429_not_an_in_band_error(start_server,
+                                                                 tiny_artifact: Path) -> None:
+    """Two choices for a queue of one text (the batch delay keeps the first one queued):
+    refused before any byte, so the answer is the HTTP status OpenAI's SDK retries on (429,
+    retry-after), as without stream; it was a 200 with the refusal as an event."""
+    st = start_server(model=tiny_artifact, max_queue_texts=1, max_batch_delay_ms=500)
+    name = st.server.runtime().name
+    for stream in (False, True):
+        r = completion(st, model=name, prompt="ab", n=2, max_tokens=3, stream=stream)
+        assert (r.status, r.headers.get("retry-after")) == (429, "1"), (stream, r.body)
+        err = r.json()["error"]
+        assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    time.sleep(1.0)  # the refused calls' first prompts leave the queue at their batch delay
+    r = completion(st, model=name, prompt="ab", max_tokens=3, stream=True, seed=1)
+    assert r.status == 200 and r.events()[-1] == "[DONE]"  # one fits

@@ -62,7 +62,9 @@ def test_openai_sdk_completions_plain_and_streamed(served) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
     lp = client.completions.create(model=name, prompt="To be", max_tokens=3, seed=1,
                                    logprobs=2).choices[0].logprobs
-    assert lp is not None and len(lp.tokens or []) == 3 and len((lp.top_logprobs or [])[0]) == 2
+    assert lp is not None and len(lp.tokens or []) == 3
+    for token, top in zip(lp.tokens or [], lp.top_logprobs or [], strict=True):
+        assert len(top) in (2, 3) and token in top  # the 2 likeliest, and the chosen one
     with pytest.raises(NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="To be", max_tokens=3)
     assert "not served here" in e.value.message
