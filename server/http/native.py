@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 import orjson
@@ -34,6 +34,7 @@ from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 from .json_body import json_router
+from .streams import opened
 
 JSON = "application/json"
 STREAM_ENDED = ("server is shutting down: stream ended early; send the prompt plus the text "
@@ -142,22 +143,26 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
             finally:
                 session.close()
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events() -> AsyncGenerator[bytes, None]:
+            sent = False
             try:
                 async for chunk in session.chunks():
                     doc = ({"text": chunk.text} if chunk.stop_reason is None
                            else last(chunk.text, chunk.stop_reason, chunk.state))
+                    sent = True
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
                     if gate.streams_must_end and chunk.stop_reason is None:
                         yield b"data: " + error_body("", 503, STREAM_ENDED) + b"\n\n"
                         break
-            except ServingError as e:  # after the first byte: in-band, then the end as usual
+            except ServingError as e:
+                if not sent:  # before the first event: the route's HTTP status (streams.py)
+                    raise
                 yield b"data: " + error_body("", e.http_status, e.message) + b"\n\n"
             finally:
                 session.close()
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(await opened(events()), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     @r.get("/nextchar/v1/models", summary="ListModels")

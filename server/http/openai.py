@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 from .json_body import json_router
 from .openai_schemas import MAX_CHOICES, CompletionRequest
+from .streams import opened
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +130,9 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
         meta = {"id": f"cmpl-{request_id_var.get() or ''}", "object": "text_completion",
                 "created": int(time.time()), "model": model.name}
         if body.stream:
-            events = _stream(plane, body, choices, meta, gate, request.state.deadline)
-            try:  # the first event before the 200: a refusal until then is an HTTP status
-                first = await anext(events)
-            except BaseException:
-                await events.aclose()
-                raise
-            return StreamingResponse(_after(first, events), media_type="text/event-stream",
+            events = await opened(_stream(plane, body, choices, meta, gate,
+                                          request.state.deadline))
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
 
         async def answer() -> list[dict[str, Any]]:
@@ -315,15 +312,6 @@ async def _logprobs(plane: DataPlane, body: CompletionRequest, c: _Choice,
     return {key: prompt[key] + completion[key] for key in completion}
 
 
-async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        yield first
-        async for event in rest:
-            yield event
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]  # an async generator
-
-
 def _log(p: float) -> float:
     return math.log(p) if p > 0 else MIN_LOGPROB
 
@@ -334,7 +322,7 @@ def _sse(doc: Any) -> bytes:
 
 async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
                   meta: dict[str, Any], gate: DrainGate,
-                  deadline: float | None) -> AsyncIterator[bytes]:
+                  deadline: float | None) -> AsyncGenerator[bytes, None]:
     """_events, with an error after the first event sent as an `error` event (OpenAI's shape,
     then data: [DONE]); one before it is raised, for the route to answer as an HTTP status (a
     full queue: 429 with retry-after, which the SDK retries)."""

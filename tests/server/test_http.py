@@ -714,3 +714,22 @@ def test_a_stream_the_queue_refuses_is_a_429_not_an_in_band_error(start_server,
     time.sleep(1.0)  # the refused calls' first prompts leave the queue at their batch delay
     r = completion(st, model=name, prompt="ab", max_tokens=3, stream=True, seed=1)
     assert r.status == 200 and r.events()[-1] == "[DONE]"  # one fits
+
+
+def test_a_native_stream_the_queue_refuses_is_a_429_too(start_server, tiny_artifact: Path) -> None:
+    """/nextchar/v1/generate waits for its first event before the 200 as completions do: with
+    the queue's one text taken (a Predict held by the batch delay), the stream is a 429."""
+    import threading
+
+    st = start_server(model=tiny_artifact, max_queue_texts=1, max_batch_delay_ms=1500)
+    held = threading.Thread(target=lambda: call(st.http_url, "POST", "/nextchar/v1/predict",
+                                                {"texts": ["ab"]}))
+    held.start()
+    deadline = time.monotonic() + 10
+    while not st.server.runtime().batcher.lane_depth(0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the Predict waits in the queue now
+    r = call(st.http_url, "POST", "/nextchar/v1/generate",
+             {"prompt": "ab", "max_chars": 3, "stream": True})
+    held.join(30)
+    assert (r.status, r.headers.get("retry-after")) == (429, "1"), r.body
+    assert r.json()["error"].startswith("server overloaded: 1 texts queued")
