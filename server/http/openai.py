@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -288,11 +288,12 @@ class _Scorer:
                 # A character outside the vocabulary was read as the unknown token: that is
                 # the id whose probability the model gave it.
                 i = self.index.get(ch, self.unk)
-                chosen.append(_log(float(before[i]) if i is not None else 0.0))
+                logp = _log(float(before[i]) if i is not None else 0.0)
+                chosen.append(logp)
                 ranked = np.argsort(-before, kind="stable")[: self.k].tolist()
                 top = {self.vocab[r]: _log(float(before[r])) for r in ranked}
                 # OpenAI always lists the chosen token too: up to logprobs + 1 entries.
-                top.setdefault(ch, chosen[-1])
+                top.setdefault(ch, logp)
                 tops.append(top)
             self.after, self.state = dists[-1], res.state
         offsets = list(range(self.offset, self.offset + len(piece)))
@@ -350,7 +351,7 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
 
 async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
                   meta: dict[str, Any], gate: DrainGate,
-                  deadline: float | None) -> AsyncIterator[bytes]:
+                  deadline: float | None) -> AsyncGenerator[bytes, None]:
     """Every choice's chunks as they come (choices interleave), then usage if asked, then
     data: [DONE]. Errors are raised (see _stream)."""
     queue: asyncio.Queue[tuple[_Choice, GenChunk | None] | BaseException] = asyncio.Queue()
