@@ -204,6 +204,8 @@ def _limit_file_size(limit: int) -> Any:
 # again at the next sync and at close (that used to be a writer-thread traceback, then one from
 # run_job; a write bigger than the buffer goes to the file directly and failed only once).
 SMALL_WRITES = ["--texts-per-request", "4"]
+# A line gRPC's C core logs itself (absl format): E1203 18:30:01.402823   17500 file.cc:373] ...
+GRPC_CORE_LOG = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 STOPPED = re.compile(r"nextchar batch: writing the output failed: (.+); stopped after \d+/\d+ "
                      r"items: rerun the same command to resume")
 
@@ -217,8 +219,12 @@ def test_a_write_that_fails_part_way_is_one_line_and_a_rerun_resumes(tmp_path: P
     r = subprocess.run(args, capture_output=True, text=True, timeout=120,
                        preexec_fn=_limit_file_size(40_000))
     assert r.returncode == 1, r.stderr
-    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    m = STOPPED.fullmatch(r.stderr.strip())
+    # gRPC's C core logged "epoll_wait error: Bad file descriptor" here once (one CI run of
+    # about 15, 2026-12-03; cause not found): its own log lines are not the CLI's output.
+    ours = "".join(line for line in r.stderr.splitlines(keepends=True)
+                   if not GRPC_CORE_LOG.match(line))
+    assert "Traceback" not in ours and ours.count("\n") == 1, r.stderr
+    m = STOPPED.fullmatch(ours.strip())
     assert m and m.group(1) == "File too large", r.stderr
     assert 0 < out.stat().st_size <= 40_000
 
