@@ -141,8 +141,7 @@ class GenerateSession:
         self._release()
 
     def _count(self, ok: bool, chars: int) -> None:
-        rt = self.runtime
-        count_request(self._registry, rt.stats, rt.name, rt.version, ok, chars, self._started)
+        count_request(self._registry, self.runtime, ok, chars, self._started)
 
     def _release(self) -> None:
         if not self._released:
@@ -168,17 +167,16 @@ class _Decoding:
             slot = self.registry.slots.get(self.name or self.registry.default_name)
             rt = slot.current if slot is not None else None
             if rt is not None:
-                count_request(self.registry, rt.stats, rt.name, rt.version, False, 0,
-                              self.started)
+                count_request(self.registry, rt, False, 0, self.started)
 
 
-def count_request(registry: ModelRegistry, stats: ModelStats, model: str, version: str,
-                  ok: bool, texts: int, started_ns: int) -> None:
-    """One inference request of a model done: its ModelStatistics and its Prometheus counter,
-    so both count the same requests."""
-    stats.request_done(ok, texts, started_ns)
+def count_request(registry: ModelRegistry, rt: ModelRuntime, ok: bool, texts: int,
+                  started_ns: int) -> None:
+    """One inference request of a model version done: its ModelStatistics and its Prometheus
+    counter, so both count the same requests."""
+    rt.stats.request_done(ok, texts, started_ns)
     if registry.metrics is not None:
-        registry.metrics.inference_done(model, version, ok)
+        registry.metrics.inference_done(rt.name, rt.version, ok)
 
 
 class DataPlane:
@@ -238,7 +236,7 @@ class DataPlane:
                 n = (len(call.texts) if call.texts is not None else
                      len(call.ids) if call.ids is not None and np.ndim(call.ids) else
                      int(np.size(call.lengths)) if call.lengths is not None else 0)
-                count_request(self.registry, rt.stats, rt.name, rt.version, ok, n, started)
+                count_request(self.registry, rt, ok, n, started)
             finally:
                 self.registry.release(rt)
 
