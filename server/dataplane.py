@@ -199,9 +199,11 @@ class DataPlane:
         the ones predict refuses do, so the statistics do not depend on which layer said no."""
         return _Decoding(self.registry, name)
 
-    async def predict(self, call: PredictCall) -> PredictAnswer:
+    async def predict(self, call: PredictCall, on: ModelRuntime | None = None) -> PredictAnswer:
+        """`on`: a runtime the caller holds a lease on, to predict on that version whatever is
+        served now (OpenAI's logprobs score what a Generate stream of that version wrote)."""
         self._check()
-        rt = self.registry.acquire(call.model)
+        rt = self.registry.acquire(call.model) if on is None else self.registry.hold(on)
         started = time.perf_counter_ns()
         ok = False
         try:
@@ -330,8 +332,6 @@ class DataPlane:
     async def reload_model(self, name: str = "") -> LoadOutcome:
         self._check()
         slot = self.registry.slot(name)
-        if not slot.wanted:  # an operator's unload is not undone by a reload
-            raise NotFound(f"model '{slot.name}' is unloaded: reload takes the newest version "
-                           f"of a loaded model; load it with LoadModel (nextchar load "
-                           f"{slot.name})")
-        return await slot.load(retry_failed=True, reason="Admin.ReloadModel")
+        # An operator's unload is not undone by a reload: NotFound, also for an unload that
+        # was queued before this call on the model's lock.
+        return await slot.load_to_end(reason="Admin.ReloadModel", keep_unloaded=True)

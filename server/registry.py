@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -183,117 +183,168 @@ class ModelSlot:
         return True
 
     # -- load / reload / unload ------------------------------------------------------------
-    async def load(self, *, retry_failed: bool = True, reason: str = "admin") -> LoadOutcome:
+    async def load(self, *, retry_failed: bool = True, reason: str = "admin",
+                   keep_unloaded: bool = False) -> LoadOutcome:
         """Loads the newest version if it is not the one served (and the model if it is not
         loaded, falling back to older versions then), or the served one again when config.json
         changed. ReloadFailed when nothing new serves; with retry_failed False (polling) a
-        loaded model's problems are logged once and returned as the outcome's reason."""
+        loaded model's problems are logged once and returned as the outcome's reason.
+
+        keep_unloaded (a reload, a poll): NotFound if an operator unloaded the model, checked
+        under the lock, so an unload queued before it is not undone."""
         async with self._lock:
-            self.wanted = True
-            current = self.current
-            served = current.version if current is not None else ""
-            served_sha = current.artifact.sha256 if current is not None else ""
+            return await self._load_held(retry_failed, reason, keep_unloaded)
+
+    async def load_to_end(self, *, reason: str, keep_unloaded: bool = False) -> LoadOutcome:
+        """load() for a caller that may go away (a client's deadline cancels its handler): once
+        the model's lock is taken, in the callers' order, the load runs to its end, as Triton's
+        do; the model ends READY or FAILED, never LOADING with nobody to finish it. The
+        caller, if still there, gets the outcome."""
+        await self._lock.acquire()
+
+        async def run() -> LoadOutcome:
             try:
-                self._read_config()
-                candidates = self.source.candidates()
-            except ArtifactError as e:
-                if current is None:
-                    self._fail(str(e))
-                    raise ReloadFailed(str(e)) from e
-                # A bad config.json (or an unreadable folder) under a served model: it keeps
-                # serving, and ListModels, the index and the failure counter say why.
-                problem = f"{e}; still serving version {served}"
-                if retry_failed or problem != self.reason:
-                    self.registry.count_reload(self.name, "failure")
-                if problem != self.reason:
-                    self.reason = problem
-                    self.registry.changed()
-                self._problem(problem)
-                if retry_failed:  # a caller asked: the load did not happen, say so
-                    raise ReloadFailed(f"model {self.name}: {e}; still serving version "
-                                       f"{served}") from e
-                return LoadOutcome(self.name, False, served, served, served_sha, str(e))
-            if current is not None:
-                newest = candidates[0]
-                if newest == current.artifact.path and _manifest_sha(newest) == served_sha \
-                        and self.settings == self._served_settings:
-                    if self.reason:  # a newer version that failed is gone: nothing to explain
-                        self.reason = ""
-                        self.registry.changed()
-                    return LoadOutcome(self.name, False, served, served, served_sha,
-                                       f"version {served} is already the newest")
-                candidates = candidates[:1]  # a running model never falls back to older ones
-            errors = []
-            tried = []  # the failures of this call's attempts (not the skipped versions)
-            for path in candidates:
-                key = _failure_key(path, self.source.root)
-                failed = self._failed.get(key)
-                if failed is not None and (not retry_failed
-                                           or time.monotonic() - failed[0] < RETRY_AFTER_S):
-                    # Polling re-verifies only after a change; a load call also after 30 s.
-                    when = (f"before {RETRY_AFTER_S:.0f}s or a change to its files or config.json"
-                            if retry_failed else "until its files or config.json change")
-                    errors.append(f"version {path.name} failed {time.monotonic() - failed[0]:.0f}s "
-                                  f"ago ({failed[1]}); not re-verified {when}")
-                    continue
-                log.info("%s: loading model %s from %s (serving %s)", reason, self.name, path,
-                         served or "nothing")
-                if current is None:
-                    self.state = ModelState.LOADING
-                try:
-                    artifact, backend = await asyncio.to_thread(open_model, path, self.settings)
-                    rt = await self._start(path, artifact, backend, current)
-                except Exception as e:
-                    why = _reason(e)
-                    self._failed[key] = (time.monotonic(), why)
-                    self.registry.count_reload(self.name, "failure")
-                    log.error("%s: model %s version %s not loaded: %s", reason, self.name,
-                              path.name, why, exc_info=not isinstance(e, ArtifactError | FailedPrecondition))
-                    errors.append(f"version {path.name} not loaded ({why})")
-                    tried.append(errors[-1])
-                    continue
-                self._failed.pop(key, None)
-                # Served after newer versions failed (a model's first load falls back): say so.
-                self._swap(rt, "; ".join(tried))
-                self._served_settings = self.settings
-                self.registry.count_reload(self.name, "success")
-                log.info("%s: now serving model %s version %s (artifact %s, sha256 %s…), was %s",
-                         reason, self.name, rt.version, artifact.version, artifact.sha256[:12],
-                         served or "nothing")
-                self._last_problem = ""
-                return LoadOutcome(self.name, True, served, rt.version, artifact.sha256)
-            message = "; ".join(errors)
-            if current is None:
-                # The reason changes only with a new attempt: the skipped versions' text holds
-                # their age, and a reason that changed every poll would notify every watcher.
-                if tried or not self.reason:
-                    self._fail(message)
-                raise ReloadFailed(f"model {self.name}: {message}")
-            # Still READY on the old version; ListModels and RepositoryIndex say why the newer
-            # one is not served (Triton's index lists a failed version with its reason).
-            if tried and self.reason != "; ".join(tried):
-                self.reason = "; ".join(tried)
+                return await self._load_held(True, reason, keep_unloaded)
+            finally:
+                self._lock.release()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.registry.keep(task)
+        return await asyncio.shield(task)
+
+    async def _load_held(self, retry_failed: bool, reason: str,
+                         keep_unloaded: bool) -> LoadOutcome:
+        """load(), with the model's lock held."""
+        if self.registry.slots.get(self.name) is not self:  # polling forgot it meanwhile
+            raise NotFound(f"model '{self.name}' is no longer in the repository (its folder "
+                           f"{self.source.root} is gone)")
+        if keep_unloaded and not self.wanted:
+            raise NotFound(f"model '{self.name}' is unloaded: reload takes the newest "
+                           f"version of a loaded model; load it with LoadModel (nextchar "
+                           f"load {self.name})")
+        if not self.wanted:  # a wanted model counts in readiness: tell the health service
+            self.wanted = True
+            self.registry.changed()
+        try:
+            return await self._load_newest(retry_failed, reason)
+        except asyncio.CancelledError:
+            # Cancelled mid-load (the server stopping): not LOADING for good.
+            if self.current is None and self.state is ModelState.LOADING:
+                self.state, self.reason = ModelState.UNAVAILABLE, "load cancelled"
                 self.registry.changed()
-            if not retry_failed:
-                return LoadOutcome(self.name, False, served, served, served_sha, message)
-            raise ReloadFailed(f"model {self.name}: {message}; still serving version {served}")
+            raise
+
+    async def _load_newest(self, retry_failed: bool, reason: str) -> LoadOutcome:
+        """The load itself (the lock held, the checks done)."""
+        current = self.current
+        served = current.version if current is not None else ""
+        served_sha = current.artifact.sha256 if current is not None else ""
+        try:
+            self._read_config()
+            candidates = self.source.candidates()
+        except ArtifactError as e:
+            if current is None:
+                self._fail(str(e))
+                raise ReloadFailed(str(e)) from e
+            # A bad config.json (or an unreadable folder) under a served model: it keeps
+            # serving, and ListModels, the index and the failure counter say why.
+            problem = f"{e}; still serving version {served}"
+            if retry_failed or problem != self.reason:
+                self.registry.count_reload(self.name, "failure")
+            if problem != self.reason:
+                self.reason = problem
+                self.registry.changed()
+            self._problem(problem)
+            if retry_failed:  # a caller asked: the load did not happen, say so
+                raise ReloadFailed(f"model {self.name}: {e}; still serving version "
+                                   f"{served}") from e
+            return LoadOutcome(self.name, False, served, served, served_sha, str(e))
+        if current is not None:
+            newest = candidates[0]
+            if newest == current.artifact.path and _manifest_sha(newest) == served_sha \
+                    and self.settings == self._served_settings:
+                if self.reason:  # a newer version that failed is gone: nothing to explain
+                    self.reason = ""
+                    self.registry.changed()
+                return LoadOutcome(self.name, False, served, served, served_sha,
+                                   f"version {served} is already the newest")
+            candidates = candidates[:1]  # a running model never falls back to older ones
+        errors = []
+        tried = []  # the failures of this call's attempts (not the skipped versions)
+        for path in candidates:
+            key = _failure_key(path, self.source.root)
+            failed = self._failed.get(key)
+            if failed is not None and (not retry_failed
+                                       or time.monotonic() - failed[0] < RETRY_AFTER_S):
+                # Polling re-verifies only after a change; a load call also after 30 s.
+                when = (f"before {RETRY_AFTER_S:.0f}s or a change to its files or config.json"
+                        if retry_failed else "until its files or config.json change")
+                errors.append(f"version {path.name} failed {time.monotonic() - failed[0]:.0f}s "
+                              f"ago ({failed[1]}); not re-verified {when}")
+                continue
+            log.info("%s: loading model %s from %s (serving %s)", reason, self.name, path,
+                     served or "nothing")
+            if current is None and self.state is not ModelState.LOADING:
+                self.state = ModelState.LOADING
+                self.registry.changed()
+            try:
+                artifact, backend = await asyncio.to_thread(open_model, path, self.settings)
+                rt = await self._start(path, artifact, backend, current)
+            except Exception as e:
+                why = _reason(e)
+                self._failed[key] = (time.monotonic(), why)
+                self.registry.count_reload(self.name, "failure")
+                log.error("%s: model %s version %s not loaded: %s", reason, self.name,
+                          path.name, why, exc_info=not isinstance(e, ArtifactError | FailedPrecondition))
+                errors.append(f"version {path.name} not loaded ({why})")
+                tried.append(errors[-1])
+                continue
+            self._failed.pop(key, None)
+            # Served after newer versions failed (a model's first load falls back): say so.
+            self._swap(rt, "; ".join(tried))
+            self._served_settings = self.settings
+            self.registry.count_reload(self.name, "success")
+            log.info("%s: now serving model %s version %s (artifact %s, sha256 %s…), was %s",
+                     reason, self.name, rt.version, artifact.version, artifact.sha256[:12],
+                     served or "nothing")
+            self._last_problem = ""
+            return LoadOutcome(self.name, True, served, rt.version, artifact.sha256)
+        message = "; ".join(errors)
+        if current is None:
+            # A FAILED model's reason changes only with a new attempt: the skipped
+            # versions' text holds their age, and a reason that changed every poll would
+            # notify every watcher. Any other state (unloaded, loading) becomes FAILED.
+            if tried or self.state is not ModelState.FAILED:
+                self._fail(message)
+            raise ReloadFailed(f"model {self.name}: {message}")
+        # Still READY on the old version; ListModels and RepositoryIndex say why the newer
+        # one is not served (Triton's index lists a failed version with its reason).
+        if tried and self.reason != "; ".join(tried):
+            self.reason = "; ".join(tried)
+            self.registry.changed()
+        if not retry_failed:
+            return LoadOutcome(self.name, False, served, served, served_sha, message)
+        raise ReloadFailed(f"model {self.name}: {message}; still serving version {served}")
 
     async def unload(self) -> str:
         """Stops serving: new calls get NOT_FOUND; returns the version that was served."""
         async with self._lock:
-            self.wanted = False
-            rt, self.current = self.current, None
-            if rt is None:
-                self.state, self.reason = ModelState.UNAVAILABLE, "not loaded"
-                self.registry.changed()
-                return ""
-            self.state, self.reason = ModelState.UNLOADING, "unloaded; last calls finishing"
-            self.registry.on_unserved(self.name)
+            return self._unload_locked()
+
+    def _unload_locked(self) -> str:
+        self.wanted = False
+        rt, self.current = self.current, None
+        if rt is None:
+            self.state, self.reason = ModelState.UNAVAILABLE, "not loaded"
             self.registry.changed()
-            self.registry.retire(rt)
-            log.info("model %s version %s unloaded (%d call(s) still running)", self.name,
-                     rt.version, rt.calls)
-            return rt.version
+            return ""
+        self.state, self.reason = ModelState.UNLOADING, "unloaded; last calls finishing"
+        self.registry.on_unserved(self.name)
+        self.registry.changed()
+        self.registry.retire(rt)
+        log.info("model %s version %s unloaded (%d call(s) still running)", self.name,
+                 rt.version, rt.calls)
+        return rt.version
 
     # -- helpers ---------------------------------------------------------------------------
     def _read_config(self) -> None:
@@ -352,7 +403,7 @@ class ModelRegistry:
         self.slots: dict[str, ModelSlot] = {}
         self.default_name = ""
         self.retiring: set[ModelRuntime] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._poll_task: asyncio.Task[None] | None = None
         self._single = settings.model_repository is None or "model" in settings.model_fields_set
         self._primary = ""  # --model's name: its failure fails the start
@@ -421,6 +472,13 @@ class ModelRegistry:
         rt.calls += 1
         return rt
 
+    def hold(self, rt: ModelRuntime) -> ModelRuntime:
+        """One more call on `rt`, which the caller already holds a lease on (so it is open):
+        work that must stay on one version after the lease it began with ends."""
+        assert rt.calls > 0, "hold() needs a lease on the runtime"
+        rt.calls += 1
+        return rt
+
     def release(self, rt: ModelRuntime) -> None:
         rt.calls -= 1
         if rt.retired and rt.calls == 0:
@@ -470,9 +528,7 @@ class ModelRegistry:
                 slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
                 self.changed()
 
-        task = asyncio.get_running_loop().create_task(close())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.keep(asyncio.get_running_loop().create_task(close()))
 
     @property
     def old_versions(self) -> list[str]:
@@ -504,7 +560,14 @@ class ModelRegistry:
                                f"directly under {repo} holding an artifact or <version>/ "
                                f"artifacts; models: {', '.join(sorted(self.slots)) or 'none'}")
             self._add_slot(name, path)
-        return await self.slot(name).load(retry_failed=True, reason=reason)
+        return await self.slot(name).load_to_end(reason=reason)
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """A task of the registry's that nobody may await: close() waits for it, and its
+        exception is retrieved (whoever raised it logged it)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def unload(self, name: str) -> str:
         return await self.slot(name).unload()
@@ -537,9 +600,11 @@ class ModelRegistry:
             if not slot.wanted:
                 continue
             try:
-                await slot.load(retry_failed=False, reason=reason)
+                await slot.load(retry_failed=False, reason=reason, keep_unloaded=True)
             except ReloadFailed:
                 pass  # logged and counted by load()
+            except NotFound:
+                pass  # unloaded or forgotten since the loop began
 
     async def _forget_removed(self, found: dict[str, Path], reason: str) -> None:
         """Models whose folder left the repository (or stopped holding a model): a FAILED one
@@ -547,15 +612,19 @@ class ModelRegistry:
         for name, slot in list(self.slots.items()):
             if name in found or name == self._primary:
                 continue
-            if slot.current is not None:
-                log.info("%s: model folder %s is gone: unloading model %s", reason,
-                         slot.source.root, name)
-                await slot.unload()
-            else:
-                log.info("%s: model folder %s is gone: forgetting model %s", reason,
-                         slot.source.root, name)
-            del self.slots[name]
-            self.changed()
+            # Under its lock: a load running now ends first, and what it served is unloaded
+            # here rather than left in a slot nobody can reach (never closed).
+            async with slot._lock:
+                if slot.current is not None:
+                    log.info("%s: model folder %s is gone: unloading model %s", reason,
+                             slot.source.root, name)
+                    slot._unload_locked()
+                else:
+                    log.info("%s: model folder %s is gone: forgetting model %s", reason,
+                             slot.source.root, name)
+                if self.slots.get(name) is slot:
+                    del self.slots[name]
+                    self.changed()
 
     async def _poll(self) -> None:
         while True:

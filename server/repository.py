@@ -9,10 +9,11 @@
         manifest.json model.onnx ...     (a model directory may also be one plain artifact)
 
 A model's name is its folder name (as in Triton and MLServer); for `--model DIR` it is the
-artifact's manifest name. A version is its folder name, ordered naturally (2 < 10 <
-20261127-1015); a plain artifact directory has one version, the artifact's own stamp. Names
-starting with '.' and folders without manifest.json are ignored, so a new version is copied in
-under a hidden name and renamed into place (`cp -r v3 .tmp-3 && mv .tmp-3 3`).
+artifact's manifest name. A version is a folder whose name starts with a digit, ordered
+naturally (2 < 10 < 20261127-1015); a plain artifact directory has one version, the artifact's
+own stamp. Other names (`backup/`, `.tmp-3/`) and folders without manifest.json are not
+versions, so a new version is copied in under a hidden name and renamed into place
+(`cp -r v3 .tmp-3 && mv .tmp-3 3`), and a copy kept beside the versions is never served.
 
 `config.json` overrides server settings for that model only, as Triton's config.pbtxt and
 MLServer's model-settings.json do: `{"backend": "torchscript", "max_batch_size": 64}`. The keys
@@ -45,10 +46,19 @@ MODEL_SETTINGS = frozenset({
 })
 
 
-def version_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Natural order: digit runs compare as numbers, so '2' < '10' and '1.9' < '1.10'."""
+def version_key(name: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Natural order: digit runs compare as numbers, so '2' < '10' and '1.9' < '1.10'; names
+    equal as numbers ('1', '01') then by their text, so the order never depends on how the
+    filesystem lists them."""
     return tuple((0, int(part)) if part.isdigit() else (1, part)
-                 for part in re.findall(r"\d+|\D+", name))
+                 for part in re.findall(r"\d+|\D+", name)), name
+
+
+def is_version(path: Path) -> bool:
+    """A version folder: named by a number (Triton's versions are integers; a stamp such as
+    20261127-1015 starts with one too) and holding a manifest. `backup/` beside `3/` would
+    otherwise outrank every number in natural order and be served."""
+    return path.name[:1].isdigit() and path.is_dir() and (path / "manifest.json").is_file()
 
 
 class ModelSource:
@@ -71,11 +81,16 @@ class ModelSource:
         if not self.root.is_dir():
             raise ArtifactError(f"{self.root}: no such directory (an artifact directory or a "
                                 f"directory of <version>/ artifact directories)")
-        versions = [p for p in self.root.iterdir()
-                    if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file()]
+        children = list(self.root.iterdir())
+        versions = [p for p in children if is_version(p)]
         if not versions:
+            named = sorted(p.name for p in children if not p.name.startswith(".")
+                           and p.is_dir() and (p / "manifest.json").is_file())
+            hint = (f"; {', '.join(named)}: not versions, a version folder's name starts with a "
+                    f"digit (1, 2, 20261127-1015)" if named else "")
             raise ArtifactError(f"{self.root}: neither an artifact (no manifest.json) nor a "
-                                f"model with versions (no <version>/manifest.json below it)")
+                                f"model with versions (no <version>/manifest.json below it)"
+                                f"{hint}")
         return sorted(versions, key=lambda p: version_key(p.name), reverse=True)
 
     def version_of(self, path: Path, artifact_version: str) -> str:
@@ -88,8 +103,7 @@ def looks_like_model(path: Path) -> bool:
     if (path / "manifest.json").is_file():
         return True
     try:
-        return any(v.is_dir() and not v.name.startswith(".") and (v / "manifest.json").is_file()
-                   for v in path.iterdir())
+        return any(is_version(v) for v in path.iterdir())
     except OSError:  # unreadable (lost+found is root's, mode 700)
         return False
 

@@ -136,19 +136,24 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                                      headers={"cache-control": "no-cache"})
 
         async def answer() -> list[dict[str, Any]]:
+            # Each scorer holds its choice's version: the logprobs come from the model that
+            # wrote the text, also when an unload or a new version lands in between.
+            scorers = _scorers(plane, body, choices, request.state.deadline)
             try:
-                await asyncio.gather(*(_run(c) for c in choices))
+                try:
+                    await asyncio.gather(*(_run(c) for c in choices))
+                finally:
+                    _close(choices)  # the stream slots go back now, before the Predicts
+                out = []
+                for c in choices:
+                    text = c.prompt + c.text if body.echo else c.text
+                    lp = await _logprobs(scorers[c.index], body, c) if scorers else None
+                    out.append({"text": text, "index": c.index, "logprobs": lp,
+                                "finish_reason": c.finish_reason})
+                return out
             finally:
-                _close(choices)  # the slots go back now, before the logprobs' Predicts
-            out = []
-            for c in choices:
-                text = c.prompt + c.text if body.echo else c.text
-                lp = None
-                if body.logprobs is not None:
-                    lp = await _logprobs(plane, body, c, request.state.deadline)
-                out.append({"text": text, "index": c.index, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
-            return out
+                for scorer in scorers.values():
+                    scorer.close()
 
         try:
             out = await unless_gone(request, answer())
@@ -256,12 +261,17 @@ class _Scorer:
     none (None, as OpenAI answers for an echoed prompt's first token).
 
     One Predict per piece, with every position's distribution, continuing from the state the
-    piece before returned: each character is read by the model once, however long the text."""
+    piece before returned: each character is read by the model once, however long the text.
 
-    def __init__(self, plane: DataPlane, body: CompletionRequest, deadline: float | None) -> None:
+    With the choice's Generate session, it predicts on that session's version, on a lease of
+    its own (close() ends it); without one (max_tokens 0), on the version served now."""
+
+    def __init__(self, plane: DataPlane, body: CompletionRequest, deadline: float | None,
+                 session: GenerateSession | None) -> None:
         self.plane, self.model, self.deadline = plane, body.model, deadline
         self.k = body.logprobs or 0
-        artifact = plane.model(body.model).artifact
+        self.rt = None if session is None else plane.registry.hold(session.runtime)
+        artifact = self.rt.artifact if self.rt is not None else plane.model(body.model).artifact
         self.vocab, self.unk = artifact.vocab, artifact.unk_id
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.state = b""  # fresh
@@ -275,7 +285,7 @@ class _Scorer:
             answer = await self.plane.predict(PredictCall(
                 texts=[piece], top_k=1, per_position=True, position_probs=True,
                 states=[self.state], return_state=True, model=self.model,
-                deadline=self.deadline))
+                deadline=self.deadline), on=self.rt)
             (res,) = answer.results
             dists = res.position_dists
             assert dists is not None  # position_probs
@@ -301,11 +311,32 @@ class _Scorer:
         return {"tokens": list(piece), "token_logprobs": chosen, "top_logprobs": tops,
                 "text_offset": offsets}
 
+    def close(self) -> None:
+        """Idempotent: the version's lease goes back."""
+        if self.rt is not None:
+            self.plane.registry.release(self.rt)
+            self.rt = None
 
-async def _logprobs(plane: DataPlane, body: CompletionRequest, c: _Choice,
-                    deadline: float | None) -> dict[str, Any]:
+
+def _scorers(plane: DataPlane, body: CompletionRequest, choices: list[_Choice],
+             deadline: float | None) -> dict[int, _Scorer]:
+    """A scorer per choice (by index) when logprobs are asked for; none are left holding a
+    lease if one cannot be made."""
+    scorers: dict[int, _Scorer] = {}
+    if body.logprobs is None:
+        return scorers
+    try:
+        for c in choices:
+            scorers[c.index] = _Scorer(plane, body, deadline, c.session)
+    except BaseException:
+        for scorer in scorers.values():
+            scorer.close()
+        raise
+    return scorers
+
+
+async def _logprobs(scorer: _Scorer, body: CompletionRequest, c: _Choice) -> dict[str, Any]:
     """The whole choice's logprobs: its prompt too when echoed."""
-    scorer = _Scorer(plane, body, deadline)
     prompt = await scorer.score(c.prompt)
     completion = await scorer.score(c.text)
     if not body.echo:
@@ -365,11 +396,12 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
         except BaseException as e:  # handed to the writer, which answers it in-band
             await queue.put(e)
 
-    tasks = [asyncio.ensure_future(pump(c)) for c in choices]
-    scorers = ({c.index: _Scorer(plane, body, deadline) for c in choices}
-               if body.logprobs is not None else {})
+    scorers: dict[int, _Scorer] = {}
+    tasks: list[asyncio.Future[None]] = []
     finished: set[int] = set()  # choices whose finish_reason went out
-    try:
+    try:  # the finally closes the choices' streams, whatever fails
+        scorers = _scorers(plane, body, choices, deadline)
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
         for c in choices:
             lp = await scorers[c.index].score(c.prompt) if scorers else None
             if body.echo:
@@ -409,4 +441,6 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
         for t in tasks:
             t.cancel()
         _close(choices)
+        for scorer in scorers.values():
+            scorer.close()
 

@@ -1,0 +1,203 @@
+"""Load, unload, reload and polls that overlap each other or a call in flight: an operator's
+unload sticks, a load its caller abandoned still ends, every protocol's readiness agrees, and a
+call finishes on the version it started on, its OpenAI logprobs included."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from http_util import call
+
+from nextchar.client import NextCharClient, NextCharError
+from nextchar.server.errors import ArtifactError, NotFound
+from nextchar.server.registry import ModelState
+from nextchar.server.repository import ModelSource
+from nextchar.v1 import nextchar_pb2 as pb
+
+VOCAB = "abcdefgh "
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from nextchar.training.export import build_random_artifact
+
+    base = tmp_path_factory.mktemp("race-src")
+    return {name: build_random_artifact(base / name, vocab=VOCAB, embed_dim=8, hidden_size=16,
+                                        num_layers=1, seed=i, name=name)
+            for i, name in enumerate(("alpha", "beta"))}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, sources: dict[str, Path]) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(sources["alpha"], root / "alpha" / "1")
+    shutil.copytree(sources["beta"], root / "beta" / "1")
+    return root
+
+
+def _state(st: Any, name: str) -> ModelState:
+    return st.server.registry.slot(name).state
+
+
+# -- an unload queued behind a load is not undone ----------------------------------------------------
+@pytest.mark.parametrize("then", ["reload", "poll"])
+def test_an_unload_queued_before_a_reload_or_poll_sticks(start_server, repo: Path,
+                                                         then: str) -> None:
+    """Unload, then ReloadModel (or a poll), both waiting on the model's lock behind a load in
+    progress: the unload ran first, so the reload is NOT_FOUND and the poll leaves the model
+    alone. Both checked `wanted` before waiting on the lock and loaded the model again."""
+    st = start_server(model_repository=repo, poll_s=0)
+    reg, plane = st.server.registry, st.server.plane
+
+    async def race() -> BaseException | None:
+        slot = reg.slot("alpha")
+        async with slot._lock:  # a load (a config.json change, a new version) in progress
+            unload = asyncio.ensure_future(plane.unload_model("alpha"))
+            await asyncio.sleep(0)  # the unload waits on the lock first
+            later = asyncio.ensure_future(plane.reload_model("alpha") if then == "reload"
+                                          else reg.poll_once())
+            await asyncio.sleep(0)
+        assert await unload == "1"
+        try:
+            await later
+        except NotFound as e:
+            return e
+        return None
+
+    error = st.call(race())
+    if then == "reload":
+        assert isinstance(error, NotFound)
+        assert error.message == ("model 'alpha' is unloaded: reload takes the newest version of "
+                                 "a loaded model; load it with LoadModel (nextchar load alpha)")
+    else:
+        assert error is None
+    assert st.server.registry.slot("alpha").current is None
+    with NextCharClient(st.address) as c:
+        with pytest.raises(NextCharError) as e:
+            c.predict(["abc"], model="alpha")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# -- a load its caller abandons ----------------------------------------------------------------------
+def test_a_load_whose_caller_goes_away_still_ends_ready(start_server, repo: Path) -> None:
+    """A client's deadline cancels its handler mid-load: the model stayed LOADING ("retry
+    shortly") for good, and ServerReady false, until another load. The load now runs to its
+    end, and every readiness answer says so."""
+    st = start_server(model_repository=repo, poll_s=0)
+    reg, plane = st.server.registry, st.server.plane
+    st.call(plane.unload_model("alpha"))
+
+    async def abandoned_load() -> ModelState:
+        slot = reg.slot("alpha")
+        while slot.state is not ModelState.UNAVAILABLE:  # the unloaded version closed
+            await asyncio.sleep(0.01)
+        caller = asyncio.ensure_future(plane.load_model("alpha"))
+        while slot.state is not ModelState.LOADING:  # the load began
+            await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        async with slot._lock:  # the load's end
+            return slot.state
+
+    assert st.call(abandoned_load()) is ModelState.READY
+    with NextCharClient(st.address) as c:
+        assert len(c.predict(["abc"], model="alpha")) == 1
+        assert c.health() == "SERVING"
+    assert call(st.http_url, "GET", "/v2/health/ready").status == 200
+
+
+# -- a refused load of an unloaded model -------------------------------------------------------------
+def test_a_refused_load_of_an_unloaded_model_is_failed_everywhere(start_server,
+                                                                  repo: Path) -> None:
+    """A broken model, unloaded (the server turns ready), then loaded again within 30 s: the
+    load is refused without re-verifying it. The index kept saying UNAVAILABLE "not loaded",
+    and gRPC health SERVING while ServerReady and /v2/health/ready said not ready."""
+    broken = repo / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{not json")
+    st = start_server(model_repository=repo, poll_s=0)  # strict readiness: the default
+    with NextCharClient(st.address) as c:
+        assert c.health() == "NOT_SERVING"
+        c.unload_model("broken")
+        assert c.health() == "SERVING"
+        with pytest.raises(NextCharError) as e:
+            c.load_model("broken")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not re-verified before 30s" in e.value.details
+        (model,) = [m for m in c.list_models().models if m.name == "broken"]
+        assert model.state == pb.MODEL_STATE_FAILED
+        assert model.reason.startswith("version 1 failed ")
+        assert c.health() == "NOT_SERVING"
+    assert call(st.http_url, "GET", "/v2/health/ready").status == 503
+
+
+# -- which folders are versions ----------------------------------------------------------------------
+def test_only_folders_named_by_a_number_are_versions(start_server, repo: Path,
+                                                     sources: dict[str, Path]) -> None:
+    """`backup/` beside `3/` outranked every number in natural order and was served (a call
+    for version 3 was NOT_FOUND); `1` and `01` were served in directory listing order."""
+    alpha = repo / "alpha"
+    shutil.copytree(sources["alpha"], alpha / "3")
+    shutil.copytree(sources["beta"], alpha / "backup")
+    shutil.copytree(sources["beta"], alpha / "v10")
+    shutil.copytree(sources["alpha"], alpha / "01")
+    assert [p.name for p in ModelSource(alpha).candidates()] == ["3", "1", "01"]
+    only_named = repo / "named"
+    shutil.copytree(sources["alpha"], only_named / "v1")
+    with pytest.raises(ArtifactError) as e:
+        ModelSource(only_named).candidates()
+    assert str(e.value).endswith("; v1: not versions, a version folder's name starts with a "
+                                 "digit (1, 2, 20261127-1015)")
+    st = start_server(model_repository=repo, poll_s=0)
+    with NextCharClient(st.address) as c:
+        assert {m.name: m.version for m in c.list_models().models} == {"alpha": "3", "beta": "1"}
+
+
+# -- OpenAI logprobs: the version that wrote the text scores it -------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_stay_on_their_version_across_an_unload(
+        start_server, repo: Path, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """The model unloaded between a completion's text and its logprobs: the logprobs looked the
+    model up by name again (404 after a whole completion was made, or an in-band error in a
+    stream; after a reload, another version's scores). They come from the stream's version."""
+    from nextchar.server.http import openai
+
+    st = start_server(model_repository=repo, poll_s=0)
+    body = {"model": "alpha", "prompt": "abc", "max_tokens": 40, "logprobs": 2, "seed": 5,
+            "stream": stream}
+
+    def scored(reply: Any) -> tuple[str, list[Any], list[Any]]:
+        assert reply.status == 200, reply.body
+        docs = [e for e in reply.events() if e != "[DONE]"] if stream else [reply.json()]
+        pieces = [ch for d in docs for ch in d["choices"]]
+        assert all("error" not in d for d in docs), docs
+        return ("".join(p["text"] for p in pieces),
+                [x for p in pieces if p["logprobs"] for x in p["logprobs"]["token_logprobs"]],
+                [x for p in pieces if p["logprobs"] for x in p["logprobs"]["top_logprobs"]])
+
+    before = scored(call(st.http_url, "POST", "/v1/completions", body))
+    original = openai._Scorer.score
+    unloaded: list[str] = []
+
+    async def score_after_an_unload(self: Any, piece: str) -> dict[str, Any]:
+        if not unloaded:
+            unloaded.append(await st.server.plane.unload_model("alpha"))
+        return await original(self, piece)
+
+    monkeypatch.setattr(openai._Scorer, "score", score_after_an_unload)
+    after = scored(call(st.http_url, "POST", "/v1/completions", body))
+    assert unloaded == ["1"]
+    assert after == before and len(after[0]) == 40
+
+    async def closed() -> ModelState:  # the version closes after its last call
+        while _state(st, "alpha") is ModelState.UNLOADING:
+            await asyncio.sleep(0.01)
+        return _state(st, "alpha")
+
+    assert st.call(closed(), timeout_s=10) is ModelState.UNAVAILABLE
