@@ -62,6 +62,7 @@ class Limits:
     max_streams: int = 256
     max_chars_per_request: int = 262144
     max_queue_chars: int = 1 << 20  # per lane; enforced by the batcher, advertised from here
+    low_max_queue_texts: int = 65536  # the low lane's; a batch job sizes its requests by it
 
     @classmethod
     def from_settings(cls, s: ServerSettings) -> Limits:
@@ -75,6 +76,7 @@ class Limits:
             max_streams=s.max_streams,
             max_chars_per_request=s.max_chars_per_request,
             max_queue_chars=s.max_queue_chars,
+            low_max_queue_texts=s.low_max_queue_texts,
         )
 
 

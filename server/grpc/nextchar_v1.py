@@ -98,6 +98,7 @@ class NextCharServicer(pb_grpc.NextCharServicer):
                 max_streams=lim.max_streams,
                 max_chars_per_request=lim.max_chars_per_request,
                 max_queue_chars=lim.max_queue_chars,
+                low_max_queue_texts=lim.low_max_queue_texts,
             ),
             has_unknown_token=a.unk_id is not None,
             server_version=__version__,

@@ -148,6 +148,9 @@ def test_model_info_advertises_limits(client: NextCharClient, tiny_server, tiny_
     assert info.limits.max_texts_per_request == s.max_texts_per_request
     assert info.limits.max_chars_per_text == s.max_chars_per_text
     assert info.limits.max_message_bytes == s.max_message_bytes
+    assert (info.limits.max_queue_texts, info.limits.max_queue_chars,
+            info.limits.low_max_queue_texts) == (s.max_queue_texts, s.max_queue_chars,
+                                                 s.low_max_queue_texts)
     assert info.config.hidden_size == manifest["model"]["hidden_size"]
 
 

@@ -153,7 +153,7 @@ class ModelConfig(_message.Message):
     def __init__(self, cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embed_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_message_bytes", "max_top_k", "default_top_k", "max_queue_texts", "max_streams", "max_chars_per_request", "max_queue_chars")
+    __slots__ = ("max_texts_per_request", "max_chars_per_text", "max_message_bytes", "max_top_k", "default_top_k", "max_queue_texts", "max_streams", "max_chars_per_request", "max_queue_chars", "low_max_queue_texts")
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class ServerLimits(_message.Message):
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    LOW_MAX_QUEUE_TEXTS_FIELD_NUMBER: _ClassVar[int]
     max_texts_per_request: int
     max_chars_per_text: int
     max_message_bytes: int
@@ -172,7 +173,8 @@ class ServerLimits(_message.Message):
     max_streams: int
     max_chars_per_request: int
     max_queue_chars: int
-    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_chars_per_text: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_queue_texts: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_chars_per_request: _Optional[int] = ..., max_queue_chars: _Optional[int] = ...) -> None: ...
+    low_max_queue_texts: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_chars_per_text: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_queue_texts: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_chars_per_request: _Optional[int] = ..., max_queue_chars: _Optional[int] = ..., low_max_queue_texts: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "artifact_sha256", "vocab", "config", "backend", "device", "limits", "has_unknown_token", "server_version", "artifact_version")
