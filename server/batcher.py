@@ -309,10 +309,15 @@ class Batcher:
             self._last_high = time.monotonic()
         policy = self.lanes[lane]
         queued = len(self._queues[lane]) + self._in_flight_texts
-        # Into an idle batcher a request is admitted whatever its size, as the character bound
-        # below admits one into an empty lane: a lane bound under --max-texts-per-request (a
-        # small --low-max-queue-texts) would otherwise refuse a job's every request for good.
-        if queued and queued + len(items) > policy.max_queue_texts:
+        if len(items) > policy.max_queue_texts:
+            # Never fits, idle or not (a --low-max-queue-texts under a job's request size):
+            # say what would, rather than "retry with backoff" for good.
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"server overloaded: a request of {len(items)} texts is more than the "
+                f"{LANE_NAMES[lane]}-priority lane queues, limit {policy.max_queue_texts} "
+                f"(GetModelInfo limits); send at most {policy.max_queue_texts} texts per request")
+        if queued + len(items) > policy.max_queue_texts:
             self.stats.rejected += 1
             raise Overloaded(
                 f"server overloaded: {queued} texts queued in the {LANE_NAMES[lane]}-priority "

@@ -293,26 +293,23 @@ def test_each_lane_has_its_own_queue_bound_and_timeout() -> None:
     run(main())
 
 
-def test_an_idle_batcher_admits_a_request_larger_than_its_lanes_bound() -> None:
+def test_a_request_larger_than_its_lanes_bound_says_what_fits() -> None:
     """A lane bound under the request size (--low-max-queue-texts 16, a batch job's requests
-    of 64 texts) refused the job's every request, also into an idle server: the job retried
-    until its budget ran out, at every rerun. Like the character bound, the text bound admits
-    one request into an empty lane; behind it, the bound holds."""
+    of 64 texts) can never admit it, idle or not: the refusal says so and what would fit,
+    instead of "retry with backoff", which a job followed until its retries ran out."""
     from nextchar.server.batcher import LanePolicy
 
     async def main() -> None:
         backend, b = await held_batcher(parallel_batch_chars=0,
                                         low_lane=LanePolicy(max_queue_texts=4))
         loop = asyncio.get_running_loop()
-        held = await occupy_both_workers(backend, b)
-        big = asyncio.create_task(b.submit(items(loop, [[1]] * 6, lane=LOW)))
-        await asyncio.sleep(0)
-        assert b.queue_depth == 6
-        with pytest.raises(Overloaded, match="6 texts queued in the low-priority lane, limit 4"):
-            await b.submit(items(loop, [[2]], lane=LOW))
+        with pytest.raises(Overloaded) as e:
+            await b.submit(items(loop, [[1]] * 6, lane=LOW))
+        assert e.value.message == (
+            "server overloaded: a request of 6 texts is more than the low-priority lane "
+            "queues, limit 4 (GetModelInfo limits); send at most 4 texts per request")
         backend.release.set()
-        await asyncio.gather(*held)
-        assert len(await big) == 6
+        assert len(await b.submit(items(loop, [[1]] * 4, lane=LOW))) == 4
         await b.close()
 
     run(main())
