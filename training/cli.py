@@ -148,32 +148,17 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Arg
     return []
 
 
-def _hello(args: argparse.Namespace) -> int:
-    from .device import resolve_device, resolve_precision
-    from .train import train_hello
-
-    if args.corpus or args.resume:
-        raise TrainingError("--preset hello trains on 'hello' alone: drop --corpus/--resume")
-    # Refused as for a language model when this machine lacks them; the preset itself always
-    # trains on the CPU in float32, which is what makes its fixed seeds give the same result.
-    device = resolve_device(args.device)
-    dtype = resolve_precision(args.precision, device)
-    if (args.device != "auto" and device.type != "cpu") or (args.precision != "auto" and dtype):
-        print("nextchar train: warning: --preset hello trains on the CPU in float32 (its fixed "
-              "seeds give the same models every run): ignoring --device/--precision",
-              file=sys.stderr)
-    out = "runs/hello" if args.out is None else args.out
-    result = train_hello(out, quiet=args.quiet, overwrite=args.overwrite)
-    return 0 if result["all_ohlol"] else 1
+# TrainConfig's fields that only a language model uses: the hello preset's sizes, epochs and
+# learning rate are fixed (its seeds reach "ohlol" with them).
+_NOT_HELLO = ("out", "corpus", "name", "resume", "resume_from", "overwrite", "device",
+              "precision", "progress")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+def _config(args: argparse.Namespace, out: str) -> Any:
+    from .train import TrainConfig
 
-    if args.preset == "hello":
-        return _hello(args)
-    config = TrainConfig(
-        out="runs/lm" if args.out is None else args.out, corpus=list(args.corpus),
+    return TrainConfig(
+        out=out, corpus=list(args.corpus),
         name=args.name, resume=args.resume is not None, resume_from=args.resume or "last",
         overwrite=args.overwrite, seed=args.seed, max_minutes=args.max_minutes,
         max_steps=args.max_steps, threads=args.threads, device=args.device,
@@ -185,7 +170,40 @@ def _train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, eval_every=args.eval_every, eval_chars=args.eval_chars,
         patience=args.patience, progress=not args.no_progress,
     )
-    train(config, log=print)
+
+
+def _hello(args: argparse.Namespace) -> int:
+    from .device import resolve_device, resolve_precision
+    from .train import TrainConfig, train_hello
+
+    if args.corpus or args.resume:
+        raise TrainingError("--preset hello trains on 'hello' alone: drop --corpus/--resume")
+    out = "runs/hello" if args.out is None else args.out
+    _config(args, out)  # a value a language model refuses is refused here too, in its words
+    ignored = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)}"
+               for f in fields(TrainConfig)
+               if f.name not in _NOT_HELLO and getattr(args, f.name) != f.default]
+    if ignored:
+        print("nextchar train: warning: --preset hello trains its fixed models (sizes, epochs, "
+              f"learning rate and seeds): ignoring {', '.join(ignored)}", file=sys.stderr)
+    # Refused as for a language model when this machine lacks them; the preset itself always
+    # trains on the CPU in float32, which is what makes its fixed seeds give the same result.
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    if (args.device != "auto" and device.type != "cpu") or (args.precision != "auto" and dtype):
+        print("nextchar train: warning: --preset hello trains on the CPU in float32 (its fixed "
+              "seeds give the same models every run): ignoring --device/--precision",
+              file=sys.stderr)
+    result = train_hello(out, quiet=args.quiet, overwrite=args.overwrite, name=args.name)
+    return 0 if result["all_ohlol"] else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.preset == "hello":
+        return _hello(args)
+    train(_config(args, "runs/lm" if args.out is None else args.out), log=print)
     return 0
 
 

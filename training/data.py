@@ -422,12 +422,27 @@ class StreamBatches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "window": self.window, "offset": self.offset,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "streams": self.streams}
 
     def load_state_dict(self, state: dict) -> None:
+        """ValueError when the position is not one of these streams: it was saved by a run with
+        another number of processes (torchrun), whose streams are cut at other places."""
+        saved, window = state.get("streams"), state["window"]
+        # A position saved before "streams" was recorded is checked as far as it can be.
+        if saved != self.streams and (saved is not None or window >= self.windows_per_epoch):
+            was = (self._layout(saved) if saved is not None else
+                   f"other streams (window {window}; an epoch here has {self.windows_per_epoch})")
+            raise ValueError(f"its data position is for {was}, this run's is "
+                             f"{self._layout(self.streams)}: resume with the number of processes "
+                             "it was trained with")
         self.generator.set_state(state["generator"])
-        self.epoch, self.window, self.offset = state["epoch"], state["window"], state["offset"]
+        self.epoch, self.window, self.offset = state["epoch"], window, state["offset"]
         self._cut_rows()
+
+    def _layout(self, streams: int) -> str:
+        world = streams // self.batch_size
+        return (f"{world} process{'es' if world != 1 else ''} x --batch-size {self.batch_size} "
+                f"({streams} streams)")
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(x, y) each (B, bptt), and whether this batch starts a new epoch (reset the state)."""

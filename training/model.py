@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 CELLS = ("rnn", "gru", "lstm")
 
@@ -51,6 +51,20 @@ class CharRNNConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pack(x: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor) -> PackedSequence:
+    """pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), the same
+    numbers, with the batch order moved to the device of ids (and x) by type_as: torch's
+    helper moves it with .to(x.device), which a trace records as a constant, the tracing
+    device, so a model.ts traced on the CPU would fail on CUDA. type_as stays an op of the
+    trace."""
+    # Packing reads the lengths on the CPU, whatever the device: this constant is right on all.
+    sorted_lengths, order = torch.sort(lengths.cpu(), descending=True)
+    order = order.type_as(ids)  # int64 both
+    data, batch_sizes = torch._pack_padded_sequence(x.index_select(0, order), sorted_lengths,
+                                                    True)
+    return PackedSequence(data, batch_sizes, order, torch.argsort(order))
 
 
 class CharRNN(nn.Module):
@@ -86,13 +100,14 @@ class CharRNN(nn.Module):
         return torch.zeros(self.config.state_layers, batch_size, self.hidden_size,
                            dtype=p.dtype, device=p.device)
 
-    def _run(self, x: torch.Tensor, state: torch.Tensor, packed_lengths: torch.Tensor | None):
-        """Runs the core on embedded input; returns (outputs, state_out) with state as (S, B, H)."""
-        inp = x
+    def _run(self, x: torch.Tensor, state: torch.Tensor, packed_lengths: torch.Tensor | None,
+             ids: torch.Tensor | None = None):
+        """Runs the core on embedded input (of `ids`, needed with packed_lengths); returns
+        (outputs, state_out) with state as (S, B, H)."""
+        inp: torch.Tensor | PackedSequence = x
         if packed_lengths is not None:
-            # enforce_sorted=False: the batch keeps its order; packing sorts internally.
-            inp = pack_padded_sequence(x, packed_lengths.cpu(), batch_first=True,
-                                       enforce_sorted=False)
+            assert ids is not None
+            inp = _pack(x, packed_lengths, ids)
         if self.is_lstm:
             h0, c0 = state[: self.num_layers].contiguous(), state[self.num_layers :].contiguous()
             out, (h, c) = self.rnn(inp, (h0, c0))
@@ -107,14 +122,16 @@ class CharRNN(nn.Module):
         self, ids: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.embed(ids)  # (B, T, E)
-        out, state_out = self._run(x, state, lengths)  # (B, T, H), (S, B, H)
+        out, state_out = self._run(x, state, lengths, ids)  # (B, T, H), (S, B, H)
         # The top layer's h after each sequence's own last step is its last real output.
         last_h = state_out[self.num_layers - 1]  # (B, H)
         logits = self.head(last_h)  # (B, V)
         # Past a row's length `out` is zero, but head(0) is the bias: zero those rows, as the
-        # artifact contract promises. ids.size(1) stays dynamic under tracing and ONNX export.
-        steps = torch.arange(ids.size(1), device=ids.device)  # (T,)
-        valid = (steps.unsqueeze(0) < lengths.to(ids.device).unsqueeze(1)).to(out.dtype)  # (B, T)
+        # artifact contract promises. ones_like keeps B and T dynamic under tracing and ONNX
+        # export, and it and type_as follow ids' device in a trace, where an
+        # arange(device=ids.device) or .to(ids.device) is the tracing device as a constant.
+        positions = torch.ones_like(ids).cumsum(1)  # (B, T): 1..T
+        valid = (positions <= lengths.type_as(ids).unsqueeze(1)).to(out.dtype)  # (B, T)
         position_logits = self.head(out) * valid.unsqueeze(-1)  # (B, T, V)
         return logits, state_out, position_logits
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="(default: best)")
     args = p.parse_args(argv)
+    if not 0 <= args.temperature < math.inf:  # also nan: softmax of nan has no sample
+        p.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.chars < 0:
+        p.error(f"--chars must be >= 0, got {args.chars}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        p.error(f"--seed must be in -2**63..2**64-1, got {args.seed}")
     try:
         print(sample_text(args.run, args.prompt, args.chars, args.temperature, args.seed,
                           args.checkpoint))

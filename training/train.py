@@ -127,11 +127,14 @@ class TrainConfig:
         if self.name is not None and name_problem(self.name, "--name"):
             raise TrainingError(str(name_problem(self.name, "--name")))
         for key in ("batch_size", "bptt", "eval_every", "embed_dim", "hidden_size",
-                    "num_layers", "eval_chars"):
+                    "num_layers"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise TrainingError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-        for key in ("embed_dim", "hidden_size"):
+        if self.eval_chars < 2:  # the first character is only read, so one scores nothing
+            raise TrainingError(f"--eval-chars must be >= 2 (each character after the first "
+                                f"is scored), got {self.eval_chars}")
+        for key in ("embed_dim", "hidden_size", "batch_size"):
             value = getattr(self, key)
             if value is not None and value > MAX_WIDTH:
                 raise TrainingError(f"--{key.replace('_', '-')} must be <= {MAX_WIDTH} (2**31 "
@@ -273,6 +276,9 @@ def _corpus(cfg: TrainConfig, d: Dist) -> tuple[str, list[data.Document]]:
 _RESUME_OVERRIDES = ("out", "corpus", "resume", "resume_from", "overwrite", "max_minutes",
                      "max_steps", "threads", "device", "eval_every", "eval_chars", "patience",
                      "progress")
+# Taken from the command line when given (not auto), else from the checkpoint: the precision a
+# run trained in may not exist on the device it resumes on (fp16 on a CPU).
+_RESUME_GIVEN = ("precision",)
 
 
 def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> TrainConfig:
@@ -284,6 +290,8 @@ def _resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> Train
     if "precision" not in saved and "bf16" in saved:  # checkpoints from before --precision
         merged["precision"] = "bf16" if saved["bf16"] else "fp32"
     merged.update({k: getattr(cfg, k) for k in _RESUME_OVERRIDES})
+    merged.update({k: getattr(cfg, k) for k in _RESUME_GIVEN
+                   if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default})
     if merged.get("eval_every") is None:
         merged["eval_every"] = saved.get("eval_every")
     if cfg.name:
@@ -481,6 +489,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         if ignored:
             say(f"warning: --resume continues the run as it was trained; ignoring "
                 f"{', '.join(ignored)}")
+        try:
+            resolve_precision(cfg.precision, device)
+        except TrainingError:
+            if given.precision != "auto":
+                raise
+            # A GPU run's fp16 on a CPU: what auto picks there instead, as a new run would.
+            say(f"warning: the run trained with --precision {cfg.precision}, which "
+                f"{device.type} here lacks: resuming with --precision auto")
+            cfg.precision = "auto"
         _check_resumed_corpus(cfg, resumed, resume_path)
     else:
         cfg = replace(cfg)  # the auto fields are filled in below; the caller's stays as given
@@ -549,9 +566,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
                              cfg.cell, cfg.dropout or 0.0, cfg.embed_dropout or 0.0)
         try:
             model = CharRNN(mcfg).train()
-        except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
-            if not isinstance(e, MemoryError) and not ("alloc" in str(e)
-                                                       or "overflow" in str(e)):
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
                 raise
             raise TrainingError(
                 f"the model does not fit in memory (--hidden-size {cfg.hidden_size}, "
@@ -668,11 +684,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
             "device": device.type, "precision": precision_name(amp_dtype),
         }
 
-    def diverged(what: str, value: float) -> TrainingError:
+    def diverged(what: str, value: float, at: int | None = None) -> TrainingError:
         kept = f"; {ckpt_path} keeps step {saved_step}" if saved_step is not None else ""
         clip = " or leave --grad-clip on" if cfg.grad_clip == 0 else ""
-        return TrainingError(f"{what} became {value} at step {step} (training diverged); lower "
-                             f"--lr{clip}{kept}")
+        return TrainingError(f"{what} became {value} at step {step if at is None else at} "
+                             f"(training diverged); lower --lr{clip}{kept}")
 
     def validate(final: bool) -> tuple[dict[str, Any], bool]:
         """Scores the model; returns its metrics and whether it is a new best."""
@@ -704,13 +720,20 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
         return Interrupted(f"{what}: stopped at step {step}, saved {ckpt_path}; continue with "
                            "--resume", 128 + signum)
 
+    try:  # before the run folder is made: a refused run leaves none
+        state = model.initial_state(cfg.batch_size)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise TrainingError(f"the batch's recurrent state does not fit in memory (--batch-size "
+                            f"{cfg.batch_size}, --hidden-size {cfg.hidden_size}): choose a "
+                            "smaller --batch-size") from None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and not resumed:
             gone = clear_run(out)
             if gone:
                 say(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {out}")
-    state = model.initial_state(cfg.batch_size)
     bar = progress_bar(cfg.max_steps, step, d.main and cfg.progress)
     window_loss, window_n = 0.0, 0
     progress = progress_of(step, train_time_s)
@@ -735,7 +758,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device,
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            try:
+                scaler.step(optimizer)
+            except RuntimeError as e:  # AdamW's step takes lr (and lr * decay) as float32
+                if "overflow" not in str(e):
+                    raise
+                bar.close()
+                raise diverged("the weight update", math.inf, at=step + 1) from None
             scaler.update()
             state = state.detach().float()
             loss_value = loss.item()  # also waits for the GPU, so the step time below is real
@@ -812,6 +841,12 @@ def _no_validation(cfg: TrainConfig, say: Callable[[str], None]) -> None:
         "always the last checkpoint")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation that failed: torch's allocator raises a RuntimeError, or one
+    whose size overflows, instead of MemoryError."""
+    return isinstance(e, MemoryError) or "alloc" in str(e) or "overflow" in str(e)
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -820,12 +855,13 @@ def _finite(value: float) -> float | None:
 
 
 def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, name: str | None = None) -> dict[str, Any]:
     """Trains the seed's three models on hello -> ohlol and saves the embedding model as a run
     checkpoint in out_dir (vocab e h l o, cell rnn), ready for `export`. A folder that holds
     anything but an earlier hello run is refused, as for a language model, unless `overwrite`
     (which first deletes an earlier run's files there: its best.pt would otherwise be what
     export ships). An earlier hello run is replaced: the fixed seeds give the same model.
+    `name` is the artifact's name (default hello-rnn).
 
     Returns {"models": {key: {"predicted", "loss", "epochs", "seed", "title"}},
              "all_ohlol": bool, "checkpoint": str}.
@@ -833,6 +869,8 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
     out = Path(out_dir)
     if not str(out_dir).strip():
         raise TrainingError("--out is empty: name the run folder")
+    if name is not None and name_problem(name, "--name"):
+        raise TrainingError(str(name_problem(name, "--name")))
     overwrite = overwrite or holds_only_a_hello_run(out)
     check_out_folder(out, resume=False, overwrite=overwrite, resumable=False)
     log = None if quiet else print
@@ -854,7 +892,7 @@ def train_hello(out_dir: str | Path = "runs/hello", quiet: bool = False,
         if log and gone:
             log(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {out}")
     path = save_checkpoint(out / FILENAME, {
-        "name": "hello-rnn",
+        "name": name or "hello-rnn",
         "model_config": trained.config.to_dict(),
         "vocab": list(hello.VOCAB),
         "unk_id": None,

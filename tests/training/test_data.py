@@ -220,3 +220,30 @@ def test_random_windows_resume_and_ranks() -> None:
     assert torch.equal(b.next()[0], x)
     other_rank = data.RandomWindows(ids, batch_size=3, bptt=5, seed=7, rank=1, world=2)
     assert not torch.equal(other_rank.next()[0], first)
+
+
+def test_stream_batches_refuse_a_position_of_another_process_count() -> None:
+    """Resumed under another torchrun world size, window 20 of 30 lay past the 15 windows of
+    the new streams: an empty batch, and the RNN's `Expected sequence length to be larger
+    than 0` traceback."""
+    ids = torch.arange(1000)
+    one = data.StreamBatches(ids, batch_size=4, bptt=8, seed=0)
+    for _ in range(20):
+        one.next()
+    state = one.state_dict()
+    two = data.StreamBatches(ids, batch_size=4, bptt=8, seed=0, rank=1, world=2)
+    with pytest.raises(ValueError) as e:
+        two.load_state_dict(state)
+    assert str(e.value) == ("its data position is for 1 process x --batch-size 4 (4 streams), "
+                            "this run's is 2 processes x --batch-size 4 (8 streams): resume "
+                            "with the number of processes it was trained with")
+    old = {k: v for k, v in state.items() if k != "streams"}  # saved before streams were
+    with pytest.raises(ValueError) as e:
+        two.load_state_dict(old)
+    assert str(e.value) == ("its data position is for other streams (window 20; an epoch here "
+                            "has 15), this run's is 2 processes x --batch-size 4 (8 streams): "
+                            "resume with the number of processes it was trained with")
+    for saved in (state, old):  # the same layout resumes where it stopped
+        again = data.StreamBatches(ids, batch_size=4, bptt=8, seed=0)
+        again.load_state_dict(saved)
+        assert torch.equal(again.next()[0], data.StreamBatches(ids, 4, 8, 0).rows[:, 160:168])

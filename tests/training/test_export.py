@@ -326,3 +326,27 @@ def test_sigterm_during_export_leaves_no_temporary_folder(hello_run: tuple[Path,
     assert capsys.readouterr().err == "nextchar export: terminated\n"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_model_ts_follows_its_inputs_device(cell: str, tmp_path: Path) -> None:
+    """The trace recorded the tracing device (the CPU) as constants (the batch order moved
+    with .to(x.device), an arange, lengths.to(ids.device)), so model.ts failed on CUDA. The one
+    device left is the lengths' move to the CPU, where packing reads them on every device."""
+    art = build_random_artifact(tmp_path / "art", VOCAB, cell=cell, hidden_size=12, seed=3)
+    scripted = torch.jit.load(str(art / "model.ts"), map_location="meta")
+    devices = [n for n in scripted.graph.nodes() if n.kind() == "prim::Constant"
+               and str(n.output().type()) == "Device"]
+    assert len(devices) == 1, scripted.code
+    (use,) = devices[0].output().uses()
+    assert use.user.kind() == "aten::to"
+    # ... read by the sort before packing, and by type_as, which moves them to ids' device.
+    assert sorted(u.user.kind() for u in use.user.output().uses()) == ["aten::sort",
+                                                                       "aten::type_as"]
+    # Runs on another device than it was traced on: meta stands in for CUDA on this machine.
+    S = 4 if cell == "lstm" else 2
+    ids = torch.zeros(3, 5, dtype=torch.int64, device="meta")
+    logits, state_out, positions = scripted(ids, torch.tensor([5, 2, 3]),
+                                            torch.zeros(S, 3, 12, device="meta"))
+    assert [(t.device.type, tuple(t.shape)) for t in (logits, state_out, positions)] == [
+        ("meta", (3, len(VOCAB))), ("meta", (S, 3, 12)), ("meta", (3, 5, len(VOCAB)))]

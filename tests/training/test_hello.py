@@ -58,3 +58,38 @@ def test_exported_hello_answers_ohlol(hello_run: tuple[Path, dict], tmp_path: Pa
     _, _, position_logits = scripted(torch.from_numpy(ids), torch.from_numpy(lengths),
                                      torch.from_numpy(state))
     assert "".join(vocab[i] for i in position_logits[0].argmax(-1).tolist()) == "ohlol"
+
+
+def test_cli_refuses_what_a_language_model_refuses(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """Only --corpus/--resume were checked: these trained and exited 0, --name dropped."""
+    out = tmp_path / "h"
+    for args, message in [
+        (["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
+        (["--lr", "nan"], "--lr must be >= 0 and finite, got nan"),
+        (["--max-steps", "-5"], "--max-steps must be >= 1"),
+        (["--seed", "-3"], "--seed must be >= 0 and finite, got -3"),
+        (["--threads", "0"], "--threads must be in 1..1024, got 0"),
+        (["--max-minutes", "-1"], "--max-minutes must be > 0 and finite, got -1.0"),
+        (["--name", "bad name/x"], "--name 'bad name/x' is refused: names and versions take "
+                                   "letters, digits, '.', '_' and '-' only (at most 128, the "
+                                   "first a letter or digit)"),
+    ]:
+        assert cli.main(["train", "--preset", "hello", "--out", str(out), "--quiet",
+                         *args]) == 1, args
+        assert capsys.readouterr().err == f"nextchar train: {message}\n"
+        assert not out.exists()
+
+
+def test_cli_names_what_the_preset_ignores_and_takes_name(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture
+                                                           ) -> None:
+    out = tmp_path / "h"
+    assert cli.main(["train", "--preset", "hello", "--out", str(out), "--quiet",
+                     "--hidden-size", "16", "--lr", "0.5", "--state", "reset",
+                     "--name", "hi"]) == 0
+    assert capsys.readouterr().err == (
+        "nextchar train: warning: --preset hello trains its fixed models (sizes, epochs, "
+        "learning rate and seeds): ignoring --hidden-size 16, --state reset, --lr 0.5\n")
+    ckpt = load_checkpoint(out)
+    assert ckpt["name"] == "hi" and ckpt["model_config"]["hidden_size"] == 8

@@ -354,3 +354,95 @@ def test_a_min_lr_ratio_above_one_is_refused(tiny_corpus: Path, tmp_path: Path,
                   *TINY, "--min-lr-ratio", "50") == 1
     assert capsys.readouterr().err == ("nextchar train: --min-lr-ratio must be in [0, 1] (the "
                                        "schedule's end as a fraction of --lr), got 50.0\n")
+
+
+def test_a_batch_past_any_memory_is_one_line(tiny_corpus: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """--state reset takes any batch size (no streams to cut): the zero state's allocation
+    was a traceback, after the run folder was made."""
+    run = tmp_path / "r"
+    args = ["--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "1", *TINY,
+            "--state", "reset"]
+    assert _train(*args, "--batch-size", "1000000000000") == 1
+    assert capsys.readouterr().err == ("nextchar train: --batch-size must be <= 2147483647 "
+                                       "(2**31 - 1), got 1000000000000\n")
+    # 2 x 2**31 x 16 float32: 275 GB of state, which the allocator refuses at once.
+    assert _train(*args, "--batch-size", "2147483647") == 1
+    assert capsys.readouterr().err == ("nextchar train: the batch's recurrent state does not "
+                                       "fit in memory (--batch-size 2147483647, --hidden-size "
+                                       "16): choose a smaller --batch-size\n")
+    assert not run.exists()
+
+
+def test_a_learning_rate_past_float32_is_divergence(tiny_corpus: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """AdamW's step refused lr 1e39 with `value cannot be converted to type float without
+    overflow`, a traceback."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps",
+                  "2", *TINY, "--lr", "1e39", "--warmup-steps", "1", "--precision",
+                  "fp32") == 1
+    assert capsys.readouterr().err == ("nextchar train: the weight update became inf at step 1 "
+                                       "(training diverged); lower --lr\n")
+
+
+def test_eval_chars_below_two_is_refused(tiny_corpus: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """One character predicts none: the validation loss was nan, reported as divergence."""
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps",
+                  "2", *TINY, "--eval-chars", "1", "--eval-every", "1") == 1
+    assert capsys.readouterr().err == ("nextchar train: --eval-chars must be >= 2 (each "
+                                       "character after the first is scored), got 1\n")
+    assert _train("--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--max-steps",
+                  "2", *TINY, "--eval-chars", "2", "--eval-every", "1") == 0
+
+
+def test_a_gpu_runs_precision_resumes_on_the_cpu(tiny_corpus: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """--precision was taken from the checkpoint alone: fp16 (what a CUDA run records) was
+    `ignoring --precision fp32`, then `--precision fp16 is for CUDA`."""
+    from nextchar.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "2", *TINY,
+                  "--precision", "fp32") == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["train_config"].update(precision="fp16", device="cuda")
+    save_checkpoint(run / "checkpoint.pt", ckpt)  # as a CUDA run writes it, CRCs and all
+    capsys.readouterr()
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "3",
+                  "--resume", "--device", "cpu", "--precision", "fp32", *TINY) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.out + captured.err
+    after = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 3 and after["train_config"]["precision"] == "fp32"
+    assert after["metrics"]["precision"] == "fp32"
+    # Without --precision: auto's choice for this device, and a line that says so.
+    after["train_config"]["precision"] = "fp16"
+    save_checkpoint(run / "checkpoint.pt", after)
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "4",
+                  "--resume", "--device", "cpu", *TINY) == 0
+    assert ("warning: the run trained with --precision fp16, which cpu here lacks: resuming "
+            "with --precision auto\n") in capsys.readouterr().out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["train_config"][
+        "precision"] == "auto"
+
+
+def test_resume_with_another_process_count_is_one_line(tiny_corpus: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The data position of other streams crashed the RNN (`Expected sequence length to be
+    larger than 0`). The checkpoint says 2 processes, as a torchrun run's would."""
+    from nextchar.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "2",
+                  *TINY) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["data_state"]["streams"] = 8
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    capsys.readouterr()
+    assert _train("--corpus", str(tiny_corpus), "--out", str(run), "--max-steps", "3",
+                  "--resume", *TINY) == 1
+    assert capsys.readouterr().err == (
+        f"nextchar train: {run / 'checkpoint.pt'} cannot be resumed: its data position is for "
+        "2 processes x --batch-size 4 (8 streams), this run's is 1 process x --batch-size 4 (4 "
+        "streams): resume with the number of processes it was trained with\n")
