@@ -60,6 +60,7 @@ from .batch_io import (
     count_lines,
     describe_char,
     error_record,
+    input_changed,
     job_meta,
     output_lock,
     prepare_output,
@@ -80,6 +81,20 @@ RETRYABLE = frozenset({
     # idempotent, so these are retried like UNAVAILABLE.
     grpc.StatusCode.CANCELLED,
 })
+
+
+# Codes about the call, not its texts (the server answers a bad text INVALID_ARGUMENT, naming
+# it; NOT_FOUND on Predict is the model, unloaded or never there): every later item would get
+# the same answer, and error records would make a rerun take the job as done. The job stops
+# resumably instead, with what to fix.
+STOPPING = {
+    grpc.StatusCode.UNAUTHENTICATED: "check --token or NEXTCHAR_TOKEN",
+    grpc.StatusCode.PERMISSION_DENIED: "use a token that may call Predict",
+    grpc.StatusCode.NOT_FOUND: "check --model, or load the model on the server again",
+    grpc.StatusCode.FAILED_PRECONDITION: "the model cannot be served now; nextchar models says "
+                                         "why",
+    grpc.StatusCode.UNIMPLEMENTED: "the server has no nextchar.v1 Predict; check --server",
+}
 
 
 MAX_CONCURRENCY = 1024  # requests in flight, one worker thread each
@@ -108,6 +123,8 @@ class ModelSpec:
     max_top_k: int
     default_top_k: int
     max_chars_per_request: int = 0  # 0: the server does not say (a server before it did)
+    # Texts the job's priority lane queues: a request of more can never be admitted there.
+    max_queue_texts: int = 0  # 0: the server does not say
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,7 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-def spec_from_info(info: pb.GetModelInfoResponse) -> ModelSpec:
+def spec_from_info(info: pb.GetModelInfoResponse, priority: str = "low") -> ModelSpec:
     lim = info.limits
     return ModelSpec(
         name=info.name,
@@ -144,6 +161,7 @@ def spec_from_info(info: pb.GetModelInfoResponse) -> ModelSpec:
         max_top_k=lim.max_top_k,
         default_top_k=lim.default_top_k,
         max_chars_per_request=lim.max_chars_per_request,
+        max_queue_texts=lim.low_max_queue_texts if priority == "low" else lim.max_queue_texts,
     )
 
 
@@ -164,7 +182,7 @@ class RemoteTarget:
         return self.client.target
 
     def model_spec(self) -> ModelSpec:
-        return spec_from_info(self.client.model_info(model=self.model))
+        return spec_from_info(self.client.model_info(model=self.model), self.priority)
 
     def predict(
         self, texts: list[str], top_k: int, per_position: bool, timeout_s: float
@@ -228,6 +246,7 @@ class LocalTarget:
                                         "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH
+        self._priority = priority
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nextchar-local",
                                         daemon=True)
@@ -275,7 +294,9 @@ class LocalTarget:
                 vocab_size=a.vocab_size, max_texts_per_request=lim.max_texts_per_request,
                 max_chars_per_text=lim.max_chars_per_text,
                 max_top_k=min(lim.max_top_k, a.vocab_size), default_top_k=lim.default_top_k,
-                max_chars_per_request=lim.max_chars_per_request)
+                max_chars_per_request=lim.max_chars_per_request,
+                max_queue_texts=(lim.low_max_queue_texts if self._priority == "low"
+                                 else lim.max_queue_texts))
 
         return cast(ModelSpec, self._rpc(view()))
 
@@ -426,6 +447,9 @@ class _Job:
         try:
             preds = self.call_with_retries(texts)
         except NextCharError as e:
+            if e.code in STOPPING:
+                details = e.details.splitlines()[0] if e.details else "no details"
+                raise JobAborted(f"{e.code.name}: {details} ({STOPPING[e.code]})") from e
             if e.code == grpc.StatusCode.INVALID_ARGUMENT and len(items) > 1:
                 for it in items:
                     self.resolve([it])
@@ -615,8 +639,8 @@ def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
                                ) from e
             if _tls_mismatch(e.details):
                 raise JobError(f"cannot start: TLS with {where} failed ({_tls_reason(e.details)}): "
-                               f"check --tls / --tls-ca against the server's TLS settings "
-                               f"(a plaintext server takes no --tls)") from e
+                               f"check --tls / --tls-ca / --tls-server-name against the server's "
+                               f"TLS settings (a plaintext server takes no --tls)") from e
             if attempt >= opts.max_retries:
                 tries = f" after {attempt} retries" if attempt else ""
                 raise ServerUnreachable(
@@ -632,9 +656,12 @@ def fetch_spec(target: Target, opts: JobOptions) -> ModelSpec:
 
 
 # gRPC's UNAVAILABLE for a TLS handshake the peer's protocol refused (SSL_ERROR_SSL: a wrong
-# version, i.e. a plaintext server, or a certificate that does not verify). Retrying cannot help,
-# unlike a reset or a refused connection (SSL_ERROR_SYSCALL, "Connection refused").
-_TLS_REFUSED = re.compile(r"handshake failed.*SSL_ERROR_SSL", re.IGNORECASE | re.DOTALL)
+# version, i.e. a plaintext server, or a certificate that does not verify), or for a certificate
+# that does not hold the name checked (--tls-server-name, or the host in --server). Retrying
+# cannot help, unlike a reset or a refused connection (SSL_ERROR_SYSCALL, "Connection refused").
+_HOSTNAME_FAILED = "Hostname Verification Check failed"
+_TLS_REFUSED = re.compile(rf"handshake failed.*SSL_ERROR_SSL|{_HOSTNAME_FAILED}",
+                          re.IGNORECASE | re.DOTALL)
 
 
 def _tls_mismatch(details: str) -> bool:
@@ -642,6 +669,8 @@ def _tls_mismatch(details: str) -> bool:
 
 
 def _tls_reason(details: str) -> str:
+    if _HOSTNAME_FAILED.lower() in details.lower():
+        return "the certificate does not hold the name checked: --tls-server-name, else the host"
     m = re.search(r"OPENSSL_internal:([A-Z_]+)", details)
     return m.group(1) if m else "handshake refused"
 
@@ -706,7 +735,8 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     if not 1 <= top_k <= spec.max_top_k:
         raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k} (0: its "
                        f"default, {spec.default_top_k})")
-    texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request)
+    texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request,
+                            spec.max_queue_texts or spec.max_texts_per_request)
 
     model = {"name": spec.name, "version": spec.version, "artifact_sha256": spec.artifact_sha256}
     try:
@@ -735,7 +765,7 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
         try:
             interrupted = _run_threads(job, out, bar.update,
                                        shard_items(input_path, fmt, opts.shard, done, last_index,
-                                                   spec.max_chars_per_text))
+                                                   spec.max_chars_per_text, total))
         finally:
             bar.close()
             try:
@@ -750,4 +780,16 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
             reason = "interrupted" if interrupted else str(job.failure)
             raise kind(f"{reason}; stopped after {summary.resumed + summary.written}/{total} "
                        f"items: rerun the same command to resume") from job.failure
+        # shard_items stops at a changed line count; an edit that keeps it changes the size.
+        answered = summary.resumed + summary.written
+        if answered != total:
+            raise input_changed(input_path, f"{answered} of its {total} items were read")
+        try:
+            size: int | None = input_path.stat().st_size
+        except OSError:  # deleted since
+            size = None
+        if size != meta["input"]["size"]:
+            now = "gone" if size is None else f"{size} bytes"
+            raise input_changed(input_path, f"{meta['input']['size']} bytes at the start, {now} "
+                                            f"now")
         return summary

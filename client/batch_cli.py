@@ -7,8 +7,8 @@
 Rerunning the same command after a crash continues where OUTPUT stops (see docs/batch.md).
 Exit status: 0 done (error records included), 1 not finished and a rerun may (stopped
 part-way: rerun to resume; or not started yet: no server reachable, another job writing
-OUTPUT), 2 refused before starting, as a rerun would be (bad options, an INPUT or OUTPUT it
-cannot use, another job's OUTPUT).
+OUTPUT), 2 refused, as a rerun would be (bad options, an INPUT or OUTPUT it cannot use,
+another job's OUTPUT, an INPUT that changed while the job ran).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .batch import (
     run_job,
 )
 from .batch_io import JobError, NotYet, parse_shard
-from .client import NextCharClient
+from .client import NextCharClient, NextCharError
 
 
 def _shard(spec: str) -> tuple[int, int]:
@@ -44,15 +44,17 @@ def add_parser(
     sub: Any,
     add_common: Callable[[argparse.ArgumentParser], None],
     make_client: Callable[[argparse.Namespace], NextCharClient],
+    top_k_type: Callable[[str], int] = int,
 ) -> argparse.ArgumentParser:
+    """top_k_type: the CLI's count type, so a negative --top-k is a usage error as in predict."""
     p: argparse.ArgumentParser = sub.add_parser(
         "batch", help="run a file of texts through the model: ordered JSONL out, resumable",
         description="One output line per input line, in input order. Rerun the same command to "
                     "resume after a crash. Exit 0: done (error records included); 1: not "
                     "finished, rerun to resume (stopped part-way, or not started yet: no "
-                    "server reachable, another job writing OUTPUT); 2: refused before "
-                    "starting (bad options, an INPUT or OUTPUT it cannot use, another job's "
-                    "OUTPUT).")
+                    "server reachable, another job writing OUTPUT); 2: refused, as a rerun "
+                    "would be (bad options, an INPUT or OUTPUT it cannot use, another job's "
+                    "OUTPUT, an INPUT that changed while the job ran).")
     add_common(p)
     p.add_argument("input", metavar="INPUT", help="one text per line, or JSONL {\"id\", \"text\"}")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -63,7 +65,8 @@ def add_parser(
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument("--texts-per-request", type=int, default=64,
                    help="texts packed into one Predict (default 64; capped by the server's limit)")
-    p.add_argument("--top-k", type=int, default=0, help="characters per text (0: server default)")
+    p.add_argument("--top-k", type=top_k_type, default=0,
+                   help="characters per text (0: server default)")
     p.add_argument("--per-position", action="store_true",
                    help="also the argmax next character at every position")
     p.add_argument("--format", choices=("auto", "text", "jsonl"), default="auto",
@@ -114,7 +117,18 @@ def run(args: argparse.Namespace,
         except Exception as e:  # ArtifactError, DeviceUnavailable, bad NEXTCHAR_* settings
             return _refuse(f"--local {args.local}: {e}".splitlines()[0])
     else:
-        target = RemoteTarget(make_client(args), model=args.model, priority=args.priority)
+        try:
+            client = make_client(args)
+        except NextCharError as e:
+            # A bad TLS file or flag is an option to fix (2); only a host name that does not
+            # resolve (UNAVAILABLE, with several --server) may resolve later (1).
+            message = " ".join(e.details.split())
+            if e.code.name == "UNAVAILABLE":
+                print(f"nextchar batch: cannot start: {message}; nothing was sent or written",
+                      file=sys.stderr)
+                return 1
+            return _refuse(message)
+        target = RemoteTarget(client, model=args.model, priority=args.priority)
     try:
         summary = run_job(args.input, args.output, target, opts)
     except NotYet as e:  # before JobError, its base: nothing started, a rerun may

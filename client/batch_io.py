@@ -99,8 +99,11 @@ def check_paths(input_path: Path, output_path: Path | str) -> None:
             if not parent.is_dir():
                 raise JobError(f"-o {output}: cannot write ({parent} is not a folder)")
             break
-    if output.resolve() == input_path.resolve():
-        raise JobError("the output must not be the input file")
+    # samefile, not only resolved paths: a hard link is the input under another name, and
+    # --restart would empty it.
+    if output.resolve() == input_path.resolve() or (
+            output.exists() and os.path.samefile(output, input_path)):
+        raise JobError(f"-o {output}: the output is the input file; give another path")
 
 
 def cannot_write(output: Path, e: OSError) -> JobError:
@@ -169,6 +172,11 @@ def parse_line(index: int, raw: bytes, fmt: str) -> Item:
     except ValueError as e:  # from the two hooks: the output could not carry it as JSON
         item = Item(index, None, None)
         item.record = error_record(item, INVALID, f"line is not valid JSON: {e}")
+        return item
+    except RecursionError:  # json's parser recurses per level: '[' * 100000 exhausts the stack
+        item = Item(index, None, None)
+        item.record = error_record(item, INVALID, "line nests JSON arrays or objects too deep "
+                                                  "to read")
         return item
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         item = Item(index, obj.get("id") if isinstance(obj, dict) else None, None)
@@ -455,10 +463,20 @@ def bounded_lines(f: Any, cap: int) -> Iterator[tuple[bytes, int]]:
         yield b"", length
 
 
+def input_changed(path: Path, what: str) -> JobError:
+    """INPUT was cut, grown or edited while the job read it: OUTPUT answers no one version of
+    it, and the meta (the content at the start) refuses a rerun, so only --restart goes on."""
+    return JobError(f"{path} changed while the job ran ({what}): the output answers no one "
+                    f"version of it; leave INPUT alone while a job reads it and pass --restart "
+                    f"to start over")
+
+
 def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
-                last_index: int | None, max_chars_per_text: int = 0) -> Iterator[Item]:
+                last_index: int | None, max_chars_per_text: int = 0,
+                total: int | None = None) -> Iterator[Item]:
     """This shard's items in order, after the first `skip` (checked against OUTPUT's last line).
-    With max_chars_per_text, a line longer than max_line_bytes of it becomes an error record."""
+    With max_chars_per_text, a line longer than max_line_bytes of it becomes an error record.
+    With total (the shard's items when the job started), more or fewer items are a JobError."""
     i, n = shard
     seen = 0
     cap = max_line_bytes(max_chars_per_text) if max_chars_per_text else 1 << 62
@@ -469,6 +487,9 @@ def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
             if index % n != i:
                 continue
             seen += 1
+            if total is not None and seen > total:
+                raise input_changed(path, f"this shard had {total} items at the start, more "
+                                          f"now")
             if seen < skip:
                 continue
             if seen == skip:
@@ -486,3 +507,5 @@ def shard_items(path: Path, fmt: str, shard: tuple[int, int], skip: int,
                 yield item
                 continue
             yield parse_line(index, raw, fmt)
+    if total is not None and seen < total:
+        raise input_changed(path, f"this shard had {total} items at the start, {seen} now")

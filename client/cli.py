@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--echo", action="store_true", help="print the prompt before the text")
     sg.add_argument("prompt", metavar="PROMPT", type=_prompt)
     sg.set_defaults(func=cmd_generate)
-    sb = batch_cli.add_parser(sub, _add_common, _client)
+    sb = batch_cli.add_parser(sub, _add_common, _client, _count)
     _add_model(sb)
     _add_priority(sb, "low")
     for name, text in LAZY_HELP.items():

@@ -357,6 +357,45 @@ def test_other_errors_become_error_records_at_once(tmp_path: Path,
                           "error": {"code": "INTERNAL", "message": "internal server error"}}
 
 
+@pytest.mark.parametrize(("code", "details", "hint"), [
+    (grpc.StatusCode.UNAUTHENTICATED, "bearer token not accepted",
+     "check --token or NEXTCHAR_TOKEN"),
+    (grpc.StatusCode.PERMISSION_DENIED, "this token may not call Predict",
+     "use a token that may call Predict"),
+    (grpc.StatusCode.UNIMPLEMENTED, "Method not found!",
+     "the server has no nextchar.v1 Predict; check --server"),
+    (grpc.StatusCode.FAILED_PRECONDITION, "model 'tiny' failed to load: bad checksum",
+     "the model cannot be served now; nextchar models says why"),
+])
+def test_codes_about_the_call_stop_the_job_and_a_rerun_resumes(
+        tmp_path: Path, det_server: Any, code: grpc.StatusCode, details: str, hint: str) -> None:
+    """A rotated token, a revoked permission, a server without Predict: every later item would
+    get the same answer. They became error records for every item with exit 0, and a rerun
+    (with the right token) took the job as done."""
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 10, seed=6)
+    ref = tmp_path / "ref.jsonl"
+    run_remote(det_server.address, inp, ref, exact_opts())
+
+    class RefusedFromThird(Wrapped):
+        def before(self, call: int, texts: list[str]) -> None:
+            if call >= 2:
+                raise NextCharError(code, details)
+
+    out = tmp_path / "out.jsonl"
+    target = RefusedFromThird(remote(det_server.address))
+    with pytest.raises(JobAborted) as e:
+        run_job(inp, out, target, exact_opts(concurrency=1))
+    target.close()
+    assert str(e.value) == (f"{code.name}: {details} ({hint}); stopped after 2/10 items: rerun "
+                            f"the same command to resume")
+    assert target.calls == 3
+    assert out.read_bytes() == ref.read_bytes()[: len(out.read_bytes())] and count_lines(out) == 2
+    summary = run_remote(det_server.address, inp, out, exact_opts())
+    assert (summary.resumed, summary.written) == (2, 8)
+    assert out.read_bytes() == ref.read_bytes()
+
+
 def test_a_replica_with_another_model_version_stops_the_job(tmp_path: Path,
                                                             det_server: Any) -> None:
     inp = tmp_path / "in.txt"
@@ -534,6 +573,45 @@ def test_cli_bad_top_k_and_shard_are_refused(tmp_path: Path, det_server: Any,
         "nextchar batch: error: argument --shard: '3/3': need 0 <= I < N")
 
 
+def test_cli_negative_top_k_is_a_usage_error(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """It reached the server's check (exit 2 there too, but only once a server answered)."""
+    inp = tmp_path / "in.txt"
+    write_texts(inp, 2, seed=14)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--server", "127.0.0.1:1",
+                  "--top-k", "-5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nextchar batch: error: argument --top-k: must be between 0 and 4294967295, got -5")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_bad_tls_options_are_refused_with_exit_2(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad options, as docs/batch.md says: exit 2 and one line (they were exit 1, 'a rerun may',
+    with an 'INVALID_ARGUMENT:' prefix)."""
+    inp, out = tmp_path / "in.txt", tmp_path / "o.jsonl"
+    write_texts(inp, 2, seed=14)
+    missing, not_pem = tmp_path / "nope.pem", inp
+    cases = [
+        (["--tls-ca", str(missing)], f"--tls-ca {missing}: cannot read (No such file or "
+                                     f"directory)"),
+        (["--tls-ca", str(not_pem)], f"--tls-ca {not_pem}: not a PEM file (no -----BEGIN line)"),
+        (["--tls", "--tls-cert", str(not_pem)], "--tls-cert and --tls-key go together (the "
+                                                "client certificate and its key)"),
+        (["--tls-server-name", "nextchar.internal"], "tls_server_name (--tls-server-name) is the "
+                                                     "name to verify in the server's "
+                                                     "certificate: it needs TLS (tls=True or "
+                                                     "tls_ca)"),
+    ]
+    for flags, line in cases:
+        rc = cli_main(["batch", str(inp), "-o", str(out), "--server", "127.0.0.1:1",
+                       "--no-progress", *flags])
+        assert (rc, capsys.readouterr().err) == (2, f"nextchar batch: {line}\n"), flags
+    assert not out.exists()
+
+
 def test_cli_local_refusals_are_one_line(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     inp = tmp_path / "in.txt"
@@ -622,6 +700,28 @@ def test_chunks_keep_to_the_servers_characters_per_request(tmp_path: Path, tiny_
     assert records[10]["error"] == {"code": "INVALID_ARGUMENT", "message": (
         "text has 150 characters > the server's max_chars_per_request 100")}
     assert all(len(r["top"]) == 2 for i, r in enumerate(records) if i != 10)
+
+
+@pytest.mark.parametrize("priority", ["low", "high"])
+def test_chunks_keep_to_the_queue_bound_of_the_jobs_lane(tmp_path: Path, tiny_artifact: Path,
+                                                         server_thread: Any,
+                                                         priority: str) -> None:
+    """A lane that queues fewer texts than a job's requests hold (--low-max-queue-texts 16,
+    64 texts per request) refused every request, at every rerun, until the retries ran out.
+    GetModelInfo advertises both lanes' bounds; the job packs to its own lane's."""
+    (tmp_path / "in.txt").write_text("abc\n" * 40, encoding="utf-8")
+    with server_thread(model=tiny_artifact, backend="onnx", low_max_queue_texts=16,
+                       max_queue_texts=8) as st:
+        target = Wrapped(RemoteTarget(NextCharClient(st.address, timeout_s=10),
+                                      priority=priority))
+        bound = 16 if priority == "low" else 8
+        assert target.model_spec().max_queue_texts == bound
+        summary = run_job(tmp_path / "in.txt", tmp_path / "out.jsonl", target,
+                          JobOptions(texts_per_request=64, top_k=2, progress=False,
+                                     concurrency=1, max_retries=0))
+        target.close()
+    assert (summary.written, summary.errors, summary.retries) == (40, 0, 0)
+    assert target.calls == -(-40 // bound)
 
 
 def test_ctrl_c_once_every_item_is_queued_stops_with_the_message_and_exit_130(
@@ -727,8 +827,8 @@ def test_tls_against_a_plaintext_server_is_refused_at_once(tmp_path: Path,
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"nextchar batch: cannot start: TLS with {det_server.address} failed "
-        f"(WRONG_VERSION_NUMBER): check --tls / --tls-ca against the server's TLS settings "
-        f"(a plaintext server takes no --tls)")
+        f"(WRONG_VERSION_NUMBER): check --tls / --tls-ca / --tls-server-name against the "
+        f"server's TLS settings (a plaintext server takes no --tls)")
     assert "retrying" not in r.stderr and not (tmp_path / "out.jsonl").exists()
 
 
@@ -742,4 +842,70 @@ def test_an_output_in_a_folder_not_made_yet_is_locked_too(tmp_path: Path, det_se
         run_remote(det_server.address, inp, out, exact_opts())
     assert (tmp_path / "out" / "deeper" / "part-0.jsonl.lock").is_file()
     assert "nothing stops a second job" not in caplog.text
+    assert count_lines(out) == 3
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA and a server certificate it signs for localhost and 127.0.0.1 (as
+    tests/server/test_security.py makes them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+
+    def cert(subject: str, key: Any, ca: bool, san: list[Any]) -> bytes:
+        b = (x509.CertificateBuilder().subject_name(name(subject))
+             .issuer_name(name("nextchar test CA")).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    d = tmp_path_factory.mktemp("tls")
+    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+    files["ca"].write_bytes(cert("nextchar test CA", ca_key, True, []))
+    files["cert"].write_bytes(cert("localhost", server_key, False, [
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    files["key"].write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return files
+
+
+def test_tls_with_a_name_the_certificate_lacks_is_refused_at_once(
+        tmp_path: Path, tiny_artifact: Path, start_server: Any, tls_files: dict[str, Path]) -> None:
+    """A hostname check that fails is a setting to fix, as a CA that does not verify is: it was
+    retried as UNAVAILABLE for the whole budget, then "check that the server runs" (exit 1)."""
+    st = start_server(model=tiny_artifact, backend="onnx", tls_cert=tls_files["cert"],
+                      tls_key=tls_files["key"])
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    write_texts(inp, 3, seed=24)
+    base = [sys.executable, "-m", "nextchar", "batch", str(inp), "-o", str(out), "--server",
+            st.address, "--tls-ca", str(tls_files["ca"]), "--max-retries", "2", "--no-progress"]
+    r = subprocess.run([*base, "--tls-server-name", "not-the-server.example"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"nextchar batch: cannot start: TLS with {st.address} failed (the certificate does not "
+        f"hold the name checked: --tls-server-name, else the host): check --tls / --tls-ca / "
+        f"--tls-server-name against the server's TLS settings (a plaintext server takes no "
+        f"--tls)"]
+    assert not out.exists()
+    r = subprocess.run([*base, "--tls-server-name", "localhost"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
     assert count_lines(out) == 3

@@ -377,3 +377,92 @@ def test_an_input_whose_name_is_not_utf8_runs_from_python(tmp_path: Path,
     meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text(encoding="utf-8"))
     assert meta["input"]["path"] == str(inp.resolve())
     assert not (tmp_path / "out.jsonl.meta.json.tmp").exists()
+
+
+# -- JSON nested past the parser's recursion limit -----------------------------------------------
+def test_a_line_nested_too_deep_is_an_error_record(tmp_path: Path, tiny_server: Any,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """json.loads recurses per level: '[' * 100000 (or an id nested thousands deep) raised
+    RecursionError, and the job stopped at that line on every rerun (exit 1, 0 lines)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    deep_id = "[" * 5000 + "]" * 5000
+    inp.write_text("[" * 100000 + "\n" + '{"text": "ab", "id": ' + deep_id + "}\n"
+                   + '{"text": "abc", "id": 3}\n', encoding="utf-8")
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out))
+    assert code == 0, err
+    assert err.startswith("nextchar batch: 3 items (2 errors, 0 retries) in "), err
+    got = records(out)
+    for i in (0, 1):
+        assert got[i] == {"index": i, "id": None, "text": None, "error": {
+            "code": "INVALID_ARGUMENT",
+            "message": "line nests JSON arrays or objects too deep to read"}}
+    assert (got[2]["index"], got[2]["id"], got[2]["text"]) == (2, 3, "abc") and "top" in got[2]
+
+
+# -- OUTPUT that is INPUT under another name -----------------------------------------------------
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_an_output_that_is_the_input_is_refused_before_anything_is_cut(
+        tmp_path: Path, tiny_server: Any, capfd: pytest.CaptureFixture[str], link: str) -> None:
+    """A hard link passed the resolved-path check, and --restart (the fix the refusal of an
+    OUTPUT without meta suggests) emptied INPUT and exited 0."""
+    inp, out = write_input(tmp_path / "in.txt"), tmp_path / "out.jsonl"
+    before = inp.read_bytes()
+    if link == "hard":
+        os.link(inp, out)
+    else:
+        out.symlink_to(inp.name)
+    for extra in ([], ["--restart"]):
+        code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out), *extra)
+        assert (code, err) == (2, f"nextchar batch: -o {out}: the output is the input file; "
+                                  f"give another path\n")
+    assert inp.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]
+
+
+# -- INPUT that changes while the job reads it ---------------------------------------------------
+LINE = "abcdefghij" * 4  # 41 bytes a line: 2000 lines are far more than what is read ahead
+
+
+@pytest.mark.parametrize("change", ["truncated", "appended", "edited"])
+def test_an_input_changed_mid_job_fails_the_job(tmp_path: Path, tiny_server: Any,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capfd: pytest.CaptureFixture[str],
+                                                change: str) -> None:
+    """The job exited 0 with "1000/2000 in out.jsonl" (or 2000 lines of a 2010-line input); a
+    rerun is refused (the meta holds the content at the start), so only --restart goes on."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    n = 4 if change == "edited" else 2000
+    inp.write_text((LINE + "\n") * n, encoding="utf-8")
+    real_predict = RemoteTarget.predict
+    calls = []
+
+    def predict(self: RemoteTarget, texts: list[str], *args: Any) -> Any:
+        calls.append(len(texts))
+        if len(calls) == 1 and change == "truncated":
+            os.truncate(inp, 1000 * (len(LINE) + 1))  # at a line's end: 1000 lines left
+        elif len(calls) == 1 and change == "appended":
+            with inp.open("a", encoding="utf-8") as f:
+                f.write((LINE + "\n") * 10)
+        elif len(calls) == n and change == "edited":  # every line read: the count holds
+            inp.write_text((LINE + "\n") * (n - 1) + "abc\n", encoding="utf-8")
+        return real_predict(self, texts, *args)
+
+    monkeypatch.setattr(RemoteTarget, "predict", predict)
+    per_request = "1" if change == "edited" else "64"
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out), "--concurrency",
+                      "1", "--texts-per-request", per_request)
+    what = {"truncated": "this shard had 2000 items at the start, 1000 now",
+            "appended": "this shard had 2000 items at the start, more now",
+            "edited": f"{4 * (len(LINE) + 1)} bytes at the start, {3 * (len(LINE) + 1) + 4} "
+                      f"bytes now"}[change]
+    assert (code, err) == (2, f"nextchar batch: {inp} changed while the job ran ({what}): the "
+                              f"output answers no one version of it; leave INPUT alone while "
+                              f"a job reads it and pass --restart to start over\n")
+    assert [r["index"] for r in records(out)] == list(range(len(records(out))))
+    # The rerun the message rules out is refused; --restart runs the new content through.
+    monkeypatch.setattr(RemoteTarget, "predict", real_predict)
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out))
+    assert code == 2 and "holds another job's results (input " in err, err
+    code, err = batch(capfd, tiny_server.address, str(inp), "-o", str(out), "--restart")
+    assert code == 0, err
+    assert len(records(out)) == {"truncated": 1000, "appended": 2010, "edited": 4}[change]

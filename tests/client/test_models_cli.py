@@ -120,3 +120,48 @@ def test_reload_by_model_name_says_why_nothing_changed(repo_server, capsys) -> N
     outcome = json.loads(out)
     assert outcome["model"] == "digits" and outcome["reloaded"] is False
     assert outcome["version"] == "1"
+
+
+def test_batch_stops_when_its_model_is_unloaded_and_resumes_once_loaded(
+        repo_server, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOT_FOUND on Predict is the model, not a text (a bad text is INVALID_ARGUMENT): the rest
+    of the job became NOT_FOUND error records with exit 0, and a rerun after loading the model
+    again took the job as done."""
+    from nextchar.client import NextCharClient
+    from nextchar.client.batch import RemoteTarget
+
+    address = repo_server.address
+    inp, out = tmp_path / "in.txt", tmp_path / "o.jsonl"
+    inp.write_text("".join(f"{i}+{i}=\n" for i in range(10)))
+    real_predict = RemoteTarget.predict
+    calls = []
+
+    def predict(self: RemoteTarget, texts: list[str], *args: Any) -> Any:
+        calls.append(texts)
+        if len(calls) == 3:  # two answered and written; the model goes before the third
+            with NextCharClient(address) as admin:
+                admin.unload_model("digits")
+        return real_predict(self, texts, *args)
+
+    monkeypatch.setattr(RemoteTarget, "predict", predict)
+    argv = ["batch", str(inp), "-o", str(out), "--server", address, "--model", "digits",
+            "--concurrency", "1", "--texts-per-request", "1", "--no-progress"]
+    try:
+        code, _, err = run(capsys, *argv)
+        assert code == 1, err
+        assert err.splitlines()[-1].startswith("nextchar batch: NOT_FOUND: model 'digits' "), err
+        assert err.splitlines()[-1].endswith(
+            " (check --model, or load the model on the server again); stopped after 2/10 "
+            "items: rerun the same command to resume"), err
+        assert len(calls) == 3
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["index"] for r in records] == [0, 1] and all("top" in r for r in records)
+    finally:
+        code, _, err = run(capsys, "load", "--server", address, "digits")
+        assert code == 0, err
+    monkeypatch.setattr(RemoteTarget, "predict", real_predict)
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "resuming" in err and err.splitlines()[-1].endswith(f"10/10 in {out}")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(10)) and all("top" in r for r in records)
