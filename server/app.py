@@ -54,6 +54,7 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # that names one (Kubernetes `grpc: {service: ...}`) gets SERVING/NOT_SERVING, not NOT_FOUND.
 HEALTH_SERVICE_NAMES = ("", SERVICE_NAME, ADMIN_SERVICE_NAME, kserve.SERVICE_NAME)
 FLUSH_S = 1.0
+ENDING_S = 0.5  # a drain's end: for streams to send their last message, then for the rest
 
 
 class NextCharServer:
@@ -64,6 +65,7 @@ class NextCharServer:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._stop_now = asyncio.Event()
+        self._forced: int | None = None  # calls still running at a second signal
         self.health = HealthServicer()
         # Counted only when exported: with --metrics-port unset nobody can read them, and every
         # call would still pay for its counters and histograms (py-spy: ~3 % of the event
@@ -215,15 +217,33 @@ class NextCharServer:
         await asyncio.shield(self._stopping)
 
     async def stop_now(self) -> None:
-        """A second SIGTERM/SIGINT: skip what is left of the pre-stop wait and the grace."""
+        """A second SIGTERM/SIGINT: skip what is left of the pre-stop wait and the grace. The
+        calls still running end as at the grace's end, each in its protocol's shape (gRPC
+        UNAVAILABLE, an in-band 503 event then [DONE], a JSON 503), within ENDING_S; what is
+        left after that is cancelled (uvicorn answers a cancelled HTTP call with a bare 500
+        or cuts its stream, which no client can tell from a crash)."""
         self._stop_now.set()
         self.gate.closed = True
-        self.gate.streams_must_end = True
+        self.plane.accepting = False
+        if self._forced is None:
+            self._forced = self.tracker.count
+            await self._end_streams(ENDING_S)
         if self._server is not None:
             await self._server.stop(0)
         if self._http is not None:
             self._http.cancel_calls()
         await self.stop()
+
+    async def _end_streams(self, wait_s: float) -> None:
+        """Streams end at their next message with UNAVAILABLE; then the Generate streams that
+        sent none meanwhile (a non-streaming HTTP answer, a prompt still queued) fail NotReady,
+        which each front end answers in its own shape (UNAVAILABLE, 503) rather than as a
+        cancelled call. Waits up to wait_s for each step."""
+        self.gate.streams_must_end = True
+        if not await self.tracker.wait_idle(wait_s):
+            for rt in self.registry.runtimes():
+                await rt.generator.close()
+            await self.tracker.wait_idle(wait_s)
 
     async def _drain(self, grace_s: float, prestop_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -255,16 +275,9 @@ class NextCharServer:
         goaway = asyncio.create_task(self._server.stop(grace_s + FLUSH_S))
         finished = await self.tracker.wait_idle(grace_s)
         if not finished:
-            # Streams end at their next message with UNAVAILABLE. Then the Generate streams
-            # that sent none meanwhile (a non-streaming HTTP answer, a prompt still queued)
-            # fail NotReady, which each front end answers in its own shape (UNAVAILABLE, 503)
-            # rather than as a cancelled call; what is left after that is cancelled below.
+            # What is left after this is cancelled below.
             running = self.tracker.count  # counted before they are ended, for the log line
-            self.gate.streams_must_end = True
-            if not await self.tracker.wait_idle(0.5):
-                for rt in self.registry.runtimes():
-                    await rt.generator.close()
-                await self.tracker.wait_idle(0.5)
+            await self._end_streams(ENDING_S)
             log.warning("draining: %d call(s) still running after grace %.1fs: streams ended "
                         "with UNAVAILABLE, %d left cancelled", running, grace_s,
                         self.tracker.count)
@@ -285,9 +298,10 @@ class NextCharServer:
             self.metrics.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the exporter
+        how = ("grace exceeded" if not finished else "all finished" if not self._forced
+               else f"{self._forced} ended by a second signal")
         log.info("stopped: %d call(s) were in flight at the drain, %s; %.2fs since the signal",
-                 accepted, "all finished" if finished else "grace exceeded",
-                 loop.time() - started)
+                 accepted, how, loop.time() - started)
         self._stopped.set()
 
 

@@ -216,21 +216,52 @@ def _active_streams(metrics_url: str | None) -> float:
                if line.startswith("nextchar_active_streams"))
 
 
-def test_a_second_signal_stops_at_once(server_process, tiny_artifact: Path) -> None:
-    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "600",
-                         "--max-chars-per-text", "100000000"])
+def test_a_second_signal_stops_at_once_and_every_call_ends_in_its_shape(
+        server_process, tiny_artifact: Path) -> None:
+    """The second signal skips the grace, but the calls still end as at the grace's end: a
+    gRPC stream UNAVAILABLE with the stream-ended text, a non-streaming HTTP generation a 503
+    in its route's body, an SSE stream an in-band error then [DONE]. They were cancelled:
+    uvicorn answered a bare "Internal Server Error" 500 and cut the streams mid-body, and the
+    log said "all finished"."""
+    from http_util import call
+
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "600", "--http-port", "0",
+                         "--max-chars-per-text", "100000000", "--metrics-port", "0"])
+    name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
+    replies: dict[str, object] = {}
+
+    def ask(path: str, body: dict) -> None:
+        replies[path] = call(sp.http_url, "POST", path, body, timeout_s=60)
+
+    askers = [threading.Thread(target=ask, args=a) for a in (
+        ("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 100_000_000}),
+        ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000,
+                             "stream": True}))]
     with NextCharClient(sp.address, timeout_s=120) as c:
         chunks = c.generate("hello", max_chars=100_000_000, seed=1)
         next(chunks)
+        for t in askers:
+            t.start()
+        _eventually(lambda: _active_streams(sp.metrics_url) == 3, "all three generations")
         sp.proc.send_signal(signal.SIGTERM)
         _eventually(lambda: "SIGTERM: draining" in sp.log(), "the first signal handled")
         sp.proc.send_signal(signal.SIGTERM)
         with pytest.raises(NextCharError) as e:
             for _ in chunks:
                 pass
-        assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "stream ended early" in e.value.details
+        for t in askers:
+            t.join(60)
     assert sp.proc.wait(30) == 0  # far less than the 600 s grace
+    native, openai = replies["/nextchar/v1/generate"], replies["/v1/completions"]
+    assert native.status == 503, native
+    assert native.json() == {"error": "server is shutting down; retry on another replica"}
+    events = openai.events()
+    assert openai.status == 200 and events[-1] == "[DONE]", openai
+    assert events[-2]["error"]["type"] == "service_unavailable", events[-2]
     assert "SIGTERM again: stopping now" in sp.log()
+    assert "3 ended by a second signal" in sp.log()
 
 
 def test_stop_refuses_new_work_while_accepted_work_finishes(start_server, tiny_artifact) -> None:
