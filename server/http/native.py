@@ -27,14 +27,14 @@ from nextchar import __version__
 
 from ..batcher import HIGH, LOW
 from ..dataplane import DataPlane, GenerateCall, PredictCall
-from ..errors import InvalidInput, ServingError
+from ..errors import InvalidInput
 from ..generator import GenerateParams, as_float32
 from ..predictor import TextResult
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 from .json_body import json_router
-from .streams import opened
+from .streams import error_event, opened
 
 JSON = "application/json"
 STREAM_ENDED = ("server is shutting down: stream ended early; send the prompt plus the text "
@@ -154,10 +154,10 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                     if gate.streams_must_end and chunk.stop_reason is None:
                         yield b"data: " + error_body("", 503, STREAM_ENDED) + b"\n\n"
                         break
-            except ServingError as e:
+            except Exception as e:
                 if not sent:  # before the first event: the route's HTTP status (streams.py)
                     raise
-                yield b"data: " + error_body("", e.http_status, e.message) + b"\n\n"
+                yield error_event("", e)
             finally:
                 session.close()
             yield b"data: [DONE]\n\n"
@@ -190,7 +190,10 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                        "max_message_bytes": lim.max_message_bytes,
                        "max_top_k": min(lim.max_top_k, a.vocab_size),
                        "default_top_k": min(lim.default_top_k, lim.max_top_k, a.vocab_size),
-                       "max_streams": lim.max_streams},
+                       "max_streams": lim.max_streams,
+                       "max_queue_texts": lim.max_queue_texts,
+                       "low_max_queue_texts": lim.low_max_queue_texts,
+                       "max_queue_chars": lim.max_queue_chars},
             "has_unknown_token": a.unk_id is not None, "server_version": __version__})
 
     return r

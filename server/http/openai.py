@@ -39,7 +39,7 @@ from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
 from .json_body import json_router
 from .openai_schemas import MAX_CHOICES, CompletionRequest
-from .streams import opened
+from .streams import error_event, opened
 
 log = logging.getLogger(__name__)
 
@@ -364,17 +364,10 @@ async def _stream(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
         async for event in events:
             sent = True
             yield event
-    except ServingError as e:
+    except Exception as e:
         if not sent:
             raise
-        yield b"data: " + error_body("/v1/", e.http_status, e.message) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    except Exception:
-        if not sent:
-            raise
-        log.exception("unhandled error in a completions stream")
-        yield b"data: " + error_body("/v1/", 500, "internal server error (logged on the "
-                                     "server)") + b"\n\n"
+        yield error_event("/v1/", e)
         yield b"data: [DONE]\n\n"
     finally:
         await events.aclose()  # a client gone mid-stream: the choices' streams end now

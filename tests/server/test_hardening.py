@@ -150,6 +150,43 @@ def test_a_generate_step_failure_fails_every_stream_of_that_step_and_only_them(
         assert c.health() == "SERVING"
 
 
+@pytest.mark.parametrize("path", ["/nextchar/v1/generate", "/v1/completions"])
+def test_a_backend_failure_mid_sse_stream_ends_it_with_an_error_event(start_server,
+                                                                     tiny_artifact,
+                                                                     path: str) -> None:
+    """After its first event a stream cannot change its status: a backend failure then is an
+    in-band 500 without internals, then [DONE]. The native route caught only ServingError, so
+    the stream was cut mid-body (a client read an incomplete chunked response)."""
+    from http_util import call
+
+    st = start_server(model=tiny_artifact)
+    rt = st.server.runtime()
+    real = rt.batcher.run_model
+    calls = {"n": 0}
+
+    def failing_after_a_while(ids, lengths, state):
+        calls["n"] += 1
+        if calls["n"] > 20:  # the prompt and some steps pass: the stream has sent events
+            raise RuntimeError("secret internal detail")
+        return real(ids, lengths, state)
+
+    body = ({"prompt": "hi", "max_chars": 4000, "seed": 1, "stream": True}
+            if path.startswith("/nextchar") else
+            {"model": rt.name, "prompt": "hi", "max_tokens": 4000, "seed": 1, "stream": True})
+    rt.batcher.run_model = failing_after_a_while
+    try:
+        reply = call(st.http_url, "POST", path, body, timeout_s=60)
+    finally:
+        rt.batcher.run_model = real
+    events = reply.events()
+    assert reply.status == 200 and events[-1] == "[DONE]", reply
+    error = events[-2]["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert message == "internal server error (logged on the server)"
+    assert any("text" in e or "choices" in e for e in events[:-2])  # it had begun
+    assert call(st.http_url, "POST", path, {**body, "stream": False}).status == 200
+
+
 def test_kserve_under_auth(start_server, tiny_artifact) -> None:
     st = start_server(model=tiny_artifact, auth_tokens=TOKEN)
     with grpc.insecure_channel(st.address) as ch:

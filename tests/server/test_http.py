@@ -450,6 +450,10 @@ def test_native_predict_states_and_generate_from_a_state(tiny_server) -> None:
     assert r.status == 400 and "base64" in r.json()["error"]
     info = call(url, "GET", "/nextchar/v1/models/" + tiny_server.server.runtime().name).json()
     assert info["vocab"] == tiny_server.server.runtime().artifact.vocab
+    with NextCharClient(tiny_server.address) as c:  # the same limits as GetModelInfo's
+        grpc_limits = c.model_info().limits
+    assert info["limits"] == {f.name: getattr(grpc_limits, f.name)
+                              for f in grpc_limits.DESCRIPTOR.fields}
 
 
 # -- operations --------------------------------------------------------------------------------
