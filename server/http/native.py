@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
 from nextchar import __version__
@@ -42,6 +42,10 @@ STREAM_ENDED = ("server is shutting down: stream ended early; send the prompt pl
 
 
 class PredictBody(BaseModel):
+    # strict, as the /v1 bodies: "10" is not a count and true is not 1 (a typo'd client got a
+    # one-character generation instead of a 400 naming the field).
+    model_config = ConfigDict(strict=True)
+
     texts: list[str] = Field(description="Texts; with states, the characters that follow each.")
     top_k: int = Field(0, ge=0, description="0: the model's default.")
     per_position: bool = Field(False, description="argmax_text and positions per text.")
@@ -53,6 +57,8 @@ class PredictBody(BaseModel):
 
 
 class GenerateBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     prompt: str
     max_chars: int = Field(ge=1)
     temperature: float = Field(1.0, ge=0)

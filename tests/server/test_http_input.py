@@ -306,6 +306,21 @@ def test_fields_are_strictly_typed(st, name: str, field: str, value) -> None:
     assert err["param"] == field and err["message"].startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/nextchar/v1/generate", "max_chars", True), ("/nextchar/v1/generate", "max_chars", "10"),
+    ("/nextchar/v1/generate", "max_chars", 10.0), ("/nextchar/v1/generate", "temperature", True),
+    ("/nextchar/v1/generate", "stream", "true"), ("/nextchar/v1/predict", "top_k", "3"),
+    ("/nextchar/v1/predict", "per_position", 1)])
+def test_native_fields_are_strictly_typed_too(st, path: str, field: str, value) -> None:
+    """"max_chars": true ran as 1 and "10" as 10: a client's typo was a short answer, not a
+    400 naming the field."""
+    body = ({"prompt": "To be", "max_chars": 3} if path.endswith("generate")
+            else {"texts": ["To be"]})
+    r = post(st, path, json.dumps({**body, field: value}).encode())
+    assert r.status == 400, r.body
+    assert r.json()["error"].startswith(f"{field}: "), r.body
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("prompt", [1, 2, 3], "prompt: must be a string or a list of strings (token-id arrays are "
                           "not supported: one token is one character)"),
