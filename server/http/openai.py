@@ -395,6 +395,12 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
     try:  # the finally closes the choices' streams, whatever fails
         scorers = _scorers(plane, body, choices, deadline)
         tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+        # The first model call's outcome comes before any event, echoed prompts included: a
+        # refusal until then (a full queue, an expired deadline) is still an HTTP status the
+        # SDK retries (streams.py), not an error event after a 200.
+        first: tuple[_Choice, GenChunk | None] | BaseException | None = await queue.get()
+        if isinstance(first, BaseException):
+            raise first
         for c in choices:
             lp = await scorers[c.index].score(c.prompt) if scorers else None
             if body.echo:
@@ -402,7 +408,7 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
                                                  "logprobs": lp, "finish_reason": None}]})
         left = len(choices)
         while left:
-            item = await queue.get()
+            item, first = (first, None) if first is not None else (await queue.get(), None)
             if isinstance(item, BaseException):
                 raise item
             c, chunk = item

@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import serving
@@ -440,3 +441,27 @@ def test_v2_infer_with_an_empty_outputs_list_answers_every_output(st, name: str)
     r = call(st.http_url, "POST", f"/v2/models/{name}/infer", infer)
     assert [o["name"] for o in r.json()["outputs"]] == ["probs", "top_ids", "top_chars",
                                                        "top_probs"]
+
+
+def test_an_echoed_stream_refused_at_its_first_model_call_is_an_http_status(
+        start_server, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With echo the prompt's event went out before the first model call, so a refusal there
+    (a full queue) was an error event inside a 200, which the SDK does not retry; it is the
+    429, as without echo."""
+    from nextchar.server.errors import Overloaded
+
+    st = start_server(model=tiny_artifact)
+    rt = st.server.runtime()
+
+    async def full(items: Any) -> Any:
+        raise Overloaded("server overloaded: 8192 texts queued in the high-priority lane, "
+                         "limit 8192; retry with backoff")
+
+    monkeypatch.setattr(rt.batcher, "submit", full)  # every prompt's model call is refused
+    for echo in (False, True):
+        r = call(st.http_url, "POST", "/v1/completions",
+                 {"model": rt.name, "prompt": "To be", "max_tokens": 5, "stream": True,
+                  "echo": echo})
+        err = openai_error(r, 429)
+        assert r.headers["retry-after"] == "1", r.headers
+        assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded"), err
