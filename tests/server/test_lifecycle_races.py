@@ -201,3 +201,34 @@ def test_completion_logprobs_stay_on_their_version_across_an_unload(
         return _state(st, "alpha")
 
     assert st.call(closed(), timeout_s=10) is ModelState.UNAVAILABLE
+
+
+def test_a_poll_forgets_a_gone_model_only_after_a_load_in_progress_ends(start_server,
+                                                                        repo: Path) -> None:
+    """Polling deleted the slot of a model whose folder went while a load of it ran: the load
+    then finished into a slot nobody could reach, its runtime never closed. The poll now waits
+    for the load and unloads what it served; a load queued behind the poll is NOT_FOUND."""
+    st = start_server(model_repository=repo, poll_s=0)
+    reg = st.server.registry
+
+    async def race() -> tuple[bool, str]:
+        slot = reg.slot("beta")
+        async with slot._lock:  # a load of beta in progress
+            shutil.rmtree(repo / "beta")
+            poll = asyncio.ensure_future(reg.poll_once())
+            await asyncio.sleep(0.05)
+            kept_during_load = "beta" in reg.slots
+            queued = asyncio.ensure_future(slot.load())
+            await asyncio.sleep(0)
+        await poll
+        try:
+            await queued
+        except NotFound as e:
+            return kept_during_load, e.message
+        return kept_during_load, ""
+
+    kept, message = st.call(race())
+    assert kept
+    assert message.startswith("model 'beta' is no longer in the repository")
+    assert "beta" not in reg.slots
+    assert all(rt.name != "beta" or rt.retired for rt in reg.runtimes())
