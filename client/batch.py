@@ -735,8 +735,11 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     if not 1 <= top_k <= spec.max_top_k:
         raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k} (0: its "
                        f"default, {spec.default_top_k})")
+    # The lane's queue holds the job's `concurrency` requests at once: each gets its share, or
+    # every request at the bound is refused while another one waits.
+    queue_share = max(1, spec.max_queue_texts // max(1, opts.concurrency))
     texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request,
-                            spec.max_queue_texts or spec.max_texts_per_request)
+                            queue_share if spec.max_queue_texts else spec.max_texts_per_request)
 
     model = {"name": spec.name, "version": spec.version, "artifact_sha256": spec.artifact_sha256}
     try:
@@ -780,16 +783,18 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
             reason = "interrupted" if interrupted else str(job.failure)
             raise kind(f"{reason}; stopped after {summary.resumed + summary.written}/{total} "
                        f"items: rerun the same command to resume") from job.failure
-        # shard_items stops at a changed line count; an edit that keeps it changes the size.
+        # shard_items stops at a changed line count; an edit that keeps it changes the size or,
+        # written in place to the same length, the modification time (both as this run began).
         answered = summary.resumed + summary.written
         if answered != total:
             raise input_changed(input_path, f"{answered} of its {total} items were read")
         try:
-            size: int | None = input_path.stat().st_size
+            st = input_path.stat()
         except OSError:  # deleted since
-            size = None
-        if size != meta["input"]["size"]:
-            now = "gone" if size is None else f"{size} bytes"
-            raise input_changed(input_path, f"{meta['input']['size']} bytes at the start, {now} "
-                                            f"now")
+            raise input_changed(input_path, "it is gone") from None
+        if st.st_size != meta["input"]["size"]:
+            raise input_changed(input_path, f"{meta['input']['size']} bytes at the start, "
+                                            f"{st.st_size} bytes now")
+        if st.st_mtime_ns != meta["input"]["mtime_ns"]:
+            raise input_changed(input_path, "written to since the job began")
         return summary

@@ -225,6 +225,7 @@ class NextCharServer:
         self._stop_now.set()
         self.gate.closed = True
         self.plane.accepting = False
+        await self.registry.cancel_loads()  # a warm-up and probe nobody will use
         if self._forced is None:
             self._forced = self.tracker.count
             await self._end_streams(ENDING_S)

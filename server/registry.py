@@ -201,15 +201,12 @@ class ModelSlot:
         do; the model ends READY or FAILED, never LOADING with nobody to finish it. The
         caller, if still there, gets the outcome."""
         await self._lock.acquire()
-
-        async def run() -> LoadOutcome:
-            try:
-                return await self._load_held(True, reason, keep_unloaded)
-            finally:
-                self._lock.release()
-
-        task = asyncio.get_running_loop().create_task(run())
-        self.registry.keep(task)
+        task = asyncio.get_running_loop().create_task(
+            self._load_held(True, reason, keep_unloaded))
+        # Released by a callback, not a finally: a task cancelled before its first step (the
+        # server stopping) never runs its body.
+        task.add_done_callback(lambda _: self._lock.release())
+        self.registry.keep(task, load=True)
         return await asyncio.shield(task)
 
     async def _load_held(self, retry_failed: bool, reason: str,
@@ -403,7 +400,8 @@ class ModelRegistry:
         self.slots: dict[str, ModelSlot] = {}
         self.default_name = ""
         self.retiring: set[ModelRuntime] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # closing runtimes
+        self._loads: set[asyncio.Task[Any]] = set()  # loads whose callers may have gone
         self._poll_task: asyncio.Task[None] | None = None
         self._single = settings.model_repository is None or "model" in settings.model_fields_set
         self._primary = ""  # --model's name: its failure fails the start
@@ -562,11 +560,13 @@ class ModelRegistry:
             self._add_slot(name, path)
         return await self.slot(name).load_to_end(reason=reason)
 
-    def keep(self, task: asyncio.Task[Any]) -> None:
-        """A task of the registry's that nobody may await: close() waits for it, and its
-        exception is retrieved (whoever raised it logged it)."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def keep(self, task: asyncio.Task[Any], load: bool = False) -> None:
+        """A task of the registry's that nobody may await: close() waits for it (a load it
+        cancels first: a stopping server has no use for a new version, and a second signal
+        must not wait for one), and its exception is retrieved (whoever raised it logged it)."""
+        tasks = self._loads if load else self._tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def unload(self, name: str) -> str:
@@ -615,6 +615,9 @@ class ModelRegistry:
             # Under its lock: a load running now ends first, and what it served is unloaded
             # here rather than left in a slot nobody can reach (never closed).
             async with slot._lock:
+                repo = self.settings.model_repository
+                if repo is not None and model_folder(repo, name) is not None:
+                    continue  # back while a load of it ran: the scan is stale
                 if slot.current is not None:
                     log.info("%s: model folder %s is gone: unloading model %s", reason,
                              slot.source.root, name)
@@ -634,8 +637,16 @@ class ModelRegistry:
             except Exception:  # never let the poller die silently
                 log.exception("poll: model check failed")
 
+    async def cancel_loads(self) -> None:
+        """Ends the loads in progress (each model goes back to what it was, or UNAVAILABLE)."""
+        loads = list(self._loads)
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+
     async def close(self) -> None:
         await self.stop_polling()
+        await self.cancel_loads()
         for task in list(self._tasks):
             await asyncio.gather(task, return_exceptions=True)
         for rt in self.runtimes():

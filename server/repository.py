@@ -34,6 +34,7 @@ from .errors import ArtifactError
 from .settings import ServerSettings
 
 CONFIG_FILE = "config.json"
+DIGITS = "0123456789"  # ASCII: str.isdigit() takes '²', which int() refuses
 # Server settings a model's config.json may override: what runs the model and how its queue
 # and limits behave. Transport, security and lifecycle settings stay server-wide.
 MODEL_SETTINGS = frozenset({
@@ -50,15 +51,15 @@ def version_key(name: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
     """Natural order: digit runs compare as numbers, so '2' < '10' and '1.9' < '1.10'; names
     equal as numbers ('1', '01') then by their text, so the order never depends on how the
     filesystem lists them."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part)
-                 for part in re.findall(r"\d+|\D+", name)), name
+    return tuple((0, int(part)) if part[0] in DIGITS else (1, part)
+                 for part in re.findall(r"[0-9]+|[^0-9]+", name)), name
 
 
 def is_version(path: Path) -> bool:
     """A version folder: named by a number (Triton's versions are integers; a stamp such as
     20261127-1015 starts with one too) and holding a manifest. `backup/` beside `3/` would
     otherwise outrank every number in natural order and be served."""
-    return path.name[:1].isdigit() and path.is_dir() and (path / "manifest.json").is_file()
+    return path.name[:1] in DIGITS and path.is_dir() and (path / "manifest.json").is_file()
 
 
 class ModelSource:
@@ -98,12 +99,15 @@ class ModelSource:
 
 
 def looks_like_model(path: Path) -> bool:
-    """An artifact directory, or a directory with at least one <version>/manifest.json. Other
-    folders (lost+found at a volume's root, a model still being copied in) are not models."""
+    """An artifact directory, or a directory with at least one <dir>/manifest.json. Other
+    folders (lost+found at a volume's root, a model still being copied in) are not models. A
+    model whose folders with a manifest are not versions (`v1/`) is one, and fails its load
+    saying why (candidates()), rather than vanish from the repository without a word."""
     if (path / "manifest.json").is_file():
         return True
     try:
-        return any(is_version(v) for v in path.iterdir())
+        return any(v.is_dir() and not v.name.startswith(".") and (v / "manifest.json").is_file()
+                   for v in path.iterdir())
     except OSError:  # unreadable (lost+found is root's, mode 700)
         return False
 

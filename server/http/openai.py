@@ -34,6 +34,7 @@ from ..dataplane import DataPlane, GenChunk, GenerateCall, GenerateSession, Pred
 from ..errors import InvalidInput, ServingError
 from ..generator import STATE_HINT, STOP_STRING, GenerateParams, as_float32
 from ..logging_setup import request_id_var
+from ..runtime import ModelRuntime
 from ..telemetry import DrainGate
 from .disconnect import ClientGone, gone_response, unless_gone
 from .errors import error_body
@@ -263,15 +264,16 @@ class _Scorer:
     One Predict per piece, with every position's distribution, continuing from the state the
     piece before returned: each character is read by the model once, however long the text.
 
-    With the choice's Generate session, it predicts on that session's version, on a lease of
-    its own (close() ends it); without one (max_tokens 0), on the version served now."""
+    It predicts on one version, on a lease of its own (close() ends it): its choice's Generate
+    session's, or without one (max_tokens 0) the version served when it was made."""
 
     def __init__(self, plane: DataPlane, body: CompletionRequest, deadline: float | None,
                  session: GenerateSession | None) -> None:
         self.plane, self.model, self.deadline = plane, body.model, deadline
         self.k = body.logprobs or 0
-        self.rt = None if session is None else plane.registry.hold(session.runtime)
-        artifact = self.rt.artifact if self.rt is not None else plane.model(body.model).artifact
+        self.rt: ModelRuntime | None = (plane.registry.acquire(body.model) if session is None
+                                        else plane.registry.hold(session.runtime))
+        artifact = self.rt.artifact
         self.vocab, self.unk = artifact.vocab, artifact.unk_id
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.state = b""  # fresh
@@ -395,12 +397,15 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
     try:  # the finally closes the choices' streams, whatever fails
         scorers = _scorers(plane, body, choices, deadline)
         tasks = [asyncio.ensure_future(pump(c)) for c in choices]
-        # The first model call's outcome comes before any event, echoed prompts included: a
-        # refusal until then (a full queue, an expired deadline) is still an HTTP status the
-        # SDK retries (streams.py), not an error event after a 200.
-        first: tuple[_Choice, GenChunk | None] | BaseException | None = await queue.get()
-        if isinstance(first, BaseException):
-            raise first
+        # Every choice's first model call has its outcome before any event, echoed prompts
+        # included: a refusal until then (a full queue, an expired deadline) is still an HTTP
+        # status the SDK retries (streams.py), not an error event after a 200.
+        early: list[tuple[_Choice, GenChunk | None]] = []
+        while len({c.index for c, _ in early}) < len(choices):
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            early.append(item)
         for c in choices:
             lp = await scorers[c.index].score(c.prompt) if scorers else None
             if body.echo:
@@ -408,7 +413,7 @@ async def _events(plane: DataPlane, body: CompletionRequest, choices: list[_Choi
                                                  "logprobs": lp, "finish_reason": None}]})
         left = len(choices)
         while left:
-            item, first = (first, None) if first is not None else (await queue.get(), None)
+            item = early.pop(0) if early else await queue.get()
             if isinstance(item, BaseException):
                 raise item
             c, chunk = item

@@ -702,13 +702,14 @@ def test_chunks_keep_to_the_servers_characters_per_request(tmp_path: Path, tiny_
     assert all(len(r["top"]) == 2 for i, r in enumerate(records) if i != 10)
 
 
-@pytest.mark.parametrize("priority", ["low", "high"])
+@pytest.mark.parametrize(("priority", "concurrency"), [("low", 1), ("high", 1), ("low", 4)])
 def test_chunks_keep_to_the_queue_bound_of_the_jobs_lane(tmp_path: Path, tiny_artifact: Path,
-                                                         server_thread: Any,
-                                                         priority: str) -> None:
+                                                         server_thread: Any, priority: str,
+                                                         concurrency: int) -> None:
     """A lane that queues fewer texts than a job's requests hold (--low-max-queue-texts 16,
     64 texts per request) refused every request, at every rerun, until the retries ran out.
-    GetModelInfo advertises both lanes' bounds; the job packs to its own lane's."""
+    GetModelInfo advertises both lanes' bounds; the job packs to its own lane's, shared by
+    the requests it has in flight (else one at the bound is refused while another waits)."""
     (tmp_path / "in.txt").write_text("abc\n" * 40, encoding="utf-8")
     with server_thread(model=tiny_artifact, backend="onnx", low_max_queue_texts=16,
                        max_queue_texts=8) as st:
@@ -718,10 +719,10 @@ def test_chunks_keep_to_the_queue_bound_of_the_jobs_lane(tmp_path: Path, tiny_ar
         assert target.model_spec().max_queue_texts == bound
         summary = run_job(tmp_path / "in.txt", tmp_path / "out.jsonl", target,
                           JobOptions(texts_per_request=64, top_k=2, progress=False,
-                                     concurrency=1, max_retries=0))
+                                     concurrency=concurrency, max_retries=0))
         target.close()
     assert (summary.written, summary.errors, summary.retries) == (40, 0, 0)
-    assert target.calls == -(-40 // bound)
+    assert target.calls == -(-40 // (bound // concurrency))
 
 
 def test_ctrl_c_once_every_item_is_queued_stops_with_the_message_and_exit_130(

@@ -5,6 +5,7 @@ null, as strings, or with values whose OpenAI meaning differs from nextchar's ow
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
@@ -443,25 +444,34 @@ def test_v2_infer_with_an_empty_outputs_list_answers_every_output(st, name: str)
                                                        "top_probs"]
 
 
-def test_an_echoed_stream_refused_at_its_first_model_call_is_an_http_status(
-        start_server, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With echo the prompt's event went out before the first model call, so a refusal there
-    (a full queue) was an error event inside a 200, which the SDK does not retry; it is the
-    429, as without echo."""
+@pytest.mark.parametrize("refused", [1, 2])
+def test_a_stream_refused_at_a_first_model_call_is_an_http_status(
+        start_server, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        refused: int) -> None:
+    """With echo the prompt's event went out before the first model call, and with n 2 the
+    first choice's text went out before the second's first call: a refusal there (a full
+    queue) was an error event inside a 200, which the SDK does not retry. Every choice's first
+    call has its outcome before any event: the 429, as for one choice without echo."""
     from nextchar.server.errors import Overloaded
 
     st = start_server(model=tiny_artifact)
     rt = st.server.runtime()
+    real, calls = rt.batcher.submit, {"n": 0}
 
-    async def full(items: Any) -> Any:
-        raise Overloaded("server overloaded: 8192 texts queued in the high-priority lane, "
-                         "limit 8192; retry with backoff")
+    async def full_at_call(items: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == refused:
+            await asyncio.sleep(0.1)  # after the other choice's first text
+            raise Overloaded("server overloaded: 8192 texts queued in the high-priority lane, "
+                             "limit 8192; retry with backoff")
+        return await real(items)
 
-    monkeypatch.setattr(rt.batcher, "submit", full)  # every prompt's model call is refused
+    monkeypatch.setattr(rt.batcher, "submit", full_at_call)
     for echo in (False, True):
+        calls["n"] = 0
         r = call(st.http_url, "POST", "/v1/completions",
                  {"model": rt.name, "prompt": "To be", "max_tokens": 5, "stream": True,
-                  "echo": echo})
+                  "echo": echo, "n": 2, "seed": 1})
         err = openai_error(r, 429)
         assert r.headers["retry-after"] == "1", r.headers
         assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded"), err

@@ -147,6 +147,7 @@ def test_only_folders_named_by_a_number_are_versions(start_server, repo: Path,
     shutil.copytree(sources["beta"], alpha / "backup")
     shutil.copytree(sources["beta"], alpha / "v10")
     shutil.copytree(sources["alpha"], alpha / "01")
+    shutil.copytree(sources["alpha"], alpha / "\u00b2")  # a digit to str.isdigit(), not to int()
     assert [p.name for p in ModelSource(alpha).candidates()] == ["3", "1", "01"]
     only_named = repo / "named"
     shutil.copytree(sources["alpha"], only_named / "v1")
@@ -156,7 +157,13 @@ def test_only_folders_named_by_a_number_are_versions(start_server, repo: Path,
                                  "digit (1, 2, 20261127-1015)")
     st = start_server(model_repository=repo, poll_s=0)
     with NextCharClient(st.address) as c:
-        assert {m.name: m.version for m in c.list_models().models} == {"alpha": "3", "beta": "1"}
+        models = {m.name: m for m in c.list_models().models}
+        assert {n: m.version for n, m in models.items()} == {"alpha": "3", "beta": "1",
+                                                             "named": ""}
+        # Listed and FAILED, saying why: not gone from the repository without a word.
+        assert models["named"].state == pb.MODEL_STATE_FAILED
+        assert models["named"].reason.endswith("; v1: not versions, a version folder's name "
+                                               "starts with a digit (1, 2, 20261127-1015)")
 
 
 # -- OpenAI logprobs: the version that wrote the text scores it -------------------------------------
@@ -232,3 +239,45 @@ def test_a_poll_forgets_a_gone_model_only_after_a_load_in_progress_ends(start_se
     assert message.startswith("model 'beta' is no longer in the repository")
     assert "beta" not in reg.slots
     assert all(rt.name != "beta" or rt.retired for rt in reg.runtimes())
+
+
+def test_a_stop_ends_a_load_in_progress_rather_than_wait_for_it(
+        start_server, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load runs to its end when its caller goes away, but not past a stop: a second signal
+    waited out a whole load (warm-up and probe) of a version about to be closed, seconds of
+    a model's load under a pod's termination grace."""
+    import threading
+    import time
+
+    import nextchar.server.registry as registry_module
+
+    st = start_server(model_repository=repo, poll_s=0)
+    plane = st.server.plane
+    st.call(plane.unload_model("alpha"))
+    real_open = registry_module.open_model
+    opened = threading.Event()
+
+    def slow_open(*args: Any) -> Any:
+        opened.wait(30)  # on asyncio.to_thread's thread: a wait no cancel ends
+        return real_open(*args)
+
+    async def stop_mid_load() -> float:
+        slot = st.server.registry.slot("alpha")
+        while slot.state is not ModelState.UNAVAILABLE:
+            await asyncio.sleep(0.01)
+        caller = asyncio.ensure_future(plane.load_model("alpha"))
+        while slot.state is not ModelState.LOADING:
+            await asyncio.sleep(0)
+        caller.cancel()  # the client went away; the load goes on
+        await asyncio.gather(caller, return_exceptions=True)
+        started = time.monotonic()
+        await st.server.stop_now()
+        return time.monotonic() - started
+
+    monkeypatch.setattr(registry_module, "open_model", slow_open)
+    try:
+        took = st.call(stop_mid_load())
+    finally:
+        opened.set()
+    assert took < 15, took  # the load would have taken 30 s
+    assert st.server.registry.slot("alpha").state is ModelState.UNAVAILABLE
