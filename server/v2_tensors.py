@@ -58,6 +58,20 @@ class Tensor:
 SHAPES = {"text": "[N] or [N, 1] (one text per row)", "ids": "[N, T] with T >= 1"}
 
 
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size",
+                            "shared_memory_offset")
+
+
+def refuse_shared_memory(parameters: Iterable[str], what: str) -> None:
+    """Triton's shared-memory extension is not served (no region can be registered): a tensor
+    that names a region is refused, not answered inline, where a client would read its output
+    from a region nothing wrote (or find its input's data missing, and chase a shape error)."""
+    if any(p in SHARED_MEMORY_PARAMETERS for p in parameters):
+        raise InvalidInput(f"{what}: shared memory is not supported by this server (Triton's "
+                           f"shared-memory extension): send the data in the request and read "
+                           f"the outputs from the response")
+
+
 def check_shape(name: str, shape: list[int], max_texts: int) -> int:
     """An input's declared shape, checked before any element is decoded; its element count.
     A shape with a 0 dimension is refused here: [0, 2**62] declares no elements, so no data can

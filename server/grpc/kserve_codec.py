@@ -20,7 +20,14 @@ from nextchar.kserve import grpc_predict_v2_pb2 as pb
 
 from ..errors import InvalidInput
 from ..v2_tensors import DTYPES as _DTYPES
-from ..v2_tensors import OUTPUTS, Tensor, check_shape, lane_of_priority, output_tensors
+from ..v2_tensors import (
+    OUTPUTS,
+    Tensor,
+    check_shape,
+    lane_of_priority,
+    output_tensors,
+    refuse_shared_memory,
+)
 from ..v2_tensors import pack_bytes as _pack_bytes
 from ..v2_tensors import unpack_bytes as _unpack_bytes
 
@@ -36,6 +43,7 @@ def _decode_tensor(
 ) -> np.ndarray | list[bytes]:
     """One input's elements (flat), checked against its declared datatype and shape."""
     name = tensor.name
+    refuse_shared_memory(tensor.parameters, f"input '{name}'")
     if tensor.datatype != want:
         raise InvalidInput(f"input '{name}' must have datatype {want}, got "
                            f"'{tensor.datatype}' (see docs/kserve.md)")
@@ -180,6 +188,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
                                f"{', '.join(OUTPUTS)}")
         if out.name in names:
             raise InvalidInput(f"output '{out.name}' is requested twice")
+        refuse_shared_memory(out.parameters, f"output '{out.name}'")
         if "classification" in out.parameters:
             raise InvalidInput("the classification extension is not supported: request "
                                "top_chars / top_probs and set the top_k parameter")

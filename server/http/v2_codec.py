@@ -31,6 +31,7 @@ from ..v2_tensors import (
     Tensor,
     check_shape,
     lane_of_priority,
+    refuse_shared_memory,
     unpack_bytes,
 )
 from .errors import body_error
@@ -143,6 +144,7 @@ def _outputs(outputs: Any, binary_default: bool) -> tuple[list[str], set[str]]:
         if name in names:
             raise InvalidInput(f"output '{name}' is requested twice")
         p = _obj(o.get("parameters") or {}, f"output '{name}' parameters")
+        refuse_shared_memory(p, f"output '{name}'")
         if "classification" in p:
             raise InvalidInput("the classification extension is not supported: request "
                                "top_chars / top_probs and set the top_k parameter")
@@ -176,6 +178,7 @@ def _inputs(inputs: Any, binary: bytes, max_texts: int, req: InferRequest) -> No
                                f"{json.dumps(t.get('datatype'))[:40]} (see docs/kserve.md)")
         shape, count = _shape(t, name, max_texts)
         p = _obj(t.get("parameters") or {}, f"input '{name}' parameters")
+        refuse_shared_memory(p, f"input '{name}'")
         values: list[Any] | np.ndarray
         if "binary_data_size" in p:
             size = _int(p["binary_data_size"], f"input '{name}': binary_data_size")

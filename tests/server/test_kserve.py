@@ -699,8 +699,42 @@ def test_statistics_over_rest_are_the_grpc_ones(start_server, tiny_artifact) -> 
         assert (s["name"], s["version"], s["inference_count"]) == (name, version, 2)
         assert s["inference_stats"]["success"]["count"] == 1
         assert s["inference_stats"]["fail"]["count"] == 1
+        # Triton's eight, zeros included (perf_analyzer reads every one without a check).
+        assert set(s["inference_stats"]) == {"success", "fail", "queue", "compute_input",
+                                             "compute_infer", "compute_output", "cache_hit",
+                                             "cache_miss"}
+        assert s["inference_stats"]["compute_input"] == {"count": 0, "ns": 0}
         assert json_format.ParseDict(doc, pb.ModelStatisticsResponse()) == json_format.ParseDict(
             grpc_doc, pb.ModelStatisticsResponse())
     r = call(st.http_url, "GET", f"/v2/models/{name}/versions/nope/stats")
     assert (r.status, r.json()) == (404, {"error": f"model '{name}' has no version 'nope' loaded"})
     assert "statistics" in call(st.http_url, "GET", "/v2").json()["extensions"]
+
+
+def test_shared_memory_tensors_are_refused_saying_so(stub, info, tiny_server) -> None:
+    """Triton's shared-memory extension is not served: an output naming a region was answered
+    inline with OK (a client then read its output from a region nothing wrote), and an input
+    naming one was refused as a shape error. Both transports, inputs and outputs."""
+    from http_util import call
+
+    said = ("shared memory is not supported by this server (Triton's shared-memory "
+            "extension): send the data in the request and read the outputs from the response")
+    region = {"shared_memory_region": pb.InferParameter(string_param="r1"),
+              "shared_memory_byte_size": pb.InferParameter(int64_param=64)}
+    out = pb.ModelInferRequest.InferRequestedOutputTensor(name="probs", parameters=region)
+    code, details = _code(stub.ModelInfer, pb.ModelInferRequest(
+        model_name=info.name, inputs=[_text_input(["ab"])], outputs=[out]))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, f"output 'probs': {said}")
+    shm_input = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1],
+                                                      parameters=region)
+    code, details = _code(stub.ModelInfer, pb.ModelInferRequest(model_name=info.name,
+                                                                inputs=[shm_input]))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, f"input 'text': {said}")
+    params = {"shared_memory_region": "r1", "shared_memory_byte_size": 64}
+    for body, where in (
+            ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ab"]}],
+              "outputs": [{"name": "top_ids", "parameters": params}]}, "output 'top_ids'"),
+            ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                          "parameters": params}]}, "input 'text'")):
+        r = call(tiny_server.http_url, "POST", f"/v2/models/{info.name}/infer", body)
+        assert (r.status, r.json()) == (400, {"error": f"{where}: {said}"})
