@@ -144,13 +144,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "shows in the process list]")
 
 
-def _client(args: argparse.Namespace) -> NextCharClient:
-    from .client import NextCharClient
+class UsageError(Exception):
+    """An option the command cannot use, found once its value is read (a TLS file that is not
+    PEM, a key without its certificate): exit 2, one line, as argparse's own refusals."""
 
-    return NextCharClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout_s,
-                          tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, tls_server_name=args.tls_server_name,
-                          token=args.token)
+
+def _client(args: argparse.Namespace) -> NextCharClient:
+    import grpc
+
+    from .client import NextCharClient, NextCharError
+
+    try:
+        return NextCharClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout_s,
+                              tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                              token=args.token)
+    except NextCharError as e:
+        if e.code == grpc.StatusCode.INVALID_ARGUMENT:  # nothing was sent: fix the option
+            raise UsageError(" ".join(e.details.split())) from None
+        raise
 
 
 def _add_model(p: argparse.ArgumentParser, what: str = "model to ask") -> None:
@@ -566,6 +578,9 @@ def _load_client(argv: list[str]) -> Callable[[], int]:
             details = " ".join(e.details.split("\n")).strip()
             print(f"nextchar {args.command}: {e.code.name}: {details}", file=sys.stderr)
             return 1
+        except UsageError as e:
+            print(f"nextchar {args.command}: {e}", file=sys.stderr)
+            return 2
         finally:
             sys.stdout = real
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import math
 import re
 import socket
 import ssl
@@ -32,10 +33,14 @@ from nextchar.v1 import admin_pb2, admin_pb2_grpc
 from nextchar.v1 import nextchar_pb2 as pb
 from nextchar.v1 import nextchar_pb2_grpc as pb_grpc
 
-from .limits import DEFAULT_PORT, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
+from .limits import DEFAULT_PORT, FLOAT32_MAX, MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CLOSED = "this NextCharClient is closed; make a new one"
+# Codes a health probe answers that no wait changes: wait_until_serving raises them at once.
+_FINAL = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.UNIMPLEMENTED})
 
 # gRPC's own retry policy, for the calls a server refuses without running them. A draining
 # server sends GOAWAY and closes its listener; a call that raced it is answered UNAVAILABLE
@@ -52,7 +57,7 @@ SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "nextchar.v1.NextChar", "method": m}
-                 for m in ("Predict", "GetModelInfo", "Generate")]
+                 for m in ("Predict", "GetModelInfo", "Generate", "ListModels")]
         + [{"service": "grpc.health.v1.Health", "method": "Check"}],
         "retryPolicy": _RETRY_REFUSED,
     }],
@@ -118,6 +123,15 @@ def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def _check_float32(name: str, value: Any) -> float:
+    """A float field of the proto: beyond float32 protobuf sends inf, and the server's refusal
+    would quote a value the caller never gave."""
+    v = _check_float(name, value)
+    if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+        raise _invalid(f"{name} must be within float32 (at most {FLOAT32_MAX:.4g}), got {value}")
+    return v
 
 
 def _check_str(name: str, value: Any) -> str:
@@ -561,6 +575,10 @@ class NextCharClient:
             if self._closed:  # closed by another thread mid-call: gRPC says only CANCELLED
                 raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED) from e
             raise NextCharError.from_rpc_error(e) from e
+        except ValueError as e:  # closed between the check above and the call
+            if self._closed:
+                raise NextCharError(grpc.StatusCode.FAILED_PRECONDITION, CLOSED) from e
+            raise
 
     def predict(
         self,
@@ -670,21 +688,26 @@ class NextCharClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_until_serving(self, timeout_s: float = 60.0) -> None:
-        """Blocks until health says SERVING; raises NextCharError(DEADLINE_EXCEEDED) otherwise."""
+        """Blocks until health says SERVING; raises NextCharError(DEADLINE_EXCEEDED) after
+        timeout_s, and at once for what waiting cannot change (a closed client, a refused
+        token, a server without health)."""
         import time
 
+        check_timeout(timeout_s)
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                last = self.health(timeout_s=1.0)
+                last = self.health(timeout_s=min(1.0, left))
                 if last == "SERVING":
                     return
             except NextCharError as e:
+                if e.code in _FINAL:
+                    raise
                 last = e.code.name
-            time.sleep(0.1)
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         raise NextCharError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"server not SERVING after {timeout_s:.0f}s (last: {last})")
+                            f"server not SERVING after {timeout_s:g}s (last: {last})")
 
 
 def _model_name(name: Any) -> str:
@@ -740,8 +763,8 @@ def generate_request(
         raise _invalid(f"state must be bytes, got {type(state).__name__}")
     return pb.GenerateRequest(
         prompt=_check_str("prompt", prompt), max_chars=check_uint("max_chars", max_chars),
-        temperature=_check_float("temperature", temperature), top_k=check_uint("top_k", top_k),
-        top_p=_check_float("top_p", top_p),
+        temperature=_check_float32("temperature", temperature),
+        top_k=check_uint("top_k", top_k), top_p=_check_float32("top_p", top_p),
         seed=None if seed is None else check_uint("seed", seed, UINT64_MAX),
         stop=_texts("stop", stop, str), state=state, return_state=bool(return_state),
         model=_check_str("model", model),

@@ -307,3 +307,18 @@ def test_ctrl_c_while_serve_starts_is_quiet(delay_s: float, tiny_artifact: Path)
         assert any("SIGINT: draining" in line for line in lines), err
     else:
         assert (code, err) == (130, "")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tls-ca", "/nonexistent.pem"], "--tls-ca /nonexistent.pem: cannot read (No such file or "
+                                       "directory)"),
+    (["--tls-key", "k.pem"], "--tls-cert and --tls-key go together (the client certificate "
+                             "and its key)"),
+])
+def test_a_tls_option_the_client_cannot_use_is_a_usage_error(
+        flags: list[str], message: str, clean_env: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Found when the client is built, after argparse: it exited 1 (a server-side failure, a
+    rerun may work) with an INVALID_ARGUMENT prefix, though nothing was sent."""
+    code, err = run(["health", *flags], capfd)
+    assert (code, err) == (2, f"nextchar health: {message}\n")

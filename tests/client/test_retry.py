@@ -28,6 +28,12 @@ class Flaky(pb_grpc.NextCharServicer):
             context.abort(self.code, f"attempt {self.calls} fails")
         return pb.PredictResponse(predictions=[pb.Prediction(argmax_text="x")])
 
+    def ListModels(self, request, context):  # noqa: N802
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(self.code, f"attempt {self.calls} fails")
+        return pb.ListModelsResponse(models=[pb.ModelStatus(name="m")])
+
 
 @pytest.fixture
 def flaky_server():
@@ -73,3 +79,49 @@ def test_other_codes_are_not_retried(flaky_server, code) -> None:
         c.predict(["ab"])
     assert e.value.code == code and e.value.details == "attempt 1 fails"
     assert servicer.calls == 1
+
+
+def test_list_models_is_retried_like_the_other_reads(flaky_server) -> None:
+    """ListModels was not in the retry policy: `nextchar models` failed against a replica
+    that was draining while another one served."""
+    address, servicer = flaky_server(grpc.StatusCode.UNAVAILABLE, failures=3)
+    with NextCharClient(address, timeout_s=10) as c:
+        assert [m.name for m in c.list_models().models] == ["m"]
+    assert servicer.calls == 4
+
+
+def test_a_client_closed_between_its_check_and_the_call_says_closed() -> None:
+    """close() from another thread can land after the client's own check: gRPC then raises a
+    bare ValueError ("Cannot invoke RPC on closed channel!"), which escaped as one."""
+    c = NextCharClient("127.0.0.1:1", timeout_s=1)
+
+    def closes_then_calls(request, timeout):
+        c.close()
+        raise ValueError("Cannot invoke RPC on closed channel!")
+
+    with pytest.raises(NextCharError) as e:
+        c._call(closes_then_calls, pb.PredictRequest(), None)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_wait_until_serving_stops_at_once_for_what_waiting_cannot_change() -> None:
+    import time
+
+    c = NextCharClient("127.0.0.1:1", timeout_s=1)
+    c.close()
+    started = time.monotonic()
+    with pytest.raises(NextCharError) as e:
+        c.wait_until_serving(5)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION  # not 5 s, then DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 4
+    with NextCharClient("127.0.0.1:1", timeout_s=1) as c2, pytest.raises(NextCharError) as e:
+        c2.wait_until_serving(-1)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_float_beyond_float32_is_refused_by_the_client() -> None:
+    """Protobuf sends 1e40 as inf, and the server's refusal quoted "inf"."""
+    with NextCharClient("127.0.0.1:1", timeout_s=1) as c, pytest.raises(NextCharError) as e:
+        next(iter(c.generate("a", max_chars=5, temperature=1e40)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details.startswith("temperature must be within float32"), e.value.details
