@@ -255,10 +255,26 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        status = c.health(args.service)
-    print(status)
-    return 0 if status == "SERVING" else 1
+    servers = args.server or [DEFAULT_SERVER]
+    if len(servers) == 1:
+        with _client(args) as c:
+            status = c.health(args.service)
+        print(status)
+        return 0 if status == "SERVING" else 1
+    # Several replicas: each one's own answer (one call on the balanced channel would report
+    # whichever replica round_robin picked), exit 0 only when every one is SERVING.
+    from .client import NextCharError
+
+    every = True
+    for server in servers:
+        try:
+            with _client(argparse.Namespace(**{**vars(args), "server": [server]})) as c:
+                status = c.health(args.service)
+        except NextCharError as e:
+            status = f"{e.code.name}: {' '.join(e.details.split())}"
+        print(f"{server} {status}")
+        every = every and status == "SERVING"
+    return 0 if every else 1
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -359,3 +359,23 @@ def test_health_unknown_service_says_so(tiny_server, capsys) -> None:
     assert cli_main(["health", "--server", tiny_server.address, "--service", "bogus"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("nextchar health: NOT_FOUND: no health status for service 'bogus'")
+
+
+def test_health_of_several_servers_answers_for_each(tiny_server, capsys) -> None:
+    """One call on the balanced channel reported whichever replica round_robin picked: with
+    one replica draining, SERVING half the time. Each replica now answers for itself, and the
+    exit is 0 only when every one is SERVING."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    assert cli_main(["health", "--server", tiny_server.address, "--server", tiny_server.address,
+                     "--timeout-s", "2"]) == 0
+    assert capsys.readouterr().out == (f"{tiny_server.address} SERVING\n"
+                                       f"{tiny_server.address} SERVING\n")
+    assert cli_main(["health", "--server", tiny_server.address, "--server", down,
+                     "--timeout-s", "2"]) == 1
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == f"{tiny_server.address} SERVING"
+    assert second.startswith(f"{down} UNAVAILABLE: "), second
