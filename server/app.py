@@ -225,10 +225,10 @@ class NextCharServer:
         self._stop_now.set()
         self.gate.closed = True
         self.plane.accepting = False
-        await self.registry.cancel_loads()  # a warm-up and probe nobody will use
         if self._forced is None:
-            self._forced = self.tracker.count
-            await self._end_streams(ENDING_S)
+            self._forced = self.tracker.count  # before the loads' callers end below
+        await self.registry.cancel_loads()  # a warm-up and probe nobody will use
+        await self._end_streams(ENDING_S)
         if self._server is not None:
             await self._server.stop(0)
         if self._http is not None:

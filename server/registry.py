@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PARITY_ATOL = 1e-6
 RETRY_AFTER_S = 30.0  # a failed version (same files) is re-verified at most this often
 
@@ -98,6 +100,34 @@ def _manifest_sha(path: Path) -> str:
         return sha256_file(path / "manifest.json")
     except OSError:
         return ""
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """asyncio.to_thread on a daemon thread of its own: a load cancelled by a stop (checksums
+    of a large artifact, building its session) is not waited for at exit, which the default
+    executor's threads are (asyncio.run shuts it down, joining them)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():  # cancelled meanwhile: nobody wants the result
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as e:  # handed to the loop, which raises it in the awaiting task
+            outcome = (False, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody waits
+            pass
+
+    threading.Thread(target=run, name="nextchar-load", daemon=True).start()
+    return await future
 
 
 def _reason(e: BaseException) -> str:
@@ -207,7 +237,15 @@ class ModelSlot:
         # server stopping) never runs its body.
         task.add_done_callback(lambda _: self._lock.release())
         self.registry.keep(task, load=True)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():  # the caller went away: the load goes on
+                raise
+            # The stop ended the load: its caller gets the drain's answer (UNAVAILABLE, 503)
+            # rather than a cancelled call (a bare 500 over HTTP).
+            raise NotReady("server is shutting down: the load was stopped; load the model "
+                           "on another replica or after the restart") from None
 
     async def _load_held(self, retry_failed: bool, reason: str,
                          keep_unloaded: bool) -> LoadOutcome:
@@ -285,7 +323,7 @@ class ModelSlot:
                 self.state = ModelState.LOADING
                 self.registry.changed()
             try:
-                artifact, backend = await asyncio.to_thread(open_model, path, self.settings)
+                artifact, backend = await _in_daemon_thread(open_model, path, self.settings)
                 rt = await self._start(path, artifact, backend, current)
             except Exception as e:
                 why = _reason(e)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from pydantic import ValidationError
 
 from .errors import ArtifactError
 from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DIGITS = "0123456789"  # ASCII: str.isdigit() takes '²', which int() refuses
@@ -58,8 +61,33 @@ def version_key(name: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
 def is_version(path: Path) -> bool:
     """A version folder: named by a number (Triton's versions are integers; a stamp such as
     20261127-1015 starts with one too) and holding a manifest. `backup/` beside `3/` would
-    otherwise outrank every number in natural order and be served."""
-    return path.name[:1] in DIGITS and path.is_dir() and (path / "manifest.json").is_file()
+    otherwise outrank every number in natural order and be served. The name is read first, so
+    a folder the server may not enter (lost+found, mode 700) is never statted."""
+    if path.name[:1] not in DIGITS:
+        return False
+    try:
+        return path.is_dir() and (path / "manifest.json").is_file()
+    except OSError:
+        return False
+
+
+def misnamed_versions(path: Path) -> list[str]:
+    """Folders of `path` that hold a manifest but are not versions by name (`v1/`): what an
+    operator meant as versions, said in the model's refusal and at a repository scan."""
+    names = []
+    try:
+        children = list(path.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        if child.name.startswith(".") or child.name[:1] in DIGITS:
+            continue
+        try:
+            if child.is_dir() and (child / "manifest.json").is_file():
+                names.append(child.name)
+        except OSError:  # unreadable: not ours to judge
+            continue
+    return sorted(names)
 
 
 class ModelSource:
@@ -82,11 +110,9 @@ class ModelSource:
         if not self.root.is_dir():
             raise ArtifactError(f"{self.root}: no such directory (an artifact directory or a "
                                 f"directory of <version>/ artifact directories)")
-        children = list(self.root.iterdir())
-        versions = [p for p in children if is_version(p)]
+        versions = [p for p in self.root.iterdir() if is_version(p)]
         if not versions:
-            named = sorted(p.name for p in children if not p.name.startswith(".")
-                           and p.is_dir() and (p / "manifest.json").is_file())
+            named = misnamed_versions(self.root)
             hint = (f"; {', '.join(named)}: not versions, a version folder's name starts with a "
                     f"digit (1, 2, 20261127-1015)" if named else "")
             raise ArtifactError(f"{self.root}: neither an artifact (no manifest.json) nor a "
@@ -99,15 +125,15 @@ class ModelSource:
 
 
 def looks_like_model(path: Path) -> bool:
-    """An artifact directory, or a directory with at least one <dir>/manifest.json. Other
-    folders (lost+found at a volume's root, a model still being copied in) are not models. A
-    model whose folders with a manifest are not versions (`v1/`) is one, and fails its load
-    saying why (candidates()), rather than vanish from the repository without a word."""
-    if (path / "manifest.json").is_file():
-        return True
+    """An artifact directory, or a directory with at least one <version>/manifest.json. Other
+    folders (lost+found at a volume's root, a model still being copied in, an archive of old
+    artifacts) are not models: they neither serve nor hold readiness back. One whose
+    manifests sit only in folders not named as versions (`v1/`) is logged by
+    scan_repository, not skipped without a word."""
     try:
-        return any(v.is_dir() and not v.name.startswith(".") and (v / "manifest.json").is_file()
-                   for v in path.iterdir())
+        if (path / "manifest.json").is_file():
+            return True
+        return any(is_version(v) for v in path.iterdir())
     except OSError:  # unreadable (lost+found is root's, mode 700)
         return False
 
@@ -118,8 +144,21 @@ def scan_repository(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         raise ArtifactError(f"--model-repository {root}: no such directory (a directory of "
                             f"<model>/ folders, each an artifact or <version>/ artifacts)")
-    return {p.name: p for p in sorted(root.iterdir())
-            if p.is_dir() and not p.name.startswith(".") and looks_like_model(p)}
+    found = {}
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if looks_like_model(p):
+            found[p.name] = p
+        elif (named := misnamed_versions(p)) and (p, tuple(named)) not in _warned:
+            _warned.add((p, tuple(named)))  # once, not at every poll
+            log.warning("%s: not a model: %s hold a manifest but are not versions (a version "
+                        "folder's name starts with a digit: 1, 2, 20261127-1015)", p,
+                        ", ".join(named))
+    return found
+
+
+_warned: set[tuple[Path, tuple[str, ...]]] = set()
 
 
 def model_folder(root: Path, name: str) -> Path | None:

@@ -14,7 +14,7 @@ import pytest
 from http_util import call
 
 from nextchar.client import NextCharClient, NextCharError
-from nextchar.server.errors import ArtifactError, NotFound
+from nextchar.server.errors import ArtifactError, NotFound, NotReady
 from nextchar.server.registry import ModelState
 from nextchar.server.repository import ModelSource
 from nextchar.v1 import nextchar_pb2 as pb
@@ -139,7 +139,8 @@ def test_a_refused_load_of_an_unloaded_model_is_failed_everywhere(start_server,
 
 # -- which folders are versions ----------------------------------------------------------------------
 def test_only_folders_named_by_a_number_are_versions(start_server, repo: Path,
-                                                     sources: dict[str, Path]) -> None:
+                                                     sources: dict[str, Path],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """`backup/` beside `3/` outranked every number in natural order and was served (a call
     for version 3 was NOT_FOUND); `1` and `01` were served in directory listing order."""
     alpha = repo / "alpha"
@@ -155,15 +156,19 @@ def test_only_folders_named_by_a_number_are_versions(start_server, repo: Path,
         ModelSource(only_named).candidates()
     assert str(e.value).endswith("; v1: not versions, a version folder's name starts with a "
                                  "digit (1, 2, 20261127-1015)")
-    st = start_server(model_repository=repo, poll_s=0)
+    archive = repo / "archive" / "beta-old"  # old artifacts kept in the repository
+    shutil.copytree(sources["beta"], archive)
+    with caplog.at_level("WARNING", logger="nextchar.server.repository"):
+        st = start_server(model_repository=repo, poll_s=0)
     with NextCharClient(st.address) as c:
-        models = {m.name: m for m in c.list_models().models}
-        assert {n: m.version for n, m in models.items()} == {"alpha": "3", "beta": "1",
-                                                             "named": ""}
-        # Listed and FAILED, saying why: not gone from the repository without a word.
-        assert models["named"].state == pb.MODEL_STATE_FAILED
-        assert models["named"].reason.endswith("; v1: not versions, a version folder's name "
-                                               "starts with a digit (1, 2, 20261127-1015)")
+        # Neither is a model, so neither holds readiness back (strict by default) ...
+        assert {m.name: m.version for m in c.list_models().models} == {"alpha": "3", "beta": "1"}
+        assert c.health() == "SERVING"
+    # ... and neither is skipped without a word.
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{repo / 'named'}: not a model: v1 hold a manifest but are not versions (a version " \
+           "folder's name starts with a digit: 1, 2, 20261127-1015)" in said, said
+    assert any(m.startswith(f"{repo / 'archive'}: not a model: beta-old") for m in said), said
 
 
 # -- OpenAI logprobs: the version that wrote the text scores it -------------------------------------
@@ -261,23 +266,77 @@ def test_a_stop_ends_a_load_in_progress_rather_than_wait_for_it(
         opened.wait(30)  # on asyncio.to_thread's thread: a wait no cancel ends
         return real_open(*args)
 
-    async def stop_mid_load() -> float:
+    async def stop_mid_load() -> tuple[float, BaseException | None]:
         slot = st.server.registry.slot("alpha")
         while slot.state is not ModelState.UNAVAILABLE:
             await asyncio.sleep(0.01)
-        caller = asyncio.ensure_future(plane.load_model("alpha"))
+        gone = asyncio.ensure_future(plane.load_model("alpha"))
         while slot.state is not ModelState.LOADING:
             await asyncio.sleep(0)
-        caller.cancel()  # the client went away; the load goes on
-        await asyncio.gather(caller, return_exceptions=True)
+        gone.cancel()  # the client went away; the load goes on
+        await asyncio.gather(gone, return_exceptions=True)
+        waiting = asyncio.ensure_future(plane.load_model("alpha"))  # queued behind it
+        await asyncio.sleep(0.05)
         started = time.monotonic()
         await st.server.stop_now()
-        return time.monotonic() - started
+        took = time.monotonic() - started
+        (outcome,) = await asyncio.gather(waiting, return_exceptions=True)
+        return took, outcome
 
     monkeypatch.setattr(registry_module, "open_model", slow_open)
     try:
-        took = st.call(stop_mid_load())
+        took, outcome = st.call(stop_mid_load())
     finally:
         opened.set()
     assert took < 15, took  # the load would have taken 30 s
+    # A caller still waiting gets the drain's answer, not a cancelled call (a bare HTTP 500).
+    assert isinstance(outcome, NotReady), outcome
+    assert outcome.message.startswith("server is shutting down: the load was stopped")
     assert st.server.registry.slot("alpha").state is ModelState.UNAVAILABLE
+
+
+def test_a_poll_does_not_forget_a_folder_back_by_the_time_it_may(start_server, repo: Path,
+                                                                 sources: dict[str, Path]) -> None:
+    """The scan is taken before the poll waits for a load in progress; a folder restored
+    meanwhile (a copy replaced by a rename) stays served."""
+    st = start_server(model_repository=repo, poll_s=0)
+    reg = st.server.registry
+
+    async def race() -> None:
+        slot = reg.slot("beta")
+        async with slot._lock:  # a load of beta in progress
+            shutil.move(repo / "beta", repo / ".beta-old")
+            poll = asyncio.ensure_future(reg.poll_once())
+            await asyncio.sleep(0.05)  # the poll scanned: beta gone; it waits on the lock
+            shutil.move(repo / ".beta-old", repo / "beta")
+        await poll
+
+    st.call(race())
+    assert reg.slot("beta").current is not None
+
+
+def test_logprobs_without_tokens_stay_on_one_version_across_an_unload(
+        start_server, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_tokens 0 opens no stream: the prompt's logprobs looked the model up by name at each
+    Predict (404 after an unload; another version's after a reload). A lease of the version
+    served when the request began now holds them."""
+    from nextchar.server.http import openai
+
+    st = start_server(model_repository=repo, poll_s=0)
+    body = {"model": "alpha", "prompt": ["abc", "cab"], "max_tokens": 0, "logprobs": 2,
+            "echo": True}
+    before = call(st.http_url, "POST", "/v1/completions", body)
+    assert before.status == 200, before.body
+    original = openai._Scorer.score
+    unloaded: list[str] = []
+
+    async def score_after_an_unload(self: Any, piece: str) -> dict[str, Any]:
+        if not unloaded:
+            unloaded.append(await st.server.plane.unload_model("alpha"))
+        return await original(self, piece)
+
+    monkeypatch.setattr(openai._Scorer, "score", score_after_an_unload)
+    after = call(st.http_url, "POST", "/v1/completions", body)
+    assert unloaded == ["1"]
+    assert after.status == 200, after.body
+    assert after.json()["choices"] == before.json()["choices"]
