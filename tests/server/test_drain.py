@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -154,23 +155,32 @@ def test_a_stream_longer_than_grace_ends_with_unavailable(server_process, tiny_a
         "UNAVAILABLE, 0 left cancelled" in sp.log()
 
 
-def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
-        server_process, tiny_artifact) -> None:
-    """An answer that sends nothing until it is whole cannot end at its next message: its
-    streams fail with NotReady, answered 503 with the route's error body (not a 500)."""
+def _endless_http_generations(sp, tiny_artifact: Path, stream_completion: bool
+                              ) -> tuple[list[threading.Thread], dict[str, Any]]:
+    """Threads (not started) asking a native generation and a completion that never end by
+    themselves; `replies` gets each one's answer by path."""
     from http_util import call
 
-    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "0.5", "--http-port", "0",
-                         "--max-chars-per-text", "100000000", "--metrics-port", "0"])
     name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
-    replies: dict[str, object] = {}
+    replies: dict[str, Any] = {}
 
     def ask(path: str, body: dict) -> None:
         replies[path] = call(sp.http_url, "POST", path, body, timeout_s=60)
 
-    askers = [threading.Thread(target=ask, args=a) for a in (
+    return [threading.Thread(target=ask, args=a) for a in (
         ("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 100_000_000}),
-        ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000}))]
+        ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000,
+                             "stream": stream_completion}))], replies
+
+
+def test_non_streaming_http_generations_past_the_grace_get_503_in_their_shape(
+        server_process, tiny_artifact) -> None:
+    """An answer that sends nothing until it is whole cannot end at its next message: its
+    streams fail with NotReady, answered 503 with the route's error body (not a 500)."""
+
+    sp = server_process(["--model", str(tiny_artifact), "--grace-s", "0.5", "--http-port", "0",
+                         "--max-chars-per-text", "100000000", "--metrics-port", "0"])
+    askers, replies = _endless_http_generations(sp, tiny_artifact, stream_completion=False)
     for t in askers:
         t.start()
     _eventually(lambda: _active_streams(sp.metrics_url) == 2, "both generations running")
@@ -223,20 +233,10 @@ def test_a_second_signal_stops_at_once_and_every_call_ends_in_its_shape(
     in its route's body, an SSE stream an in-band error then [DONE]. They were cancelled:
     uvicorn answered a bare "Internal Server Error" 500 and cut the streams mid-body, and the
     log said "all finished"."""
-    from http_util import call
 
     sp = server_process(["--model", str(tiny_artifact), "--grace-s", "600", "--http-port", "0",
                          "--max-chars-per-text", "100000000", "--metrics-port", "0"])
-    name = json.loads((tiny_artifact / "manifest.json").read_text())["name"]
-    replies: dict[str, object] = {}
-
-    def ask(path: str, body: dict) -> None:
-        replies[path] = call(sp.http_url, "POST", path, body, timeout_s=60)
-
-    askers = [threading.Thread(target=ask, args=a) for a in (
-        ("/nextchar/v1/generate", {"prompt": "hello", "max_chars": 100_000_000}),
-        ("/v1/completions", {"model": name, "prompt": "hello", "max_tokens": 100_000_000,
-                             "stream": True}))]
+    askers, replies = _endless_http_generations(sp, tiny_artifact, stream_completion=True)
     with NextCharClient(sp.address, timeout_s=120) as c:
         chunks = c.generate("hello", max_chars=100_000_000, seed=1)
         next(chunks)

@@ -44,6 +44,23 @@ def _state(st: Any, name: str) -> ModelState:
     return st.server.registry.slot(name).state
 
 
+def _unload_at_the_first_score(st: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the first logprobs Predict of a completion unloads alpha just before it
+    runs; the list gets the unloaded version."""
+    from nextchar.server.http import openai
+
+    original = openai._Scorer.score
+    unloaded: list[str] = []
+
+    async def score_after_an_unload(self: Any, piece: str) -> dict[str, Any]:
+        if not unloaded:
+            unloaded.append(await st.server.plane.unload_model("alpha"))
+        return await original(self, piece)
+
+    monkeypatch.setattr(openai._Scorer, "score", score_after_an_unload)
+    return unloaded
+
+
 # -- an unload queued behind a load is not undone ----------------------------------------------------
 @pytest.mark.parametrize("then", ["reload", "poll"])
 def test_an_unload_queued_before_a_reload_or_poll_sticks(start_server, repo: Path,
@@ -178,8 +195,6 @@ def test_completion_logprobs_stay_on_their_version_across_an_unload(
     """The model unloaded between a completion's text and its logprobs: the logprobs looked the
     model up by name again (404 after a whole completion was made, or an in-band error in a
     stream; after a reload, another version's scores). They come from the stream's version."""
-    from nextchar.server.http import openai
-
     st = start_server(model_repository=repo, poll_s=0)
     body = {"model": "alpha", "prompt": "abc", "max_tokens": 40, "logprobs": 2, "seed": 5,
             "stream": stream}
@@ -194,15 +209,7 @@ def test_completion_logprobs_stay_on_their_version_across_an_unload(
                 [x for p in pieces if p["logprobs"] for x in p["logprobs"]["top_logprobs"]])
 
     before = scored(call(st.http_url, "POST", "/v1/completions", body))
-    original = openai._Scorer.score
-    unloaded: list[str] = []
-
-    async def score_after_an_unload(self: Any, piece: str) -> dict[str, Any]:
-        if not unloaded:
-            unloaded.append(await st.server.plane.unload_model("alpha"))
-        return await original(self, piece)
-
-    monkeypatch.setattr(openai._Scorer, "score", score_after_an_unload)
+    unloaded = _unload_at_the_first_score(st, monkeypatch)
     after = scored(call(st.http_url, "POST", "/v1/completions", body))
     assert unloaded == ["1"]
     assert after == before and len(after[0]) == 40
@@ -320,22 +327,12 @@ def test_logprobs_without_tokens_stay_on_one_version_across_an_unload(
     """max_tokens 0 opens no stream: the prompt's logprobs looked the model up by name at each
     Predict (404 after an unload; another version's after a reload). A lease of the version
     served when the request began now holds them."""
-    from nextchar.server.http import openai
-
     st = start_server(model_repository=repo, poll_s=0)
     body = {"model": "alpha", "prompt": ["abc", "cab"], "max_tokens": 0, "logprobs": 2,
             "echo": True}
     before = call(st.http_url, "POST", "/v1/completions", body)
     assert before.status == 200, before.body
-    original = openai._Scorer.score
-    unloaded: list[str] = []
-
-    async def score_after_an_unload(self: Any, piece: str) -> dict[str, Any]:
-        if not unloaded:
-            unloaded.append(await st.server.plane.unload_model("alpha"))
-        return await original(self, piece)
-
-    monkeypatch.setattr(openai._Scorer, "score", score_after_an_unload)
+    unloaded = _unload_at_the_first_score(st, monkeypatch)
     after = call(st.http_url, "POST", "/v1/completions", body)
     assert unloaded == ["1"]
     assert after.status == 200, after.body
