@@ -187,6 +187,8 @@ def with_default_port(server: str) -> str:
         if ":" in server and not server.startswith("[") and not _is_ipv6(server):
             prefix, _, rest = server.partition(":")
             if not _PORT_LIKE.fullmatch(rest):
+                if prefix.lower() in ("ipv4", "ipv6") and rest and "," not in rest:
+                    return f"{prefix}:{with_default_port(rest)}"  # one address: its port too
                 if prefix.lower() in _GRPC_SCHEMES:  # unix:/run/x.sock, ipv4:a:1,b:2, ...
                     return server
                 raise _invalid(f"server address {server!r}: port {rest!r} is not a number "
@@ -224,6 +226,13 @@ def target_for(servers: Sequence[str] | str) -> str:
     servers = [with_default_port(server) for server in servers]
     if len(servers) == 1:
         return servers[0]
+    for server in servers:
+        scheme = server.partition(":")[0].lower()
+        if (scheme in _GRPC_SCHEMES and (scheme not in ("ipv4", "ipv6") or "," in server)) \
+                or (server.startswith("dns:") and not server.startswith("dns:///")):
+            raise _invalid(f"server address {server!r} is a gRPC URI of its own: give it "
+                           f"alone, or list host:port, [v6]:port, ipv4:ip:port or "
+                           f"dns:///host:port addresses")
     families: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
     for server in servers:
         family, addresses = _resolve(server)

@@ -293,6 +293,10 @@ def test_message_to_dict_keeps_uint64_as_numbers() -> None:
     ("127.0.0.1:1", "127.0.0.1:1"),
     ("unix-abstract:nextchar", "unix-abstract:nextchar"),
     ("IPv6:[::1]:7000", "IPv6:[::1]:7000"),
+    # One ipv4:/ipv6: address gets the default port too (gRPC: "target uri is not valid").
+    ("ipv4:127.0.0.1", "ipv4:127.0.0.1:50051"),
+    ("ipv6:[::1]", "ipv6:[::1]:50051"),
+    ("ipv4:127.0.0.1:7000", "ipv4:127.0.0.1:7000"),
 ])
 def test_a_server_without_port_is_50051(given: str, dialled: str) -> None:
     assert with_default_port(given) == dialled
@@ -323,6 +327,22 @@ def test_a_port_that_is_no_number_is_refused(given: str, port: str) -> None:
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details == (f"server address {given!r}: port {port!r} is not a number (give "
                                f"host:port, or a gRPC URI: dns:///, ipv4:, unix:, ...)")
+
+
+@pytest.mark.parametrize("uri", ["dns:localhost:7000", "unix:/tmp/nextchar.sock",
+                                 "ipv4:10.0.0.1:1,10.0.0.2:1"])
+def test_a_grpc_uri_of_its_own_is_refused_in_a_list(uri: str) -> None:
+    """Each works alone; in a list they were passed to the resolver and failed UNAVAILABLE
+    ("cannot resolve unix:/tmp/..."), as if the server were down."""
+    from nextchar.client.client import target_for
+
+    with pytest.raises(NextCharError) as e:
+        target_for([uri, "127.0.0.1:7001"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details.startswith(f"server address {uri!r} is a gRPC URI of its own: give "
+                                      f"it alone"), e.value.details
+    assert target_for(["ipv4:127.0.0.1:7000", "127.0.0.1:7001"]) == \
+        "ipv4:127.0.0.1:7000,127.0.0.1:7001"
 
 
 def test_client_refuses_a_timeout_beyond_grpc_deadlines(stub) -> None:
