@@ -247,7 +247,6 @@ class LocalTarget:
                                         "low_lane_workers": 1 << 16})
         self._model = model
         self._lane = LOW if priority == "low" else HIGH
-        self._priority = priority
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nextchar-local",
                                         daemon=True)
@@ -286,6 +285,8 @@ class LocalTarget:
             raise NextCharError(e.code, e.message) from e
 
     def model_spec(self) -> ModelSpec:
+        from nextchar.server.batcher import HIGH
+
         async def view() -> ModelSpec:
             m = self.plane.model(self._model)
             a, lim = m.artifact, m.limits
@@ -296,8 +297,8 @@ class LocalTarget:
                 max_chars_per_text=lim.max_chars_per_text,
                 max_top_k=min(lim.max_top_k, a.vocab_size), default_top_k=lim.default_top_k,
                 max_chars_per_request=lim.max_chars_per_request,
-                max_queue_texts=(lim.low_max_queue_texts if self._priority == "low"
-                                 else lim.max_queue_texts))
+                max_queue_texts=(lim.max_queue_texts if self._lane == HIGH
+                                 else lim.low_max_queue_texts))
 
         return cast(ModelSpec, self._rpc(view()))
 
@@ -736,11 +737,12 @@ def run_job(input_path: Path | str, output_path: Path | str, target: Target,
     if not 1 <= top_k <= spec.max_top_k:
         raise JobError(f"--top-k {opts.top_k}: the server allows 1..{spec.max_top_k} (0: its "
                        f"default, {spec.default_top_k})")
-    # The lane's queue holds the job's `concurrency` requests at once: each gets its share, or
-    # every request at the bound is refused while another one waits.
-    queue_share = max(1, spec.max_queue_texts // max(1, opts.concurrency))
-    texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request,
-                            queue_share if spec.max_queue_texts else spec.max_texts_per_request)
+    texts_per_request = min(opts.texts_per_request, spec.max_texts_per_request)
+    if spec.max_queue_texts:
+        # The lane's queue holds the job's `concurrency` requests at once: each gets its share,
+        # or every request at the bound is refused while another one waits.
+        texts_per_request = min(texts_per_request,
+                                max(1, spec.max_queue_texts // max(1, opts.concurrency)))
 
     model = {"name": spec.name, "version": spec.version, "artifact_sha256": spec.artifact_sha256}
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -78,6 +78,12 @@ class Limits:
             max_queue_chars=s.max_queue_chars,
             low_max_queue_texts=s.low_max_queue_texts,
         )
+
+    def advertised(self, vocab_size: int) -> dict[str, int]:
+        """What GetModelInfo and the native HTTP model info say, by the proto's field names:
+        the settings, top-k bounded by the model's vocabulary."""
+        return {**asdict(self), "max_top_k": min(self.max_top_k, vocab_size),
+                "default_top_k": min(self.default_top_k, self.max_top_k, vocab_size)}
 
 
 # Field tags, lengths and a KServe answer's output names, datatypes and shapes: a bound, not a

@@ -190,16 +190,7 @@ def router(plane: DataPlane, gate: DrainGate) -> APIRouter:
                        "hidden_size": a.hidden_size,
                        "num_layers": int(cfg.get("num_layers", 0))},
             "backend": m.backend, "device": m.device,
-            "limits": {"max_texts_per_request": lim.max_texts_per_request,
-                       "max_chars_per_text": lim.max_chars_per_text,
-                       "max_chars_per_request": lim.max_chars_per_request,
-                       "max_message_bytes": lim.max_message_bytes,
-                       "max_top_k": min(lim.max_top_k, a.vocab_size),
-                       "default_top_k": min(lim.default_top_k, lim.max_top_k, a.vocab_size),
-                       "max_streams": lim.max_streams,
-                       "max_queue_texts": lim.max_queue_texts,
-                       "low_max_queue_texts": lim.low_max_queue_texts,
-                       "max_queue_chars": lim.max_queue_chars},
+            "limits": lim.advertised(a.vocab_size),
             "has_unknown_token": a.unk_id is not None, "server_version": __version__})
 
     return r
